@@ -1,0 +1,157 @@
+//! Fetcher settings (flags and environment, flags win) and the accounts they describe.
+//! Missing or invalid settings fail at start with the setting's name.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use orderflow_shared::settings::{BrokerArgs, LogArgs, parse_duration};
+
+use crate::{
+    account::{Account, SyncStart},
+    client::{ApiGeneration, Credentials},
+    request_config::RequestConfig,
+};
+
+/// The shipped default request config: the `start_ts` cursor, Confirmed orders.
+pub const DEFAULT_REQUEST_CONFIG: &str = include_str!("../config/default-request-config.json");
+
+/// Fetches Jushuitan outbound orders and publishes raw pages, never missing an order.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fetcher", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Accounts file (TOML or JSON) with many merchants; when set, the JST_* account variables are not used.
+    #[arg(long, env = "ORDERFLOW_ACCOUNTS")]
+    pub accounts_file: Option<PathBuf>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9101")]
+    pub admin_addr: SocketAddr,
+    /// Name of the single account configured from the JST_* variables (queue names use it).
+    #[arg(long, env = "JST_ACCOUNT", default_value = "default")]
+    pub account: String,
+    /// API generation of the single account: open (new platform) or legacy.
+    #[arg(long, env = "JST_API", value_enum, default_value = "open")]
+    pub api: ApiGeneration,
+    /// Base URL of the Jushuitan API (e.g. https://openapi.jushuitan.com, or jst-sim).
+    #[arg(long, env = "JST_BASE_URL")]
+    pub base_url: Option<String>,
+    /// New platform: app_key.
+    #[arg(long, env = "JST_APP_KEY")]
+    pub app_key: Option<String>,
+    /// New platform: app_secret (never logged).
+    #[arg(long, env = "JST_APP_SECRET", hide_env_values = true)]
+    pub app_secret: Option<String>,
+    /// New platform: access_token (never logged).
+    #[arg(long, env = "JST_ACCESS_TOKEN", hide_env_values = true)]
+    pub access_token: Option<String>,
+    /// New platform: refresh_token, used when the access token expires (never logged).
+    #[arg(long, env = "JST_REFRESH_TOKEN", hide_env_values = true)]
+    pub refresh_token: Option<String>,
+    /// Legacy API: partnerid.
+    #[arg(long, env = "JST_PARTNER_ID")]
+    pub partner_id: Option<String>,
+    /// Legacy API: partnerkey (never logged).
+    #[arg(long, env = "JST_PARTNER_KEY", hide_env_values = true)]
+    pub partner_key: Option<String>,
+    /// Legacy API: token (never logged).
+    #[arg(long, env = "JST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Request config file in the seed's format (default: the shipped start_ts config).
+    #[arg(long, env = "JST_REQUEST_CONFIG")]
+    pub request_config: Option<PathBuf>,
+    /// First sync start for modified-window configs: a China-time datetime or a duration back from now (7d).
+    #[arg(long, env = "JST_SYNC_START", default_value = "7d")]
+    pub sync_start: String,
+    /// Calls per second allowed by the merchant's API package.
+    #[arg(long, env = "JST_RATE_PER_SEC", default_value_t = 5)]
+    pub rate_per_sec: u32,
+    /// Calls per minute allowed by the merchant's API package.
+    #[arg(long, env = "JST_RATE_PER_MIN", default_value_t = 100)]
+    pub rate_per_min: u32,
+    /// Pause between passes once an account is caught up.
+    #[arg(long, env = "FETCH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// A pass ends (and checkpoints) after this many pages…
+    #[arg(long, env = "FETCH_PASS_PAGES", default_value_t = 200)]
+    pub pass_pages: u32,
+    /// …or after this long, whichever comes first.
+    #[arg(long, env = "FETCH_PASS_TIME", default_value = "60s", value_parser = parse_duration)]
+    pub pass_time: Duration,
+    /// HTTP timeout of one API call.
+    #[arg(long, env = "JST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// How often a replica tries to take over accounts nobody holds.
+    #[arg(long, env = "FETCH_LOCK_RETRY", default_value = "2s", value_parser = parse_duration)]
+    pub lock_retry: Duration,
+    /// Modified windows close this long before now, so late commits land inside a later window.
+    #[arg(long, env = "FETCH_WINDOW_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub window_delay: Duration,
+}
+
+fn required(value: &Option<String>, name: &str, why: &str) -> Result<String, String> {
+    match value.as_deref().map(str::trim) {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(format!("{name} is required ({why})")),
+    }
+}
+
+pub fn load_request_config(path: Option<&PathBuf>) -> Result<RequestConfig, String> {
+    match path {
+        None => RequestConfig::parse_str(DEFAULT_REQUEST_CONFIG).map_err(|e| format!("built-in request config: {e}")),
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("JST_REQUEST_CONFIG {}: {e}", path.display()))?;
+            RequestConfig::parse_str(&text).map_err(|e| format!("JST_REQUEST_CONFIG {}: {e}", path.display()))
+        }
+    }
+}
+
+impl Config {
+    /// The accounts this fetcher serves: the accounts file, else the JST_* variables.
+    pub fn accounts(&self) -> Result<Vec<Account>, String> {
+        if let Some(path) = &self.accounts_file {
+            let fallbacks = crate::accounts_file::Fallbacks {
+                rate_per_sec: self.rate_per_sec,
+                rate_per_min: self.rate_per_min,
+                interval: self.interval,
+                sync_start: self.sync_start.clone(),
+            };
+            return crate::accounts_file::load(path, &fallbacks);
+        }
+        let why = "the Jushuitan account to fetch, or ORDERFLOW_ACCOUNTS";
+        let base_url = required(&self.base_url, "JST_BASE_URL", why)?;
+        let credentials = match self.api {
+            ApiGeneration::Open => Credentials {
+                app_key: required(&self.app_key, "JST_APP_KEY", why)?,
+                app_secret: required(&self.app_secret, "JST_APP_SECRET", why)?,
+                access_token: required(&self.access_token, "JST_ACCESS_TOKEN", why)?,
+                refresh_token: self.refresh_token.clone().unwrap_or_default(),
+                ..Credentials::default()
+            },
+            ApiGeneration::Legacy => Credentials {
+                partner_id: required(&self.partner_id, "JST_PARTNER_ID", "JST_API=legacy")?,
+                partner_key: required(&self.partner_key, "JST_PARTNER_KEY", "JST_API=legacy")?,
+                token: required(&self.token, "JST_TOKEN", "JST_API=legacy")?,
+                ..Credentials::default()
+            },
+        };
+        let request = load_request_config(self.request_config.as_ref())?;
+        let sync_start = SyncStart::parse(&self.sync_start).map_err(|e| format!("JST_SYNC_START: {e}"))?;
+        let account = Account {
+            name: crate::account::parse_account_name(&self.account).map_err(|e| format!("JST_ACCOUNT: {e}"))?,
+            api: self.api,
+            base_url,
+            credentials,
+            request,
+            sync_start,
+            rate_per_sec: self.rate_per_sec,
+            rate_per_min: self.rate_per_min,
+            interval: self.interval,
+        };
+        account.validate()?;
+        Ok(vec![account])
+    }
+}

@@ -1,0 +1,501 @@
+//! One fetch pass of one account: call the API within the budget (retrying what is transient,
+//! refreshing an expired token, stopping the account on a permanent error), publish every page
+//! (persistent, mandatory, confirmed), and return the advanced cursor, which the caller commits
+//! only after every page of the pass is confirmed.
+//!
+//! Two cursor modes, both lossless under churn:
+//! - `start_ts`: rows with `ts` > cursor, in `ts` order, always page 1; the cursor moves to the
+//!   largest `ts` seen. A row that changes gets a new, larger `ts`, so it is seen again.
+//! - `modified` windows: closed windows `[synced_until − overlap, now − delay]` (≤ 7 days, shrunk
+//!   to fit a pass), walked from the last page to the first so rows leaving the window can only
+//!   cause duplicates, never gaps; the row count is re-checked on every call and a window that
+//!   gained rows is walked again.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use jiff::{SignedDuration, Timestamp};
+use lapin::types::FieldTable;
+use orderflow_shared::{
+    amqp::{
+        Publisher, Topology,
+        headers::{json_properties, set_i64, set_str},
+        topology::PAGE_ROUTING_KEY,
+    },
+    backoff::Backoff,
+    jst::CodeAction,
+    messages::{PAGE_SCHEMA, Page, header, now_ms, page_message_id},
+    time::rfc3339_china,
+    trace::new_traceparent,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    account::Account,
+    budget::Budget,
+    client::{ApiPage, CallError, Credentials, JstClient},
+    job::{Cursor, Tokens},
+    metrics::Metrics,
+    request_config::RenderContext,
+};
+
+/// Publishes in flight at once per account (confirms are awaited in a window, not one by one).
+const PUBLISH_WINDOW: usize = 16;
+/// The API's longest modified window.
+const MAX_WINDOW: SignedDuration = SignedDuration::from_hours(7 * 24);
+
+pub struct PassSettings {
+    pub max_pages: u32,
+    pub max_time: Duration,
+    pub window_delay: Duration,
+    pub window_overlap: Duration,
+}
+
+/// Everything a pass uses; `credentials` may change (token refresh).
+pub struct PassContext<'a> {
+    pub account: &'a Account,
+    pub client: &'a JstClient,
+    pub budget: &'a Budget,
+    pub publisher: &'a Publisher,
+    pub topology: &'a Topology,
+    pub metrics: &'a Metrics,
+    pub shutdown: &'a CancellationToken,
+    pub settings: &'a PassSettings,
+    pub credentials: &'a mut Credentials,
+}
+
+#[derive(Debug)]
+pub struct PassResult {
+    pub cursor: Cursor,
+    pub pages: u32,
+    pub orders: u64,
+    pub caught_up: bool,
+    /// Set when the token pair was refreshed during the pass.
+    pub tokens: Option<Tokens>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// A permanent source error: stop this account (reason for logs, metrics and /readyz).
+    #[error("{0}")]
+    Stopped(String),
+    /// Shutdown requested before anything could be committed.
+    #[error("interrupted")]
+    Interrupted,
+    /// The broker failed a publish: no checkpoint; the session reconnects.
+    #[error("broker: {0}")]
+    Broker(#[source] anyhow::Error),
+}
+
+enum CallFailure {
+    Stopped(String),
+    Interrupted,
+}
+
+impl PassContext<'_> {
+    /// One API call, retried until it succeeds, the account must stop, or shutdown.
+    async fn call(&mut self, ctx: &RenderContext) -> Result<ApiPage, CallFailure> {
+        let name = self.account.name.as_str();
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut refreshed = false;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Err(CallFailure::Interrupted);
+            }
+            let waited = tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
+                w = self.budget.acquire() => w,
+            };
+            self.metrics.budget_wait.with_label_values(&[name]).inc_by(waited.as_secs_f64());
+            let biz = self.account.request.render(ctx);
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
+                r = self.client.query(&self.account.request.api, self.credentials, &biz) => r,
+            };
+            let error = match result {
+                Ok(page) => {
+                    self.metrics.requests.with_label_values(&[name, "ok"]).inc();
+                    return Ok(page);
+                }
+                Err(error) => error,
+            };
+            self.metrics.requests.with_label_values(&[name, &error.outcome()]).inc();
+            let delay = match error.action() {
+                CodeAction::Success => Duration::ZERO,
+                CodeAction::Permanent => {
+                    return Err(CallFailure::Stopped(format!("permanent error from Jushuitan: {error}")));
+                }
+                CodeAction::RefreshToken => {
+                    if refreshed {
+                        return Err(CallFailure::Stopped(format!(
+                            "{error} right after a token refresh; check the account's credentials"
+                        )));
+                    }
+                    self.refresh(&error).await?;
+                    refreshed = true;
+                    Duration::ZERO
+                }
+                CodeAction::Resign => {
+                    tracing::warn!(
+                        message = "Timestamp outside the allowed skew; re-signing. Check this machine's clock.",
+                        account = name
+                    );
+                    backoff.next_delay()
+                }
+                CodeAction::RateLimited => {
+                    tracing::warn!(message = "Rate limited by Jushuitan; backing off and retrying the same page.", account = name, %error);
+                    backoff.next_delay().max(Duration::from_secs(1))
+                }
+                CodeAction::Transient => {
+                    tracing::warn!(message = "Transient API error; retrying.", account = name, %error, attempt = backoff.attempts() + 1);
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn refresh(&mut self, cause: &CallError) -> Result<(), CallFailure> {
+        let name = self.account.name.as_str();
+        if self.account.api == crate::client::ApiGeneration::Legacy {
+            return Err(CallFailure::Stopped(format!(
+                "{cause}; the legacy API has no token refresh: set a new JST_TOKEN"
+            )));
+        }
+        if self.credentials.refresh_token.is_empty() {
+            return Err(CallFailure::Stopped(format!("{cause}; no refresh token configured (JST_REFRESH_TOKEN)")));
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            match self.client.refresh_token(self.credentials).await {
+                Ok(pair) => {
+                    tracing::info!(message = "Access token refreshed.", account = name, expires_in = pair.expires_in);
+                    self.metrics.token_refreshes.with_label_values(&[name]).inc();
+                    self.credentials.access_token = pair.access_token;
+                    self.credentials.refresh_token = pair.refresh_token;
+                    return Ok(());
+                }
+                Err(error) if error.action() == CodeAction::Transient => {
+                    tracing::warn!(message = "Token refresh failed; retrying.", account = name, %error);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+                Err(error) => {
+                    return Err(CallFailure::Stopped(format!("token refresh failed: {error}; set new tokens")));
+                }
+            }
+        }
+    }
+
+    fn tokens(&self, before: &Credentials) -> Option<Tokens> {
+        (self.credentials.access_token != before.access_token).then(|| Tokens {
+            access_token: self.credentials.access_token.clone(),
+            refresh_token: self.credentials.refresh_token.clone(),
+        })
+    }
+
+    /// The page message for `rows` (published by the caller).
+    fn page_message(
+        &self,
+        cursor: Value,
+        cursor_key: &str,
+        page_index: u32,
+        rows: Vec<Value>,
+    ) -> (Vec<u8>, lapin::BasicProperties) {
+        let fetched_ms = now_ms();
+        let page = Page {
+            schema: PAGE_SCHEMA.to_string(),
+            account: self.account.name.clone(),
+            cursor,
+            fetched_at: rfc3339_china(Timestamp::from_millisecond(fetched_ms).unwrap_or_else(|_| Timestamp::now())),
+            orders: rows,
+        };
+        let body = serde_json::to_vec(&page).unwrap_or_default();
+        let mut headers = FieldTable::default();
+        set_i64(&mut headers, header::ATTEMPT, 0);
+        set_i64(&mut headers, header::FETCHED_AT_MS, fetched_ms);
+        set_str(&mut headers, header::TRACEPARENT, &new_traceparent());
+        let id = page_message_id(&self.account.name, cursor_key, page_index);
+        (body, json_properties(&id, headers))
+    }
+}
+
+/// Confirmed publishes in flight, bounded.
+struct Inflight<'p> {
+    publisher: &'p Publisher,
+    exchange: String,
+    futures: FuturesUnordered<futures_util::future::BoxFuture<'p, Result<u64, anyhow::Error>>>,
+}
+
+impl<'p> Inflight<'p> {
+    fn new(publisher: &'p Publisher, topology: &Topology) -> Self {
+        Self { publisher, exchange: topology.pages_exchange(), futures: FuturesUnordered::new() }
+    }
+
+    async fn push(
+        &mut self,
+        body: Vec<u8>,
+        props: lapin::BasicProperties,
+        orders: u64,
+        metrics: &Metrics,
+        account: &str,
+    ) -> Result<(), PassError> {
+        let publisher = self.publisher.clone();
+        let exchange = self.exchange.clone();
+        self.futures.push(Box::pin(async move {
+            publisher.publish(&exchange, PAGE_ROUTING_KEY, &body, props).await?;
+            Ok(orders)
+        }));
+        while self.futures.len() >= PUBLISH_WINDOW {
+            self.next(metrics, account).await?;
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self, metrics: &Metrics, account: &str) -> Result<(), PassError> {
+        if let Some(result) = self.futures.next().await {
+            let orders = result.map_err(PassError::Broker)?;
+            metrics.pages.with_label_values(&[account]).inc();
+            metrics.orders.with_label_values(&[account]).inc_by(orders);
+            metrics.last_publish.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
+        }
+        Ok(())
+    }
+
+    /// Waits for every publish; any failure fails the pass (no checkpoint).
+    async fn drain(&mut self, metrics: &Metrics, account: &str) -> Result<(), PassError> {
+        while !self.futures.is_empty() {
+            self.next(metrics, account).await?;
+        }
+        Ok(())
+    }
+}
+
+fn row_ts(row: &Value) -> Option<i64> {
+    row.get("ts").and_then(orderflow_shared::json::lenient_i64)
+}
+
+/// Where a start_ts pass should continue: the largest `ts` of the page, if it moved forward.
+pub fn advance_start_ts(cursor: i64, rows: &[Value]) -> Result<Option<i64>, String> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let max = rows
+        .iter()
+        .map(row_ts)
+        .collect::<Option<Vec<i64>>>()
+        .ok_or("rows carry no ts: the start_ts cursor needs it; use a modified-window request config")?;
+    Ok(max.into_iter().max().filter(|m| *m > cursor))
+}
+
+/// A start_ts pass from `start_ts`.
+pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<PassResult, PassError> {
+    let started = Instant::now();
+    let before = ctx.credentials.clone();
+    let name = ctx.account.name.clone();
+    let page_size = ctx.account.request.page_size;
+    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
+    let mut cursor = start_ts;
+    let (mut pages, mut orders, mut caught_up) = (0u32, 0u64, false);
+    while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
+        let render = RenderContext { start_ts: Some(cursor), page_index: 1, page_size, ..RenderContext::default() };
+        let page = match ctx.call(&render).await {
+            Ok(page) => page,
+            Err(CallFailure::Interrupted) => break,
+            Err(CallFailure::Stopped(reason)) => {
+                inflight.drain(ctx.metrics, &name).await?;
+                return Err(PassError::Stopped(reason));
+            }
+        };
+        let rows = page.datas;
+        let count = rows.len();
+        let next = advance_start_ts(cursor, &rows).map_err(PassError::Stopped)?;
+        if count > 0 {
+            let (body, props) =
+                ctx.page_message(json!({"mode": "start_ts", "start_ts": cursor}), &format!("ts:{cursor}"), 1, rows);
+            inflight.push(body, props, count as u64, ctx.metrics, &name).await?;
+            pages += 1;
+            orders += count as u64;
+        }
+        match next {
+            Some(ts) if count >= page_size as usize => cursor = ts,
+            Some(ts) => {
+                cursor = ts;
+                caught_up = true;
+                break;
+            }
+            None => {
+                caught_up = true;
+                break;
+            }
+        }
+    }
+    inflight.drain(ctx.metrics, &name).await?;
+    if pages == 0 && !caught_up && ctx.shutdown.is_cancelled() {
+        return Err(PassError::Interrupted);
+    }
+    let mut next = Cursor::start_ts(cursor);
+    if caught_up {
+        next.caught_up_at = Some(Timestamp::now().to_string());
+    }
+    Ok(PassResult { cursor: next, pages, orders, caught_up, tokens: ctx.tokens(&before) })
+}
+
+/// The next modified window after `synced_until`: `[synced_until − overlap, min(+7 days, now − delay)]`.
+/// `None` when the source is caught up (nothing closed yet beyond `synced_until`).
+pub fn next_window(
+    synced_until: Timestamp,
+    now: Timestamp,
+    delay: Duration,
+    overlap: Duration,
+) -> Option<(Timestamp, Timestamp)> {
+    let delay = SignedDuration::try_from(delay).ok()?;
+    let overlap = SignedDuration::try_from(overlap).ok()?;
+    let closed = now.checked_sub(delay).ok()?;
+    if closed <= synced_until {
+        return None;
+    }
+    let begin = synced_until.checked_sub(overlap).ok()?;
+    let latest = begin.checked_add(MAX_WINDOW).ok()?;
+    Some((begin, truncate(closed.min(latest))))
+}
+
+fn truncate(ts: Timestamp) -> Timestamp {
+    Timestamp::from_second(ts.as_second()).unwrap_or(ts)
+}
+
+/// A modified-window pass from `synced_until`.
+pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -> Result<PassResult, PassError> {
+    let started = Instant::now();
+    let before = ctx.credentials.clone();
+    let name = ctx.account.name.clone();
+    let page_size = ctx.account.request.page_size;
+    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
+    let mut synced = synced_until;
+    let (mut pages, mut orders, mut caught_up) = (0u32, 0u64, false);
+    'windows: while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
+        let Some((begin, mut end)) =
+            next_window(synced, Timestamp::now(), ctx.settings.window_delay, ctx.settings.window_overlap)
+        else {
+            caught_up = true;
+            break;
+        };
+        // Probe page 1 for the count; shrink the window until it fits what is left of the pass.
+        let budget_pages = ctx.settings.max_pages.saturating_sub(pages).max(2);
+        let (probe, count) = loop {
+            let render =
+                RenderContext { last_sync: Some(begin), current: Some(end), page_index: 1, page_size, start_ts: None };
+            let probe = match ctx.call(&render).await {
+                Ok(p) => p,
+                Err(CallFailure::Interrupted) => break 'windows,
+                Err(CallFailure::Stopped(reason)) => {
+                    inflight.drain(ctx.metrics, &name).await?;
+                    return Err(PassError::Stopped(reason));
+                }
+            };
+            let page_count = probe.page_count.max(probe.data_count.div_ceil(u64::from(page_size)));
+            let span = end.as_second() - begin.as_second();
+            if page_count > u64::from(budget_pages) && span > 1 {
+                let keep = (span as u64 * u64::from(budget_pages) / page_count).max(1) as i64;
+                end = Timestamp::from_second(begin.as_second() + keep).unwrap_or(end);
+                continue;
+            }
+            let count = probe_count(&probe);
+            break (probe, count);
+        };
+        let page_count = probe.page_count.max(count.div_ceil(u64::from(page_size))).max(1) as u32;
+        let window_json = |page_index: u32| json!({"mode": "modified", "begin": rfc3339_china(begin), "end": rfc3339_china(end), "page_index": page_index});
+        let key = format!("mod:{}:{}", begin.as_second(), end.as_second());
+        if page_count <= 1 || probe.datas.len() as u64 >= count {
+            // One page holds the whole closed window: the probe is complete.
+            let rows = probe.datas;
+            if !rows.is_empty() {
+                let n = rows.len() as u64;
+                let (body, props) = ctx.page_message(window_json(1), &key, 1, rows);
+                inflight.push(body, props, n, ctx.metrics, &name).await?;
+                pages += 1;
+                orders += n;
+            }
+        } else {
+            // Walk from the last page to the first. A row leaving the window mid-walk only shifts
+            // rows we already have; a window that gained rows is planned and walked again.
+            for page_index in (1..=page_count).rev() {
+                let render =
+                    RenderContext { last_sync: Some(begin), current: Some(end), page_index, page_size, start_ts: None };
+                let page = match ctx.call(&render).await {
+                    Ok(p) => p,
+                    Err(CallFailure::Interrupted) => break 'windows,
+                    Err(CallFailure::Stopped(reason)) => {
+                        inflight.drain(ctx.metrics, &name).await?;
+                        return Err(PassError::Stopped(reason));
+                    }
+                };
+                let grew = probe_count(&page) > count;
+                let rows = page.datas;
+                if !rows.is_empty() {
+                    let n = rows.len() as u64;
+                    let (body, props) = ctx.page_message(window_json(page_index), &key, page_index, rows);
+                    inflight.push(body, props, n, ctx.metrics, &name).await?;
+                    pages += 1;
+                    orders += n;
+                }
+                if grew {
+                    tracing::warn!(message = "A closed window gained rows while walking it; walking it again.", account = %name);
+                    continue 'windows;
+                }
+            }
+        }
+        synced = end;
+    }
+    inflight.drain(ctx.metrics, &name).await?;
+    if synced == synced_until && !caught_up && ctx.shutdown.is_cancelled() {
+        return Err(PassError::Interrupted);
+    }
+    let mut next = Cursor::modified(synced);
+    if caught_up {
+        next.caught_up_at = Some(Timestamp::now().to_string());
+    }
+    Ok(PassResult { cursor: next, pages, orders, caught_up, tokens: ctx.tokens(&before) })
+}
+
+/// The window's row count as a call reported it (`data_count`, or the rows when totals are off).
+fn probe_count(page: &ApiPage) -> u64 {
+    page.data_count.max(page.datas.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        orderflow_shared::time::parse_china(s).expect("valid")
+    }
+
+    #[test]
+    fn start_ts_moves_to_the_largest_ts_seen() {
+        let rows = vec![json!({"ts": 5}), json!({"ts": "9"}), json!({"ts": 7})];
+        assert_eq!(advance_start_ts(3, &rows), Ok(Some(9)));
+        assert_eq!(advance_start_ts(9, &rows), Ok(None), "no progress means caught up");
+        assert_eq!(advance_start_ts(3, &[]), Ok(None));
+        assert!(advance_start_ts(3, &[json!({"o_id": 1})]).is_err());
+    }
+
+    #[test]
+    fn windows_close_before_now_overlap_and_span_at_most_seven_days() {
+        let now = ts("2024-03-10 12:00:00");
+        let delay = Duration::from_secs(30);
+        let overlap = Duration::from_secs(60);
+        let (b, e) = next_window(ts("2024-03-10 11:00:00"), now, delay, overlap).expect("window");
+        assert_eq!(b, ts("2024-03-10 10:59:00"));
+        assert_eq!(e, ts("2024-03-10 11:59:30"));
+        let (b, e) = next_window(ts("2024-01-01 00:00:00"), now, delay, overlap).expect("window");
+        assert_eq!(e.as_second() - b.as_second(), 7 * 86_400);
+        assert!(next_window(ts("2024-03-10 11:59:45"), now, delay, overlap).is_none(), "nothing closed yet");
+    }
+}

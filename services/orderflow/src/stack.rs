@@ -1,0 +1,367 @@
+//! Running the whole pipeline as local processes: jst-sim, target-sim, and K replicas of each
+//! stage against a broker, with logs in files. Used by `orderflow demo` and by the tests, which
+//! also kill and restart single replicas.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    JstSim,
+    TargetSim,
+    Fetcher,
+    Transformer,
+    Writer,
+}
+
+impl Role {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Role::JstSim => "jst-sim",
+            Role::TargetSim => "target-sim",
+            Role::Fetcher => "fetcher",
+            Role::Transformer => "transformer",
+            Role::Writer => "writer",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Where the binaries are (default: next to the running executable).
+    pub bin_dir: PathBuf,
+    pub amqp_url: String,
+    pub ns: String,
+    /// Merchants in jst-sim (each becomes a fetch account).
+    pub accounts: u32,
+    /// Orders seeded per merchant.
+    pub orders: u64,
+    pub fetchers: u32,
+    pub transformers: u32,
+    pub writers: u32,
+    /// Per-merchant limits of jst-sim, and the fetchers' budget.
+    pub rate_per_sec: u32,
+    pub rate_per_min: u32,
+    pub jst_args: Vec<String>,
+    pub target_args: Vec<String>,
+    /// Environment for every stage replica (FETCH_INTERVAL, RETRY_TIERS, …).
+    pub env: Vec<(String, String)>,
+    /// Per-account request config (a file path) for every account, if not the default.
+    pub request_config: Option<PathBuf>,
+    pub log_dir: PathBuf,
+}
+
+impl StackOptions {
+    pub fn new(amqp_url: &str, ns: &str, log_dir: &Path) -> Self {
+        Self {
+            bin_dir: default_bin_dir(),
+            amqp_url: amqp_url.to_string(),
+            ns: ns.to_string(),
+            accounts: 1,
+            orders: 2000,
+            fetchers: 1,
+            transformers: 1,
+            writers: 1,
+            rate_per_sec: 50,
+            rate_per_min: 3000,
+            jst_args: Vec::new(),
+            target_args: Vec::new(),
+            env: Vec::new(),
+            request_config: None,
+            log_dir: log_dir.to_path_buf(),
+        }
+    }
+}
+
+/// The directory of the running executable (the other binaries are built beside it). Test
+/// executables live one level deeper (`target/debug/deps`), so that case is handled too.
+pub fn default_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().map(Path::to_path_buf).unwrap_or(dir) } else { dir }
+}
+
+pub struct Proc {
+    pub role: Role,
+    pub index: u32,
+    pub child: Child,
+    /// The admin server of a stage replica.
+    pub admin: Option<SocketAddr>,
+    pub log: PathBuf,
+}
+
+pub struct Stack {
+    pub options: StackOptions,
+    pub jst_url: String,
+    pub target_url: String,
+    pub accounts_file: PathBuf,
+    pub procs: Vec<Proc>,
+    http: reqwest::Client,
+}
+
+/// A free local port (bound then released; good enough for local runs and tests).
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+async fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log).with_context(|| format!("log file {}", log.display()))?;
+    cmd.stdout(Stdio::from(file.try_clone()?)).stderr(Stdio::from(file)).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.spawn().with_context(|| format!("starting {:?}", cmd.as_std().get_program()))
+}
+
+/// Starts a simulator with `--listen 127.0.0.1:0` and reads its URL from the first stdout line.
+async fn spawn_sim(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<(Child, String)> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--listen", "127.0.0.1:0"]).args(args).env("LOG_FORMAT", "json");
+    let file = std::fs::File::create(log).with_context(|| format!("log file {}", log.display()))?;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::from(file)).stdin(Stdio::null()).kill_on_drop(true);
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().context("simulator stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .with_context(|| format!("{} did not start within 60 s (see {})", bin.display(), log.display()))??
+        .with_context(|| format!("{} exited at start (see {})", bin.display(), log.display()))?;
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .with_context(|| format!("unexpected first line {first:?}"))?
+        .to_string();
+    let mut out = tokio::fs::OpenOptions::new().append(true).open(log).await?;
+    out.write_all(format!("{first}\n").as_bytes()).await?;
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = out.write_all(format!("{line}\n").as_bytes()).await;
+        }
+    });
+    Ok((child, url))
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
+        orderflow_shared::init_process();
+        std::fs::create_dir_all(&options.log_dir)?;
+        for role in [Role::JstSim, Role::TargetSim, Role::Fetcher, Role::Transformer, Role::Writer] {
+            let bin = options.bin_dir.join(role.binary());
+            if !bin.exists() {
+                bail!(
+                    "{} not found in {}: build the workspace first (cargo build --release)",
+                    role.binary(),
+                    options.bin_dir.display()
+                );
+            }
+        }
+        let mut procs = Vec::new();
+        let mut jst_args = vec![
+            "--accounts".to_string(),
+            options.accounts.to_string(),
+            "--orders".to_string(),
+            options.orders.to_string(),
+            "--rate-per-sec".to_string(),
+            options.rate_per_sec.to_string(),
+            "--rate-per-min".to_string(),
+            options.rate_per_min.to_string(),
+        ];
+        jst_args.extend(options.jst_args.iter().cloned());
+        let log = options.log_dir.join("jst-sim.log");
+        let (child, jst_url) = spawn_sim(&options.bin_dir.join("jst-sim"), &jst_args, &log).await?;
+        procs.push(Proc { role: Role::JstSim, index: 0, child, admin: None, log });
+        let log = options.log_dir.join("target-sim.log");
+        let (child, target_base) = spawn_sim(&options.bin_dir.join("target-sim"), &options.target_args, &log).await?;
+        procs.push(Proc { role: Role::TargetSim, index: 0, child, admin: None, log });
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+        let accounts: Value =
+            http.get(format!("{jst_url}/admin/accounts")).send().await?.error_for_status()?.json().await?;
+        let entries: Vec<Value> = accounts["accounts"]
+            .as_array()
+            .context("accounts list")?
+            .iter()
+            .map(|a| {
+                let mut entry = json!({
+                    "name": a["account"], "base_url": jst_url, "app_key": a["app_key"], "app_secret": a["app_secret"],
+                    "access_token": a["access_token"], "refresh_token": a["refresh_token"],
+                    "rate_per_sec": options.rate_per_sec, "rate_per_min": options.rate_per_min,
+                });
+                if let Some(path) = &options.request_config {
+                    entry["request_config"] = json!(path.display().to_string());
+                }
+                entry
+            })
+            .collect();
+        let accounts_file = options.log_dir.join("accounts.json");
+        std::fs::write(&accounts_file, serde_json::to_vec_pretty(&json!({ "accounts": entries }))?)?;
+        let mut stack =
+            Stack { jst_url, target_url: format!("{target_base}/data/write"), accounts_file, procs, http, options };
+        for (role, count) in [
+            (Role::Writer, stack.options.writers),
+            (Role::Transformer, stack.options.transformers),
+            (Role::Fetcher, stack.options.fetchers),
+        ] {
+            for index in 0..count {
+                stack.spawn_stage(role, index).await?;
+            }
+        }
+        Ok(stack)
+    }
+
+    /// Starts (or restarts) replica `index` of a stage.
+    pub async fn spawn_stage(&mut self, role: Role, index: u32) -> anyhow::Result<()> {
+        let o = &self.options;
+        let admin = free_addr()?;
+        let log = o.log_dir.join(format!("{}-{index}.log", role.binary()));
+        let log = if log.exists() {
+            o.log_dir.join(format!("{}-{index}-{}.log", role.binary(), jiff::Timestamp::now().as_millisecond()))
+        } else {
+            log
+        };
+        let mut cmd = Command::new(o.bin_dir.join(role.binary()));
+        cmd.env("AMQP_URL", &o.amqp_url)
+            .env("ORDERFLOW_NS", &o.ns)
+            .env("ADMIN_ADDR", admin.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", std::env::var("ORDERFLOW_CHILD_LOG").unwrap_or_else(|_| "info".into()));
+        match role {
+            Role::Fetcher => {
+                cmd.env("ORDERFLOW_ACCOUNTS", &self.accounts_file).env("FETCH_LOCK_RETRY", "1s");
+            }
+            Role::Writer => {
+                cmd.env("TARGET_URL", &self.target_url);
+            }
+            _ => {}
+        }
+        for (k, v) in &o.env {
+            cmd.env(k, v);
+        }
+        let child = spawn_logged(&mut cmd, &log).await?;
+        self.procs.retain(|p| !(p.role == role && p.index == index));
+        self.procs.push(Proc { role, index, child, admin: Some(admin), log });
+        Ok(())
+    }
+
+    pub fn proc_mut(&mut self, role: Role, index: u32) -> Option<&mut Proc> {
+        self.procs.iter_mut().find(|p| p.role == role && p.index == index)
+    }
+
+    pub fn replicas(&self, role: Role) -> Vec<&Proc> {
+        self.procs.iter().filter(|p| p.role == role).collect()
+    }
+
+    /// `kill -9` of one replica.
+    pub async fn kill9(&mut self, role: Role, index: u32) -> anyhow::Result<()> {
+        let proc = self.proc_mut(role, index).with_context(|| format!("no {} #{index}", role.binary()))?;
+        proc.child.start_kill()?;
+        let _ = proc.child.wait().await;
+        Ok(())
+    }
+
+    /// SIGTERM to one process, then wait up to `grace` for it to exit (SIGKILL after that).
+    pub async fn terminate(proc: &mut Proc, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Some(pid) = proc.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        match tokio::time::timeout(grace, proc.child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                let _ = proc.child.start_kill();
+                proc.child.wait().await.ok()
+            }
+        }
+    }
+
+    /// Stops every process: the stages first (gracefully), then the simulators.
+    pub async fn stop(&mut self) {
+        for role in [Role::Fetcher, Role::Transformer, Role::Writer, Role::JstSim, Role::TargetSim] {
+            for proc in self.procs.iter_mut().filter(|p| p.role == role) {
+                Stack::terminate(proc, Duration::from_secs(30)).await;
+            }
+        }
+    }
+
+    /// The first process that exited on its own (role, index, log), if any.
+    pub fn exited(&mut self) -> Option<(Role, u32, PathBuf, String)> {
+        for proc in &mut self.procs {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                return Some((proc.role, proc.index, proc.log.clone(), status.to_string()));
+            }
+        }
+        None
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub async fn get_json(&self, url: &str) -> anyhow::Result<Value> {
+        Ok(self.http.get(url).send().await?.error_for_status()?.json().await?)
+    }
+
+    pub async fn post_json(&self, url: &str, body: &Value) -> anyhow::Result<Value> {
+        Ok(self.http.post(url).json(body).send().await?.error_for_status()?.json().await?)
+    }
+
+    /// The ids of every order jst-sim reports Confirmed now (all merchants).
+    pub async fn confirmed_ids(&self) -> anyhow::Result<HashSet<String>> {
+        let truth = self.get_json(&format!("{}/admin/truth?ids_only=true", self.jst_url)).await?;
+        let mut ids = HashSet::new();
+        for account in truth["accounts"].as_array().context("truth accounts")? {
+            for id in account["confirmed_ids"].as_array().context("confirmed ids")? {
+                ids.insert(id.to_string().trim_matches('"').to_string());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The ids of every record target-sim holds.
+    pub async fn written_ids(&self) -> anyhow::Result<HashSet<String>> {
+        let base = self.target_url.trim_end_matches("/data/write");
+        let records = self.get_json(&format!("{base}/admin/records?ids_only=true")).await?;
+        Ok(records["ids"].as_array().context("ids")?.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+    }
+
+    pub async fn target_stats(&self) -> anyhow::Result<Value> {
+        let base = self.target_url.trim_end_matches("/data/write");
+        self.get_json(&format!("{base}/admin/stats")).await
+    }
+
+    pub async fn target_faults(&self, body: &Value) -> anyhow::Result<Value> {
+        let base = self.target_url.trim_end_matches("/data/write");
+        self.post_json(&format!("{base}/admin/faults"), body).await
+    }
+
+    /// Confirmed in source vs written in target, right now.
+    pub async fn progress(&self) -> anyhow::Result<Progress> {
+        let confirmed = self.confirmed_ids().await?;
+        let written = self.written_ids().await?;
+        let written_confirmed = confirmed.iter().filter(|id| written.contains(*id)).count();
+        Ok(Progress { confirmed: confirmed.len(), written_confirmed, target_records: written.len() })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub confirmed: usize,
+    /// Confirmed orders present in the target.
+    pub written_confirmed: usize,
+    /// Every record in the target (orders confirmed then cancelled stay written).
+    pub target_records: usize,
+}
+
+impl Progress {
+    pub fn synced(&self) -> bool {
+        self.confirmed > 0 && self.written_confirmed == self.confirmed
+    }
+}

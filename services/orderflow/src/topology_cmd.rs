@@ -1,0 +1,43 @@
+//! `orderflow topology [--declare] [--json]`: print (or declare) every exchange, queue and binding.
+
+use orderflow_shared::amqp::{Topology, topology::ArgValue};
+use serde_json::json;
+
+pub fn render_text(topology: &Topology) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("namespace: {}\n\nexchanges (durable):\n", topology.ns));
+    for e in topology.exchanges() {
+        out.push_str(&format!("  {:<40} {}\n", e.name, e.kind));
+    }
+    out.push_str("\nqueues (durable):\n");
+    for q in topology.queues() {
+        out.push_str(&format!("  {:<40} {}\n", q.name, q.role));
+        for (k, v) in &q.arguments {
+            let v = match v {
+                ArgValue::Text(s) => s.clone(),
+                ArgValue::Int(n) => n.to_string(),
+            };
+            out.push_str(&format!("      {k} = {v}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "  {:<40} fetch job + checkpoint of one account (quorum; one per account)\n  {:<40} exclusive lock: held by the replica fetching the account\n  {:<40} fetcher replicas (presence; consumers = live replicas)\n",
+        topology.fetch_queue("<account>"),
+        topology.fetch_lock("<account>"),
+        format!("{}.fetch.replicas", topology.ns)
+    ));
+    out.push_str("\nbindings:\n");
+    for b in topology.bindings() {
+        out.push_str(&format!("  {} --{}--> {}\n", b.exchange, b.routing_key, b.queue));
+    }
+    out
+}
+
+pub fn render_json(topology: &Topology) -> serde_json::Value {
+    json!({
+        "namespace": topology.ns,
+        "exchanges": topology.exchanges(),
+        "queues": topology.queues(),
+        "bindings": topology.bindings(),
+    })
+}

@@ -1,0 +1,310 @@
+//! The transformer: raw pages in, cleaned and mapped records out (confirmed), invalid orders
+//! dead-lettered with a reason naming the field and value. A page is acked only after every
+//! record and dead letter from it is confirmed by the broker.
+
+pub mod check;
+pub mod mapping;
+pub mod page;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use clap::{Parser, Subcommand};
+use lapin::{BasicProperties, Connection, message::Delivery, types::FieldTable};
+use orderflow_shared::{
+    admin::{self, Readiness},
+    amqp::{
+        DeadLetter, ErrorClass, Fatal, PublishError, Publisher, Stage, Topology, consume,
+        headers::{get_str, json_properties, set_i64, set_str},
+        supervise,
+        topology::{PAGE_ROUTING_KEY, RECORD_ROUTING_KEY},
+    },
+    backoff::Backoff,
+    messages::{PAGE_SCHEMA, header},
+    settings::{BrokerArgs, LogArgs},
+    trace::child_traceparent,
+};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    mapping::Mapping,
+    page::{PageOutcome, transform_page},
+};
+
+/// Transforms raw Jushuitan pages into mapped records.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "transformer", version, about, long_about = None)]
+pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Admin HTTP address (/metrics, /healthz, /readyz).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9102")]
+    pub admin_addr: SocketAddr,
+    /// Mapping file (JSON, see README); default: the shipped Jushuitan mapping.
+    #[arg(long, env = "MAPPING_FILE")]
+    pub mapping_file: Option<PathBuf>,
+    /// Pages processed at once (the consumer prefetch).
+    #[arg(long, env = "TRANSFORMER_PREFETCH", default_value_t = 16)]
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Validate a mapping and print the mapped output of a sample (no broker needed).
+    CheckMapping {
+        /// The mapping file to check.
+        file: PathBuf,
+        /// A sample: one order, a list of orders, or a page (`{"orders": [...]}`); default: a built-in Jushuitan order.
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+}
+
+/// Loads and compiles the mapping once; errors name the file and the rule.
+pub fn load_mapping(path: Option<&PathBuf>) -> Result<Mapping, String> {
+    match path {
+        None => Ok(Mapping::default_jushuitan()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("MAPPING_FILE {}: {e}", path.display()))?;
+            Mapping::parse_str(&text).map_err(|e| format!("MAPPING_FILE {}: {e}", path.display()))
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub pages: IntCounterVec,
+    pub records: IntCounter,
+    pub rejected: IntCounterVec,
+    pub dropped: IntCounter,
+    pub duplicates: IntCounter,
+    pub publish_retries: IntCounter,
+    pub page_seconds: Histogram,
+    pub reconnects: IntCounter,
+    pub lost_acks: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect("unique metric");
+        let pages = IntCounterVec::new(
+            Opts::new("orderflow_transform_pages_total", "Pages handled, by outcome (ok, poison)."),
+            &["outcome"],
+        )
+        .expect("metric");
+        reg(Box::new(pages.clone()));
+        let records =
+            IntCounter::new("orderflow_transform_records_total", "Records published (confirmed).").expect("metric");
+        reg(Box::new(records.clone()));
+        let rejected = IntCounterVec::new(
+            Opts::new("orderflow_transform_rejected_total", "Orders dead-lettered, by reason."),
+            &["reason"],
+        )
+        .expect("metric");
+        reg(Box::new(rejected.clone()));
+        let dropped = IntCounter::new("orderflow_transform_dropped_total", "Orders dropped by a mapping filter.")
+            .expect("metric");
+        reg(Box::new(dropped.clone()));
+        let duplicates = IntCounter::new(
+            "orderflow_transform_duplicates_total",
+            "Orders repeated inside a page (highest version kept).",
+        )
+        .expect("metric");
+        reg(Box::new(duplicates.clone()));
+        let publish_retries = IntCounter::new(
+            "orderflow_transform_publish_retries_total",
+            "Record publishes retried after a nack or return.",
+        )
+        .expect("metric");
+        reg(Box::new(publish_retries.clone()));
+        let page_seconds = Histogram::with_opts(
+            HistogramOpts::new("orderflow_transform_page_seconds", "Time from receiving a page to acking it.")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )
+        .expect("metric");
+        reg(Box::new(page_seconds.clone()));
+        let reconnects =
+            IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
+                .expect("metric");
+        reg(Box::new(reconnects.clone()));
+        let lost_acks =
+            IntCounter::new("orderflow_lost_acks_total", "Acks that could not be sent because the channel was gone.")
+                .expect("metric");
+        reg(Box::new(lost_acks.clone()));
+        Self {
+            registry,
+            pages,
+            records,
+            rejected,
+            dropped,
+            duplicates,
+            publish_retries,
+            page_seconds,
+            reconnects,
+            lost_acks,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct Shared {
+    mapping: Mapping,
+    topology: Topology,
+    metrics: Metrics,
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mapping = load_mapping(config.mapping_file.as_ref()).map_err(Fatal)?;
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let bound = admin::spawn(config.admin_addr, metrics.registry.clone(), readiness.clone(), shutdown.clone())
+        .await
+        .map_err(|e| Fatal(format!("ADMIN_ADDR {}: {e}", config.admin_addr)))?;
+    tracing::info!(message = "Transformer started.", admin = %bound, ns = %config.broker.ns, mapping = ?config.mapping_file.as_ref().map(|p| p.display().to_string()));
+    let shared = Arc::new(Shared { mapping, topology: Topology::new(config.broker.ns.clone()), metrics });
+    let reconnects = shared.metrics.reconnects.clone();
+    supervise(&config.broker, "orderflow-transformer", &shutdown, &readiness, &reconnects, |connection| {
+        session(connection, shared.clone(), config.prefetch, shutdown.clone(), readiness.clone())
+    })
+    .await
+}
+
+async fn session(
+    connection: Arc<Connection>,
+    shared: Arc<Shared>,
+    prefetch: u16,
+    shutdown: CancellationToken,
+    readiness: Readiness,
+) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    shared.topology.declare(&channel).await?;
+    let publisher = Publisher::open(&connection).await?;
+    let queue = shared.topology.pages_queue();
+    consume::run(channel, &queue, prefetch, &shutdown, &readiness, |delivery| {
+        let shared = shared.clone();
+        let publisher = publisher.clone();
+        async move { handle_page(&shared, &publisher, delivery).await }
+    })
+    .await
+}
+
+/// Publishes with a few retries on nack/return (the broker may be momentarily full); a channel
+/// error is returned at once (the session reconnects and the page is redelivered).
+async fn publish_retrying(
+    publisher: &Publisher,
+    metrics: &Metrics,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: &BasicProperties,
+) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match publisher.publish(exchange, routing_key, body, props.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(error @ PublishError::Channel(_)) => return Err(error.into()),
+            Err(error) if backoff.attempts() < 5 => {
+                metrics.publish_retries.inc();
+                tracing::warn!(message = "Publish not confirmed; retrying.", %error, exchange);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(error) => {
+                return Err(anyhow::Error::from(error).context(format!("publishing to {exchange} kept failing")));
+            }
+        }
+    }
+}
+
+async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery) -> anyhow::Result<()> {
+    let timer = shared.metrics.page_seconds.start_timer();
+    let metrics = &shared.metrics;
+    let topology = &shared.topology;
+    let page_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
+    let outcome = transform_page(&shared.mapping, &delivery.data);
+    let page_dead_letter = |reason: &str, error: String| DeadLetter {
+        stage: Stage::Transformer,
+        class: ErrorClass::Permanent,
+        reason: reason.to_string(),
+        error,
+        origin_exchange: topology.pages_exchange(),
+        origin_routing_key: PAGE_ROUTING_KEY.to_string(),
+    };
+    let transformed = match outcome {
+        PageOutcome::Poison { reason, detail } => {
+            tracing::warn!(message = "Poison page dead-lettered.", message_id = %page_id, reason, %detail);
+            page_dead_letter(reason, detail).publish(publisher, topology, &delivery.data, &delivery.properties).await?;
+            metrics.pages.with_label_values(&["poison"]).inc();
+            metrics.rejected.with_label_values(&[reason]).inc();
+            consume::ack(&delivery, &metrics.lost_acks).await?;
+            timer.observe_duration();
+            return Ok(());
+        }
+        PageOutcome::Transformed(t) => t,
+    };
+    let parent_trace = get_str(&delivery.properties, header::TRACEPARENT);
+    let fetched_at = orderflow_shared::amqp::headers::get_i64(&delivery.properties, header::FETCHED_AT_MS);
+    let records_exchange = topology.records_exchange();
+    let mut publishes = Vec::with_capacity(transformed.records.len() + transformed.rejects.len());
+    for record in &transformed.records {
+        let mut headers = FieldTable::default();
+        set_i64(&mut headers, header::ATTEMPT, 0);
+        set_str(&mut headers, header::TRACEPARENT, &child_traceparent(parent_trace.as_deref()));
+        set_str(&mut headers, header::ORDER_ID, &record.id);
+        if let Some(at) = fetched_at {
+            set_i64(&mut headers, header::FETCHED_AT_MS, at);
+        }
+        let body = serde_json::to_vec(record)?;
+        let props = json_properties(&record.message_id(), headers);
+        let exchange = records_exchange.clone();
+        publishes.push(futures_util::future::Either::Left(async move {
+            publish_retrying(publisher, metrics, &exchange, RECORD_ROUTING_KEY, &body, &props).await
+        }));
+    }
+    for reject in &transformed.rejects {
+        // The dead letter is a one-order page, so a replay (after fixing the mapping) re-transforms it.
+        let single = json!({
+            "schema": PAGE_SCHEMA, "account": transformed.account, "cursor": transformed.cursor,
+            "fetched_at": orderflow_shared::time::rfc3339_china(jiff::Timestamp::now()), "orders": [reject.order],
+        });
+        let body = serde_json::to_vec(&single)?;
+        let order_id = reject
+            .order
+            .get("o_id")
+            .and_then(orderflow_shared::json::scalar_text)
+            .unwrap_or_else(|| format!("#{}", reject.index));
+        tracing::warn!(message = "Order dead-lettered.", message_id = %page_id, o_id = %order_id, reason = reject.reason.as_str(), detail = %reject.detail);
+        let mut headers = FieldTable::default();
+        set_str(&mut headers, header::TRACEPARENT, &child_traceparent(parent_trace.as_deref()));
+        set_str(&mut headers, header::ORDER_ID, &order_id);
+        let props = json_properties(&format!("{page_id}:order:{}", reject.index), headers);
+        let dl = page_dead_letter(reject.reason.as_str(), format!("{}: {}", reject.reason.as_str(), reject.detail));
+        publishes.push(futures_util::future::Either::Right(async move {
+            dl.publish(publisher, topology, &body, &props).await.map_err(anyhow::Error::from)
+        }));
+    }
+    for result in futures_util::future::join_all(publishes).await {
+        result?;
+    }
+    metrics.records.inc_by(transformed.records.len() as u64);
+    for reject in &transformed.rejects {
+        metrics.rejected.with_label_values(&[reject.reason.as_str()]).inc();
+    }
+    metrics.dropped.inc_by(transformed.dropped as u64);
+    metrics.duplicates.inc_by(transformed.duplicates as u64);
+    metrics.pages.with_label_values(&["ok"]).inc();
+    consume::ack(&delivery, &metrics.lost_acks).await?;
+    timer.observe_duration();
+    Ok(())
+}

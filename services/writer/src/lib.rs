@@ -1,0 +1,364 @@
+//! The writer: records in, `POST $TARGET_URL` out, with bounded concurrency, classified retries
+//! through TTL tier queues, dead-lettering with the reason, and a circuit breaker so an outage
+//! does not burn attempts. A record is acked only after the target's 2xx or after its retry or
+//! dead letter is confirmed by the broker.
+
+pub mod breaker;
+pub mod classify;
+pub mod metrics;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use clap::Parser;
+use lapin::{Connection, message::Delivery};
+use orderflow_shared::{
+    admin::{self, Readiness},
+    amqp::{
+        DeadLetter, ErrorClass, Fatal, Publisher, Stage, Topology, consume,
+        headers::{get_i64, headers_of, set_i64, strip_broker_death_headers},
+        supervise,
+        topology::{RECORD_ROUTING_KEY, tier_label},
+    },
+    messages::{RECORD_SCHEMA, Record, header, now_ms, schema_of},
+    settings::{BrokerArgs, LogArgs, parse_duration},
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    breaker::{Breaker, State},
+    classify::{WriteOutcome, choose_tier, classify_status},
+    metrics::Metrics,
+};
+
+/// Writes mapped records to the target write API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "writer", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Admin HTTP address (/metrics, /healthz, /readyz).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9103")]
+    pub admin_addr: SocketAddr,
+    /// Full URL of the target's write endpoint (e.g. http://127.0.0.1:8082/data/write).
+    #[arg(long, env = "TARGET_URL")]
+    pub target_url: Option<String>,
+    /// The payload's "api" value.
+    #[arg(long, env = "TARGET_API", default_value = "空操作")]
+    pub target_api: String,
+    /// Extra header sent with every write, `Name: value` (e.g. `Authorization: Bearer …`; never logged).
+    #[arg(long, env = "TARGET_AUTH_HEADER", hide_env_values = true)]
+    pub target_auth_header: Option<String>,
+    /// Writes in flight at once (also the consumer prefetch).
+    #[arg(long, env = "WRITER_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: u16,
+    /// Timeout of one write request.
+    #[arg(long, env = "WRITER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Connect timeout to the target.
+    #[arg(long, env = "WRITER_CONNECT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Attempts before a record is dead-lettered as `exhausted`.
+    #[arg(long, env = "WRITER_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+    /// Retry tier delays, comma-separated (each is a TTL queue).
+    #[arg(long, env = "RETRY_TIERS", default_value = "1s,10s,1m,10m", value_parser = parse_tiers)]
+    pub retry_tiers: Tiers,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tiers(pub Vec<Duration>);
+
+pub fn parse_tiers(text: &str) -> Result<Tiers, String> {
+    let mut tiers = text.split(',').map(|t| parse_duration(t.trim())).collect::<Result<Vec<_>, _>>()?;
+    if tiers.is_empty() || tiers.iter().any(|t| t.is_zero()) {
+        return Err("give at least one positive delay, e.g. 1s,10s,1m,10m".into());
+    }
+    tiers.sort();
+    tiers.dedup();
+    Ok(Tiers(tiers))
+}
+
+struct Target {
+    http: reqwest::Client,
+    url: String,
+    api: String,
+    auth: Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+}
+
+struct Shared {
+    config: Config,
+    topology: Topology,
+    target: Target,
+    breaker: Breaker,
+    metrics: Metrics,
+}
+
+impl Config {
+    fn target(&self) -> Result<Target, String> {
+        let url = self
+            .target_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or("TARGET_URL is required (the full URL of the write endpoint)")?;
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("TARGET_URL {url:?} is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(format!("TARGET_URL {url:?} must be http:// or https://"));
+        }
+        let auth = match self.target_auth_header.as_deref().filter(|s| !s.trim().is_empty()) {
+            None => None,
+            Some(h) => {
+                let (name, value) = h.split_once(':').ok_or("TARGET_AUTH_HEADER must look like `Name: value`")?;
+                let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| "TARGET_AUTH_HEADER has an invalid header name")?;
+                let mut value = reqwest::header::HeaderValue::from_str(value.trim())
+                    .map_err(|_| "TARGET_AUTH_HEADER has an invalid header value")?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
+        if self.concurrency == 0 {
+            return Err("WRITER_CONCURRENCY must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("WRITER_MAX_ATTEMPTS must be at least 1".into());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.timeout)
+            .pool_max_idle_per_host(usize::from(self.concurrency))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(Target { http, url: url.to_string(), api: self.target_api.clone(), auth })
+    }
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let target = config.target().map_err(Fatal)?;
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let bound = admin::spawn(config.admin_addr, metrics.registry.clone(), readiness.clone(), shutdown.clone())
+        .await
+        .map_err(|e| Fatal(format!("ADMIN_ADDR {}: {e}", config.admin_addr)))?;
+    tracing::info!(
+        message = "Writer started.", admin = %bound, ns = %config.broker.ns, target = %target.url,
+        concurrency = config.concurrency, tiers = ?config.retry_tiers.0.iter().map(|t| tier_label(*t)).collect::<Vec<_>>()
+    );
+    let topology = Topology::new(config.broker.ns.clone()).with_retry_tiers(config.retry_tiers.0.clone());
+    let shared = Arc::new(Shared {
+        topology,
+        target,
+        breaker: Breaker::new(breaker::Settings::default()),
+        metrics,
+        config: config.clone(),
+    });
+    let reconnects = shared.metrics.reconnects.clone();
+    supervise(&config.broker, "orderflow-writer", &shutdown, &readiness, &reconnects, |connection| {
+        session(connection, shared.clone(), shutdown.clone(), readiness.clone())
+    })
+    .await
+}
+
+async fn session(
+    connection: Arc<Connection>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    readiness: Readiness,
+) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    shared.topology.declare(&channel).await?;
+    let publisher = Publisher::open(&connection).await?;
+    let queue = shared.topology.records_queue();
+    let stop = shutdown.clone();
+    consume::run(channel, &queue, shared.config.concurrency, &shutdown, &readiness, |delivery| {
+        let shared = shared.clone();
+        let publisher = publisher.clone();
+        let stop = stop.clone();
+        async move { handle_record(&shared, &publisher, &stop, delivery).await }
+    })
+    .await
+}
+
+/// One POST of the record's payload.
+async fn write(target: &Target, record: &Record, message_id: &str) -> WriteOutcome {
+    let payload = json!({"api": target.api, "method": "POST", "idCheck": true, "data": record.data});
+    let mut request = target.http.post(&target.url).header("Idempotency-Key", message_id).json(&payload);
+    if let Some((name, value)) = &target.auth {
+        request = request.header(name.clone(), value.clone());
+    }
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after =
+                response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let body =
+                if (200..300).contains(&status) { String::new() } else { response.text().await.unwrap_or_default() };
+            classify_status(status, retry_after.as_deref(), &orderflow_shared::amqp::headers::clip(&body, 300))
+        }
+        Err(error) => {
+            let timeout = error.is_timeout();
+            let connect = error.is_connect();
+            let error = error.without_url();
+            let mut detail = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                detail.push_str(": ");
+                detail.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            let reason = if timeout {
+                "timeout"
+            } else if connect {
+                "connect"
+            } else {
+                "transport"
+            };
+            WriteOutcome::Transient { reason, detail, retry_after: None, connection: connect }
+        }
+    }
+}
+
+fn dead_letter(shared: &Shared, class: ErrorClass, reason: &str, error: String) -> DeadLetter {
+    DeadLetter {
+        stage: Stage::Writer,
+        class,
+        reason: reason.to_string(),
+        error,
+        origin_exchange: shared.topology.records_exchange(),
+        origin_routing_key: RECORD_ROUTING_KEY.to_string(),
+    }
+}
+
+fn note_breaker(shared: &Shared, changed: Option<State>) {
+    if let Some(state) = changed {
+        shared.metrics.breaker_state.set(state.as_gauge());
+        let label = match state {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        };
+        shared.metrics.breaker_transitions.with_label_values(&[label]).inc();
+        match state {
+            State::Open => tracing::warn!(
+                message = "Target failing broadly: circuit breaker open; records wait without spending attempts."
+            ),
+            State::Closed => tracing::info!(message = "Target healthy again: circuit breaker closed."),
+            State::HalfOpen => {}
+        }
+    }
+}
+
+async fn handle_record(
+    shared: &Shared,
+    publisher: &Publisher,
+    shutdown: &CancellationToken,
+    delivery: Delivery,
+) -> anyhow::Result<()> {
+    let metrics = &shared.metrics;
+    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
+    let record: Record = match schema_of(&delivery.data) {
+        Some(s) if s == RECORD_SCHEMA => match serde_json::from_slice(&delivery.data) {
+            Ok(r) => r,
+            Err(e) => {
+                let dl = dead_letter(
+                    shared,
+                    ErrorClass::Permanent,
+                    "poison_record",
+                    format!("the record does not match {RECORD_SCHEMA}: {e}"),
+                );
+                dl.publish(publisher, &shared.topology, &delivery.data, &delivery.properties).await?;
+                metrics.dead_letters.with_label_values(&["permanent", "poison_record"]).inc();
+                return consume::ack(&delivery, &metrics.lost_acks).await;
+            }
+        },
+        other => {
+            let reason = if other.is_some() { "unknown_schema" } else { "poison_record" };
+            let detail = match other {
+                Some(s) => format!("unknown record schema {s:?} (this writer reads {RECORD_SCHEMA:?})"),
+                None => "the record is not JSON with a \"schema\" string".to_string(),
+            };
+            tracing::warn!(message = "Unreadable record dead-lettered.", message_id = %message_id, %detail);
+            dead_letter(shared, ErrorClass::Permanent, reason, detail)
+                .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
+                .await?;
+            metrics.dead_letters.with_label_values(&["permanent", reason]).inc();
+            return consume::ack(&delivery, &metrics.lost_acks).await;
+        }
+    };
+    let attempts_before = get_i64(&delivery.properties, header::ATTEMPT).unwrap_or(0).max(0) as u32;
+    loop {
+        let probe = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()), // unacked: redelivered when the channel closes
+            probe = shared.breaker.acquire() => probe,
+        };
+        metrics.inflight.inc();
+        let timer = metrics.write_seconds.start_timer();
+        let outcome = write(&shared.target, &record, &message_id).await;
+        timer.observe_duration();
+        metrics.inflight.dec();
+        metrics.writes.with_label_values(&[outcome.label()]).inc();
+        let (ok, connection) = match &outcome {
+            WriteOutcome::Written | WriteOutcome::Permanent { .. } => (true, false),
+            WriteOutcome::Transient { connection, .. } => (false, *connection),
+        };
+        note_breaker(shared, shared.breaker.record(ok, connection, probe));
+        match outcome {
+            WriteOutcome::Written => {
+                if let Some(fetched) = get_i64(&delivery.properties, header::FETCHED_AT_MS) {
+                    metrics.fetch_to_write_seconds.observe((now_ms() - fetched).max(0) as f64 / 1000.0);
+                }
+                return consume::ack(&delivery, &metrics.lost_acks).await;
+            }
+            WriteOutcome::Permanent { detail } => {
+                tracing::warn!(message = "Target rejected the record; dead-lettered.", message_id = %message_id, o_id = %record.id, %detail);
+                dead_letter(
+                    shared,
+                    ErrorClass::Permanent,
+                    "target_rejected",
+                    format!("target rejected the record: {detail}"),
+                )
+                .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
+                .await?;
+                metrics.dead_letters.with_label_values(&["permanent", "target_rejected"]).inc();
+                return consume::ack(&delivery, &metrics.lost_acks).await;
+            }
+            WriteOutcome::Transient { reason, detail, retry_after, .. } => {
+                if shared.breaker.state() != State::Closed {
+                    // An outage: wait for the breaker instead of spending an attempt.
+                    metrics.held_during_outage.inc();
+                    continue;
+                }
+                let attempts = attempts_before + 1;
+                if attempts >= shared.config.max_attempts {
+                    tracing::warn!(message = "Record exhausted its attempts; dead-lettered.", message_id = %message_id, o_id = %record.id, attempts, %detail);
+                    dead_letter(
+                        shared,
+                        ErrorClass::Exhausted,
+                        "exhausted",
+                        format!("{attempts} attempts; last error ({reason}): {detail}"),
+                    )
+                    .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
+                    .await?;
+                    metrics.dead_letters.with_label_values(&["exhausted", "exhausted"]).inc();
+                    return consume::ack(&delivery, &metrics.lost_acks).await;
+                }
+                let Some(tier) = choose_tier(&shared.topology.retry_tiers, attempts, retry_after) else {
+                    anyhow::bail!("no retry tiers configured");
+                };
+                let mut headers = strip_broker_death_headers(&headers_of(&delivery.properties));
+                set_i64(&mut headers, header::ATTEMPT, i64::from(attempts));
+                let props = delivery.properties.clone().with_headers(headers);
+                let label = tier_label(tier);
+                publisher.publish(&shared.topology.retry_exchange(), &label, &delivery.data, props).await?;
+                metrics.retries.with_label_values(&[&label]).inc();
+                tracing::debug!(message = "Write failed; retrying later.", message_id = %message_id, attempts, tier = %label, %detail);
+                return consume::ack(&delivery, &metrics.lost_acks).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+use clap::Parser;
+use orderflow_shared::amqp::Fatal;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    orderflow_shared::init_process();
+    let config = writer::Config::parse();
+    orderflow_shared::telemetry::init(config.log.log_format);
+    let shutdown = orderflow_shared::shutdown::on_signal();
+    match writer::run(config, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let code = if error.is::<Fatal>() { 2 } else { 1 };
+            tracing::error!(message = "Writer stopped.", error = %format!("{error:#}"));
+            eprintln!("writer: {error:#}");
+            std::process::ExitCode::from(code)
+        }
+    }
+}

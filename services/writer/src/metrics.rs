@@ -1,0 +1,106 @@
+//! The writer's Prometheus metrics.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Write attempts by outcome: written, http_5xx, http_429, http_408, timeout, connect, transport, rejected.
+    pub writes: IntCounterVec,
+    pub write_seconds: Histogram,
+    /// From the fetcher's publish of the page to the target's 2xx.
+    pub fetch_to_write_seconds: Histogram,
+    pub retries: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub breaker_state: IntGauge,
+    pub breaker_transitions: IntCounterVec,
+    pub inflight: IntGauge,
+    /// Transient failures retried in place while the breaker was open (no attempt spent).
+    pub held_during_outage: IntCounter,
+    pub reconnects: IntCounter,
+    pub lost_acks: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect("unique metric");
+        let writes =
+            IntCounterVec::new(Opts::new("orderflow_write_requests_total", "Write attempts by outcome."), &["outcome"])
+                .expect("metric");
+        reg(Box::new(writes.clone()));
+        let buckets = vec![0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let write_seconds = Histogram::with_opts(
+            HistogramOpts::new("orderflow_write_duration_seconds", "Target write latency.").buckets(buckets.clone()),
+        )
+        .expect("metric");
+        reg(Box::new(write_seconds.clone()));
+        let fetch_to_write_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "orderflow_fetch_to_write_seconds",
+                "From the page's publish by the fetcher to the record's write.",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )
+        .expect("metric");
+        reg(Box::new(fetch_to_write_seconds.clone()));
+        let retries = IntCounterVec::new(
+            Opts::new("orderflow_write_retries_total", "Records sent to a retry tier, by tier."),
+            &["tier"],
+        )
+        .expect("metric");
+        reg(Box::new(retries.clone()));
+        let dead_letters = IntCounterVec::new(
+            Opts::new("orderflow_dead_letters_total", "Records dead-lettered, by class and reason."),
+            &["class", "reason"],
+        )
+        .expect("metric");
+        reg(Box::new(dead_letters.clone()));
+        let breaker_state =
+            IntGauge::new("orderflow_write_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.")
+                .expect("metric");
+        reg(Box::new(breaker_state.clone()));
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new("orderflow_write_breaker_transitions_total", "Breaker state changes, by new state."),
+            &["to"],
+        )
+        .expect("metric");
+        reg(Box::new(breaker_transitions.clone()));
+        let inflight = IntGauge::new("orderflow_write_inflight", "Writes in flight.").expect("metric");
+        reg(Box::new(inflight.clone()));
+        let held_during_outage = IntCounter::new(
+            "orderflow_write_held_during_outage_total",
+            "Transient failures retried in place while the breaker was open.",
+        )
+        .expect("metric");
+        reg(Box::new(held_during_outage.clone()));
+        let reconnects =
+            IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
+                .expect("metric");
+        reg(Box::new(reconnects.clone()));
+        let lost_acks =
+            IntCounter::new("orderflow_lost_acks_total", "Acks that could not be sent because the channel was gone.")
+                .expect("metric");
+        reg(Box::new(lost_acks.clone()));
+        Self {
+            registry,
+            writes,
+            write_seconds,
+            fetch_to_write_seconds,
+            retries,
+            dead_letters,
+            breaker_state,
+            breaker_transitions,
+            inflight,
+            held_during_outage,
+            reconnects,
+            lost_acks,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,72 @@
+//! Opening a broker connection: heartbeat on (so a dead peer is noticed within ~30 s), a
+//! connection name for the management UI, optional private CA for `amqps://`.
+
+use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder, tcp::OwnedTLSConfig, uri::AMQPUri};
+
+use crate::settings::{BrokerArgs, redact_url};
+
+/// Default heartbeat (seconds) when the URL does not set one.
+const HEARTBEAT_SECS: u16 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("AMQP_URL {url} is not a valid AMQP URL: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("AMQP_CA_FILE {path}: {error}")]
+    CaFile { path: String, error: std::io::Error },
+    #[error("cannot connect to the broker at {url}: {error}")]
+    Connect { url: String, error: lapin::Error },
+}
+
+/// Parses the URL once, so a bad `AMQP_URL` fails at start with a readable error.
+pub fn parse_url(url: &str) -> Result<AMQPUri, ConnectError> {
+    let mut uri: AMQPUri =
+        url.parse().map_err(|reason: String| ConnectError::BadUrl { url: redact_url(url), reason })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(HEARTBEAT_SECS);
+    }
+    if uri.query.connection_timeout.is_none() {
+        uri.query.connection_timeout = Some(10_000);
+    }
+    Ok(uri)
+}
+
+pub async fn connect(args: &BrokerArgs, connection_name: &str) -> Result<Connection, ConnectError> {
+    let uri = parse_url(&args.amqp_url)?;
+    let mut tls = OwnedTLSConfig::default();
+    if let Some(path) = &args.amqp_ca_file {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|error| ConnectError::CaFile { path: path.display().to_string(), error })?;
+        tls.cert_chain = Some(pem);
+    }
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.to_string().into());
+    DefaultConnectionBuilder::new()
+        .map_err(|error| ConnectError::Connect { url: redact_url(&args.amqp_url), error })?
+        .with_uri(uri)
+        .with_properties(properties)
+        .with_tls_config(tls)
+        .connect()
+        .await
+        .map_err(|error| ConnectError::Connect { url: redact_url(&args.amqp_url), error })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_url_is_reported_without_its_password() {
+        let err = parse_url("http://user:hunter2@host").expect_err("not amqp");
+        let text = err.to_string();
+        assert!(text.contains("AMQP_URL"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn heartbeat_defaults_on() {
+        let uri = parse_url("amqp://guest:guest@127.0.0.1:5672/%2f").expect("valid");
+        assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS));
+        let uri = parse_url("amqp://127.0.0.1/%2f?heartbeat=3").expect("valid");
+        assert_eq!(uri.query.heartbeat, Some(3));
+    }
+}

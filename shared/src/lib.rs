@@ -1,0 +1,22 @@
+//! The crate every orderflow binary uses: settings, telemetry, the AMQP adapter (connection,
+//! topology, confirmed publisher, dead-lettering), wire messages, shutdown, the admin HTTP server,
+//! and the pure Jushuitan helpers (signing, China time) shared by the fetcher and `jst-sim`.
+
+pub mod admin;
+pub mod amqp;
+pub mod backoff;
+pub mod json;
+pub mod jst;
+pub mod messages;
+pub mod rng;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+pub mod trace;
+
+/// Process-wide setup every binary does first: install the TLS crypto provider (ring) that
+/// both reqwest and lapin use. Safe to call more than once.
+pub fn init_process() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

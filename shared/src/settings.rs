@@ -1,0 +1,116 @@
+//! Settings every binary shares, parsed by clap from flags and environment variables (flags
+//! win). Values are validated at start; an invalid one exits naming the setting.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Broker connection and naming, shared by the three stages and the CLI.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// AMQP broker URL; `amqps://` for TLS. The password is never logged.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true,
+          hide_default_value = true)]
+    pub amqp_url: String,
+
+    /// PEM file with extra CA certificates for `amqps://` (a private broker CA).
+    #[arg(long, env = "AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
+
+    /// Prefix of every exchange and queue name; tests use a unique one each.
+    #[arg(long = "ns", env = "ORDERFLOW_NS", default_value = "orderflow", value_parser = parse_namespace)]
+    pub ns: String,
+}
+
+/// Logging: `LOG_FORMAT=json|pretty|auto` (auto: pretty on a terminal, JSON otherwise) and `RUST_LOG`.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format: json (containers), pretty (terminals), auto (pretty when stderr is a terminal).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// A namespace becomes part of queue names: keep it to characters RabbitMQ and shells accept.
+pub fn parse_namespace(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 100
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok { Ok(value.to_string()) } else { Err(format!("{value:?} must be 1-100 characters of [A-Za-z0-9._-]")) }
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let redacted = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+            format!("{}{}{}", &url[..scheme_end + 3], redacted, &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Parses a duration written as `250ms`, `5s`, `10m`, `2h`, `7d`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 5s, 10m, 7d)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m, h or d)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a valid duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(redact_url("amqp://orderflow:s3cret@rabbit:5672/%2f"), "amqp://orderflow:***@rabbit:5672/%2f");
+        assert_eq!(redact_url("amqp://rabbit:5672"), "amqp://rabbit:5672");
+        assert_eq!(redact_url("amqps://u:p@a@h/v"), "amqps://u:***@h/v");
+    }
+
+    #[test]
+    fn namespaces_are_restricted_to_safe_characters() {
+        assert!(parse_namespace("test-1a2b.x_y").is_ok());
+        assert!(parse_namespace("").is_err());
+        assert!(parse_namespace("a b").is_err());
+        assert!(parse_namespace("a/b").is_err());
+    }
+
+    #[test]
+    fn durations_accept_the_usual_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("7 weeks").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! The target's injected faults and the pure decision for one request.
+
+use std::time::Duration;
+
+use orderflow_shared::rng::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    pub latency_min_ms: u64,
+    pub latency_max_ms: u64,
+    pub failure_rate: f64,
+    pub throttle_rate: f64,
+    pub retry_after_secs: u64,
+    /// Glob (`*` wildcard) of record ids rejected permanently.
+    pub reject_ids: Option<String>,
+    pub outage_until: Option<Instant>,
+}
+
+/// A partial update: only the fields given change.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsUpdate {
+    pub latency_ms: Option<u64>,
+    pub latency_max_ms: Option<u64>,
+    pub failure_rate: Option<f64>,
+    pub throttle_rate: Option<f64>,
+    pub retry_after_secs: Option<u64>,
+    /// A glob, or `""` to lift the rule.
+    pub reject_ids: Option<String>,
+    /// Starts an outage of this many seconds now (0 ends a running one).
+    pub outage_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Pass,
+    Outage,
+    Fail(u16),
+    Throttle(u64),
+}
+
+impl Faults {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, rate) in [("failure_rate", self.failure_rate), ("throttle_rate", self.throttle_rate)] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{name} must be between 0 and 1, got {rate}"));
+            }
+        }
+        if self.latency_max_ms < self.latency_min_ms {
+            return Err(format!(
+                "latency_max_ms ({}) is below latency_ms ({})",
+                self.latency_max_ms, self.latency_min_ms
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn apply(&mut self, u: FaultsUpdate, now: Instant) {
+        if let Some(v) = u.latency_ms {
+            self.latency_min_ms = v;
+            self.latency_max_ms = self.latency_max_ms.max(v);
+        }
+        if let Some(v) = u.latency_max_ms {
+            self.latency_max_ms = v;
+        }
+        if let Some(v) = u.failure_rate {
+            self.failure_rate = v;
+        }
+        if let Some(v) = u.throttle_rate {
+            self.throttle_rate = v;
+        }
+        if let Some(v) = u.retry_after_secs {
+            self.retry_after_secs = v;
+        }
+        if let Some(v) = u.reject_ids {
+            self.reject_ids = (!v.is_empty()).then_some(v);
+        }
+        if let Some(secs) = u.outage_secs {
+            self.outage_until = (secs > 0.0).then(|| now + Duration::from_secs_f64(secs));
+        }
+    }
+
+    pub fn decide(&self, rng: &mut Rng, now: Instant) -> (Duration, Decision) {
+        let latency = if self.latency_max_ms > self.latency_min_ms {
+            rng.range(self.latency_min_ms as i64, self.latency_max_ms as i64) as u64
+        } else {
+            self.latency_min_ms
+        };
+        let delay = Duration::from_millis(latency);
+        if self.outage_until.is_some_and(|until| now < until) {
+            return (Duration::ZERO, Decision::Outage);
+        }
+        if rng.chance(self.failure_rate) {
+            return (delay, Decision::Fail(*rng.pick(&[500u16, 502, 503])));
+        }
+        if rng.chance(self.throttle_rate) {
+            return (delay, Decision::Throttle(self.retry_after_secs));
+        }
+        (delay, Decision::Pass)
+    }
+
+    pub fn rejects(&self, id: &str) -> bool {
+        self.reject_ids.as_deref().is_some_and(|pattern| glob_match(pattern, id))
+    }
+
+    pub fn describe(&self, now: Instant) -> Value {
+        json!({
+            "latency_ms": self.latency_min_ms,
+            "latency_max_ms": self.latency_max_ms,
+            "failure_rate": self.failure_rate,
+            "throttle_rate": self.throttle_rate,
+            "retry_after_secs": self.retry_after_secs,
+            "reject_ids": self.reject_ids,
+            "outage_remaining_secs": self.outage_until.map(|u| u.saturating_duration_since(now).as_secs_f64()).unwrap_or(0.0),
+        })
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(at) => rest = &rest[at + middle.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob_match("*7", "100000017"));
+        assert!(!glob_match("*7", "100000018"));
+        assert!(glob_match("1*0*9", "1000019"));
+        assert!(glob_match("abc", "abc"));
+        assert!(!glob_match("abc", "abcd"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*a", "a"));
+    }
+
+    #[test]
+    fn an_outage_refuses_until_it_ends() {
+        let mut f = Faults::default();
+        let now = Instant::now();
+        f.apply(FaultsUpdate { outage_secs: Some(60.0), ..FaultsUpdate::default() }, now);
+        let mut rng = Rng::new(1);
+        assert_eq!(f.decide(&mut rng, now + Duration::from_secs(59)).1, Decision::Outage);
+        assert_eq!(f.decide(&mut rng, now + Duration::from_secs(61)).1, Decision::Pass);
+    }
+
+    #[test]
+    fn a_partial_update_changes_only_what_it_names() {
+        let mut f = Faults { failure_rate: 0.2, reject_ids: Some("*1".into()), ..Faults::default() };
+        f.apply(FaultsUpdate { throttle_rate: Some(0.05), ..FaultsUpdate::default() }, Instant::now());
+        assert_eq!((f.failure_rate, f.throttle_rate), (0.2, 0.05));
+        f.apply(FaultsUpdate { reject_ids: Some(String::new()), ..FaultsUpdate::default() }, Instant::now());
+        assert!(f.reject_ids.is_none());
+    }
+}

@@ -1,0 +1,276 @@
+//! `target-sim`: the Qingyiyun-style write API (`{"api","method","idCheck","data"}`) with `idCheck`
+//! dedupe by `data.id`, and fault injection switchable at runtime: failure rate, 429 with
+//! `Retry-After`, latency, outage windows, permanent rejects for an id pattern.
+
+pub mod faults;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Query, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use clap::Parser;
+use orderflow_shared::{json::scalar_text, rng::Rng};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::faults::{Decision, Faults, FaultsUpdate};
+
+/// Target write-API simulator with idCheck, for tests, demos and benchmarks.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "target-sim", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "TARGET_SIM_LISTEN", default_value = "127.0.0.1:8082")]
+    pub listen: SocketAddr,
+    /// Seed for injected randomness.
+    #[arg(long, env = "TARGET_SIM_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Latency added to every write, in milliseconds.
+    #[arg(long, env = "TARGET_SIM_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Upper bound of a uniform latency draw (default: --latency-ms, i.e. fixed).
+    #[arg(long)]
+    pub latency_max_ms: Option<u64>,
+    /// Share of writes answered with HTTP 500/502/503.
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// Share of writes answered with HTTP 429.
+    #[arg(long, default_value_t = 0.0)]
+    pub throttle_rate: f64,
+    /// Seconds sent in `Retry-After` with each 429 (0: no header).
+    #[arg(long, default_value_t = 1)]
+    pub retry_after: u64,
+    /// Reject (HTTP 422, permanent) every record whose id matches this glob (`*` wildcard).
+    #[arg(long)]
+    pub reject_ids: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stored {
+    pub id: String,
+    pub data: Value,
+    /// Accepted writes of this id (1 + suppressed duplicates + overwrites).
+    pub writes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub requests: u64,
+    /// Distinct records stored.
+    pub records: u64,
+    /// Writes that stored a new record.
+    pub written: u64,
+    /// Writes of an id already stored under idCheck (answered 2xx, not stored again).
+    pub duplicates_suppressed: u64,
+    /// Writes without idCheck that replaced a stored record.
+    pub overwritten: u64,
+    /// Malformed requests (HTTP 400).
+    pub invalid: u64,
+    /// Permanent rejects by the id rule (HTTP 422).
+    pub rejected_by_rule: u64,
+    /// Injected HTTP 5xx.
+    pub failures_injected: u64,
+    /// Injected HTTP 429.
+    pub throttled: u64,
+    /// Requests refused during an outage window (HTTP 503).
+    pub outage_refusals: u64,
+}
+
+pub struct State_ {
+    records: HashMap<String, Stored>,
+    order: Vec<String>,
+    stats: Stats,
+    faults: Faults,
+    rng: Rng,
+}
+
+pub struct TargetSim {
+    state: Mutex<State_>,
+}
+
+impl TargetSim {
+    pub fn new(config: &Config) -> Result<Arc<Self>, String> {
+        let faults = Faults {
+            latency_min_ms: config.latency_ms,
+            latency_max_ms: config.latency_max_ms.unwrap_or(config.latency_ms),
+            failure_rate: config.failure_rate,
+            throttle_rate: config.throttle_rate,
+            retry_after_secs: config.retry_after,
+            reject_ids: config.reject_ids.clone(),
+            outage_until: None,
+        };
+        faults.validate()?;
+        Ok(Arc::new(Self {
+            state: Mutex::new(State_ {
+                records: HashMap::new(),
+                order: Vec::new(),
+                stats: Stats::default(),
+                faults,
+                rng: Rng::new(config.seed),
+            }),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State_> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The write request. `data.id` is required; other fields are the record.
+#[derive(Debug, Deserialize)]
+struct WriteRequest {
+    api: Option<Value>,
+    #[serde(rename = "idCheck", default)]
+    id_check: bool,
+    data: Option<Value>,
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+fn failure(status: StatusCode, message: String) -> Response {
+    reply(status, json!({ "success": false, "code": status.as_u16(), "message": message }))
+}
+
+/// `POST /data/write`.
+async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
+    let (delay, decision) = {
+        let mut guard = sim.lock();
+        let state = &mut *guard;
+        state.stats.requests += 1;
+        state.faults.decide(&mut state.rng, tokio::time::Instant::now())
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    match decision {
+        Decision::Outage => {
+            sim.lock().stats.outage_refusals += 1;
+            return failure(StatusCode::SERVICE_UNAVAILABLE, "target is down (injected outage)".into());
+        }
+        Decision::Fail(code) => {
+            sim.lock().stats.failures_injected += 1;
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return failure(status, "internal error (injected)".into());
+        }
+        Decision::Throttle(retry_after) => {
+            sim.lock().stats.throttled += 1;
+            let mut response = failure(StatusCode::TOO_MANY_REQUESTS, "too many requests (injected)".into());
+            if retry_after > 0
+                && let Ok(v) = HeaderValue::from_str(&retry_after.to_string())
+            {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return response;
+        }
+        Decision::Pass => {}
+    }
+    let request: WriteRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            sim.lock().stats.invalid += 1;
+            return failure(StatusCode::BAD_REQUEST, format!("body is not a write request: {e}"));
+        }
+    };
+    let id = request.data.as_ref().and_then(|d| d.get("id")).and_then(scalar_text).filter(|s| !s.is_empty());
+    let (Some(data), Some(id), Some(_api)) = (request.data, id, request.api) else {
+        sim.lock().stats.invalid += 1;
+        return failure(StatusCode::BAD_REQUEST, "api and data.id are required".into());
+    };
+    let mut guard = sim.lock();
+    let state = &mut *guard;
+    if state.faults.rejects(&id) {
+        state.stats.rejected_by_rule += 1;
+        return failure(StatusCode::UNPROCESSABLE_ENTITY, format!("record id {id} is rejected by the target's rule"));
+    }
+    let duplicate = match state.records.get_mut(&id) {
+        Some(existing) => {
+            existing.writes += 1;
+            if request.id_check {
+                state.stats.duplicates_suppressed += 1;
+            } else {
+                existing.data = data;
+                state.stats.overwritten += 1;
+            }
+            true
+        }
+        None => {
+            state.order.push(id.clone());
+            state.records.insert(id.clone(), Stored { id: id.clone(), data, writes: 1 });
+            state.stats.written += 1;
+            state.stats.records += 1;
+            false
+        }
+    };
+    reply(
+        StatusCode::OK,
+        json!({ "success": true, "code": 0, "message": "ok", "data": { "id": id, "duplicate": duplicate } }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordsParams {
+    #[serde(default)]
+    ids_only: bool,
+}
+
+/// `GET /admin/records[?ids_only=true]`: every stored record in arrival order.
+async fn records(State(sim): State<Arc<TargetSim>>, Query(p): Query<RecordsParams>) -> Response {
+    let state = sim.lock();
+    if p.ids_only {
+        return Json(json!({ "count": state.order.len(), "ids": state.order })).into_response();
+    }
+    let list: Vec<&Stored> = state.order.iter().filter_map(|id| state.records.get(id)).collect();
+    Json(json!({ "count": list.len(), "records": list })).into_response()
+}
+
+/// `GET /admin/stats`.
+async fn stats(State(sim): State<Arc<TargetSim>>) -> Response {
+    let state = sim.lock();
+    Json(json!({ "stats": state.stats, "faults": state.faults.describe(tokio::time::Instant::now()) })).into_response()
+}
+
+/// `POST /admin/faults`: change any fault setting; `{"outage_secs": 60}` starts a 60 s outage now.
+async fn set_faults(State(sim): State<Arc<TargetSim>>, Json(update): Json<FaultsUpdate>) -> Response {
+    let mut state = sim.lock();
+    let mut next = state.faults.clone();
+    next.apply(update, tokio::time::Instant::now());
+    if let Err(e) = next.validate() {
+        return failure(StatusCode::BAD_REQUEST, e);
+    }
+    state.faults = next;
+    Json(json!({ "faults": state.faults.describe(tokio::time::Instant::now()) })).into_response()
+}
+
+pub fn router(sim: Arc<TargetSim>) -> Router {
+    Router::new()
+        .route("/data/write", post(write))
+        .route("/admin/records", get(records))
+        .route("/admin/stats", get(stats))
+        .route("/admin/faults", post(set_faults))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(sim)
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let sim = TargetSim::new(&config).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    println!("target-sim listening on http://{addr} (write endpoint: http://{addr}/data/write)");
+    axum::serve(listener, router(sim)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Test harness: a broker (AMQP_URL, else a local RabbitMQ on 127.0.0.1:5672, else one started
+//! with testcontainers), a unique namespace per test, condition waits with timeouts, and the local
+//! stack runner of the `orderflow` CLI.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use orderflow_shared::settings::BrokerArgs;
+use tokio::sync::OnceCell;
+
+pub use orderflow_cli::stack::{Progress, Role, Stack, StackOptions};
+
+static BROKER: OnceCell<String> = OnceCell::const_new();
+static CONTAINER: OnceCell<testcontainers::ContainerAsync<testcontainers::GenericImage>> = OnceCell::const_new();
+
+/// The broker every test uses: `AMQP_URL` when set; otherwise a RabbitMQ already listening on
+/// 127.0.0.1:5672; otherwise one started in Docker with testcontainers (kept for the whole run).
+pub async fn broker_url() -> String {
+    BROKER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("AMQP_URL") {
+                return url;
+            }
+            if tokio::net::TcpStream::connect("127.0.0.1:5672").await.is_ok() {
+                return orderflow_shared::settings::DEFAULT_AMQP_URL.to_string();
+            }
+            let container = CONTAINER
+                .get_or_init(|| async {
+                    use testcontainers::{
+                        GenericImage, ImageExt,
+                        core::{IntoContainerPort, WaitFor},
+                        runners::AsyncRunner,
+                    };
+                    GenericImage::new("rabbitmq", "3.13-management")
+                        .with_exposed_port(5672.tcp())
+                        .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+                        .with_startup_timeout(Duration::from_secs(120))
+                        .start()
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!("no AMQP_URL, no broker on 127.0.0.1:5672, and Docker could not start RabbitMQ: {e}")
+                        })
+                })
+                .await;
+            let port =
+                container.get_host_port_ipv4(5672).await.unwrap_or_else(|e| panic!("RabbitMQ container port: {e}"));
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+        })
+        .await
+        .clone()
+}
+
+/// A namespace no other test (or earlier run) uses.
+pub fn unique_ns(test: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("t-{test}-{}-{n}-{}", std::process::id(), millis % 1_000_000)
+}
+
+pub async fn broker_args(ns: &str) -> BrokerArgs {
+    BrokerArgs { amqp_url: broker_url().await, amqp_ca_file: None, ns: ns.to_string() }
+}
+
+/// A fresh log directory for one test.
+pub fn log_dir(ns: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("orderflow-tests/{ns}"));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// Polls `check` every `every` until it returns `Ok(Some(value))`, or fails after `timeout` with
+/// the last state it described.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Result<T, String>>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(state)) => state,
+            Err(error) => format!("error: {error:#}"),
+        };
+        if start.elapsed() >= timeout {
+            anyhow::bail!("timed out after {:?} waiting for {what}; last state: {last}", timeout);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Waits until every Confirmed order is written (and stays so for two polls).
+pub async fn wait_synced(stack: &Stack, timeout: Duration) -> anyhow::Result<Progress> {
+    let start = Instant::now();
+    let mut streak = 0;
+    let mut last = None;
+    while start.elapsed() < timeout {
+        match stack.progress().await {
+            Ok(p) if p.synced() => {
+                streak += 1;
+                if streak >= 2 {
+                    return Ok(p);
+                }
+            }
+            Ok(p) => {
+                streak = 0;
+                last = Some(p);
+            }
+            Err(_) => streak = 0,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("not synced after {timeout:?}; last progress {last:?}")
+}
+
+/// Heavy end-to-end tests take this so they run one at a time on a 2-core machine.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// Stops the stack and removes the namespace's queues.
+pub async fn teardown(mut stack: Stack) {
+    stack.stop().await;
+    let broker = broker_args(&stack.options.ns).await;
+    if let Ok(connection) = orderflow_shared::amqp::connect(&broker, "orderflow-tests").await {
+        let topology = orderflow_shared::amqp::Topology::new(stack.options.ns.clone());
+        let accounts: Vec<String> = (1..=stack.options.accounts).map(|i| format!("m{i}")).collect();
+        let _ = orderflow_cli::broker::delete_namespace(&connection, &topology, &accounts).await;
+        let _ = connection.close(200, "bye".into()).await;
+    }
+}

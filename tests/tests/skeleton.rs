@@ -1,0 +1,98 @@
+//! The walking skeleton, end to end: real broker, both simulators, all three services as
+//! processes; and the command-line contract of every binary.
+
+use std::{process::Command, time::Duration};
+
+use orderflow_shared::amqp::{Stage, Topology};
+use orderflow_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_orders_flow_from_jst_sim_to_target_sim_exactly() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("skeleton");
+    let mut options = StackOptions::new(&broker_url().await, &ns, &log_dir(&ns));
+    options.orders = 3000;
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        let progress = wait_synced(&stack, Duration::from_secs(180)).await?;
+        assert!(progress.confirmed >= 2000, "the test must move at least 2,000 orders, got {}", progress.confirmed);
+        let confirmed = stack.confirmed_ids().await?;
+        let written = stack.written_ids().await?;
+        assert_eq!(written, confirmed, "target-sim must hold exactly the Confirmed orders");
+        let stats = stack.target_stats().await?;
+        assert_eq!(stats["stats"]["invalid"], 0, "{stats}");
+        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        let topology = Topology::new(ns.clone());
+        for stage in Stage::ALL {
+            let dead =
+                orderflow_cli::broker::queue_state(&connection, &topology.dead_queue(stage)).await?.map(|q| q.messages);
+            assert_eq!(dead, Some(0), "no dead letters in {stage}");
+        }
+        for queue in [topology.pages_queue(), topology.records_queue()] {
+            wait_for("work queues to drain", Duration::from_secs(30), Duration::from_millis(200), || {
+                let c = &connection;
+                let q = queue.clone();
+                async move {
+                    let depth = orderflow_cli::broker::queue_state(c, &q).await?.map(|s| s.messages).unwrap_or(0);
+                    Ok(if depth == 0 { Ok(()) } else { Err(format!("{q} holds {depth}")) })
+                }
+            })
+            .await?;
+        }
+        let _ = connection.close(200, "bye".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+fn bin(name: &str) -> std::path::PathBuf {
+    orderflow_cli::stack::default_bin_dir().join(name)
+}
+
+#[test]
+fn every_binary_answers_help() {
+    for name in ["fetcher", "transformer", "writer", "orderflow", "jst-sim", "target-sim"] {
+        let out = Command::new(bin(name)).arg("--help").output().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name} --help failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("Usage:"), "{name} --help: {text}");
+    }
+}
+
+fn run_without(name: &str, remove: &[&str], set: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(bin(name));
+    for key in remove {
+        cmd.env_remove(key);
+    }
+    cmd.env("ADMIN_ADDR", "127.0.0.1:0").env("LOG_FORMAT", "json");
+    for (k, v) in set {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("{name}: {e}"));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_missing_required_setting_exits_non_zero_naming_it() {
+    let jst = ["ORDERFLOW_ACCOUNTS", "JST_BASE_URL", "JST_APP_KEY", "JST_APP_SECRET", "JST_ACCESS_TOKEN"];
+    let (code, err) = run_without("fetcher", &jst, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("JST_BASE_URL"), "{err}");
+    let (code, err) = run_without("fetcher", &jst, &[("JST_BASE_URL", "http://127.0.0.1:1"), ("JST_APP_KEY", "k")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("JST_APP_SECRET"), "{err}");
+    let (code, err) = run_without("writer", &["TARGET_URL"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("TARGET_URL"), "{err}");
+    let (code, err) = run_without("writer", &[], &[("TARGET_URL", "not a url")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("TARGET_URL"), "{err}");
+    let (code, err) = run_without("transformer", &[], &[("MAPPING_FILE", "/nonexistent/mapping.json")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("MAPPING_FILE"), "{err}");
+    let (code, err) = run_without("fetcher", &[], &[("ORDERFLOW_NS", "bad ns!")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("ns") || err.contains("ORDERFLOW_NS"), "{err}");
+}
