@@ -15,11 +15,37 @@ use tokio::sync::OnceCell;
 pub use orderflow_cli::stack::{Progress, Role, Stack, StackOptions};
 
 static BROKER: OnceCell<String> = OnceCell::const_new();
+static BINARIES: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+
+/// Builds the workspace's binaries (same profile as these tests) once per test process: `cargo
+/// test` builds test harnesses, not the binaries the end-to-end tests start as processes.
+pub fn ensure_binaries() {
+    let result = BINARIES.get_or_init(|| {
+        let dir = orderflow_cli::stack::default_bin_dir();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--workspace", "--bins", "--quiet", "--manifest-path", manifest]);
+        if release {
+            cmd.arg("--release");
+        }
+        match cmd.status() {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(format!("cargo build --workspace --bins failed ({status})")),
+            Err(e) => Err(format!("cannot run cargo to build the binaries: {e}")),
+        }
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
 static CONTAINER: OnceCell<testcontainers::ContainerAsync<testcontainers::GenericImage>> = OnceCell::const_new();
 
 /// The broker every test uses: `AMQP_URL` when set; otherwise a RabbitMQ already listening on
 /// 127.0.0.1:5672; otherwise one started in Docker with testcontainers (kept for the whole run).
 pub async fn broker_url() -> String {
+    ensure_binaries();
     BROKER
         .get_or_init(|| async {
             if let Ok(url) = std::env::var("AMQP_URL") {

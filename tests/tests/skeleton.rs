@@ -48,6 +48,7 @@ async fn seeded_orders_flow_from_jst_sim_to_target_sim_exactly() -> anyhow::Resu
 }
 
 fn bin(name: &str) -> std::path::PathBuf {
+    ensure_binaries();
     orderflow_cli::stack::default_bin_dir().join(name)
 }
 
