@@ -161,3 +161,75 @@ pub async fn teardown(mut stack: Stack) {
         let _ = connection.close(200, "bye".into()).await;
     }
 }
+
+/// A message read back from a queue by a test.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub body: Vec<u8>,
+    pub properties: lapin::BasicProperties,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn header(&self, key: &str) -> Option<String> {
+        orderflow_shared::amqp::headers::get_str(&self.properties, key)
+    }
+}
+
+/// Takes (and acks) messages from `queue` until `count` have arrived or `timeout` passes.
+pub async fn take(
+    connection: &lapin::Connection,
+    queue: &str,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Got>> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let channel = connection.create_channel().await?;
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < count {
+        match channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await? {
+            Some(message) => {
+                let d = message.delivery;
+                channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+                out.push(Got { body: d.data, properties: d.properties });
+            }
+            None if start.elapsed() >= timeout => {
+                anyhow::bail!("only {} of {count} messages arrived in {queue} within {timeout:?}", out.len())
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = channel.close(200, "ok".into()).await;
+    Ok(out)
+}
+
+/// Publishes `body` (confirmed) to an exchange.
+pub async fn publish(
+    connection: &lapin::Connection,
+    exchange: &str,
+    routing_key: &str,
+    message_id: &str,
+    body: &[u8],
+) -> anyhow::Result<()> {
+    let publisher = orderflow_shared::amqp::Publisher::open(connection).await?;
+    let props = orderflow_shared::amqp::headers::json_properties(message_id, lapin::types::FieldTable::default());
+    publisher.publish(exchange, routing_key, body, props).await?;
+    let _ = publisher.channel().close(200, "ok".into()).await;
+    Ok(())
+}
+
+/// Runs a service in this process until the returned token is cancelled.
+pub fn spawn_service<F>(run: F) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)
+where
+    F: FnOnce(
+        tokio_util::sync::CancellationToken,
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>,
+{
+    let token = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(run(token.clone()));
+    (token, handle)
+}

@@ -252,11 +252,16 @@ fn check_amount(check: &AmountCheck, data: &Map<String, Value>, order: &Value) -
                 })?,
                 _ => Decimal::ZERO,
             };
-            expected += sign * v;
+            expected = expected
+                .checked_add(sign * v)
+                .ok_or_else(|| invalid(format!("amount_check: {} = {v} overflows", path_text(path))))?;
             terms.push_str(&format!(" {} {} {v}", if sign.is_sign_negative() { "−" } else { "+" }, path_text(path)));
         }
     }
-    let diff = (expected - against).abs();
+    let diff = expected
+        .checked_sub(against)
+        .map(|d| d.abs())
+        .ok_or_else(|| invalid("amount_check: the difference overflows".to_string()))?;
     if diff > check.tolerance {
         return Err(Reject {
             reason: RejectReason::AmountMismatch,

@@ -64,18 +64,22 @@ pub fn show(value: &Value) -> String {
 
 /// An exact decimal from a JSON number (its text) or a numeric string.
 pub fn decimal(value: &Value) -> Option<Decimal> {
-    let text = match value {
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => s.trim().to_string(),
-        _ => return None,
-    };
+    match value {
+        Value::Number(n) => decimal_text(n.as_str()),
+        Value::String(s) => decimal_text(s.trim()),
+        _ => None,
+    }
+}
+
+/// An exact decimal from number text (plain or with an exponent).
+pub fn decimal_text(text: &str) -> Option<Decimal> {
     if text.is_empty() || text.len() > 64 {
         return None;
     }
     if text.contains(['e', 'E']) {
-        Decimal::from_scientific(&text).ok()
+        Decimal::from_scientific(text).ok()
     } else {
-        Decimal::from_str_exact(&text).or_else(|_| Decimal::from_str(&text)).ok()
+        Decimal::from_str_exact(text).or_else(|_| Decimal::from_str(text)).ok()
     }
 }
 
@@ -154,9 +158,49 @@ pub const AUTO_FORMATS: &[&str] = &[
     "%Y%m%d",
 ];
 
+fn is_plain_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty() && digits.len() <= 18 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Fast path for what Jushuitan sends: `yyyy-MM-dd HH:mm:ss[.f…]` or `yyyy-MM-dd`.
+fn parse_jushuitan(text: &str) -> Option<DateTime> {
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i32> {
+        let part = b.get(range)?;
+        if part.iter().all(u8::is_ascii_digit) { std::str::from_utf8(part).ok()?.parse().ok() } else { None }
+    };
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let date = jiff::civil::Date::new(num(0..4)? as i16, num(5..7)? as i8, num(8..10)? as i8).ok()?;
+    if b.len() == 10 {
+        return Some(date.to_datetime(jiff::civil::Time::midnight()));
+    }
+    if b.len() < 19 || b[10] != b' ' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let mut nanos = 0i32;
+    if b.len() > 19 {
+        let frac = b.get(20..)?;
+        if b[19] != b'.' || frac.is_empty() || frac.len() > 9 || !frac.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let value: i32 = std::str::from_utf8(frac).ok()?.parse().ok()?;
+        nanos = value * 10i32.pow(9 - frac.len() as u32);
+    }
+    let time = jiff::civil::Time::new(num(11..13)? as i8, num(14..16)? as i8, num(17..19)? as i8, nanos).ok()?;
+    Some(date.to_datetime(time))
+}
+
 /// Parses `text` with the first matching format, as a civil time in `zone`.
 pub fn parse_datetime(text: &str, formats: &[String], zone: &TimeZone) -> Option<jiff::ZonedDateTime> {
     let text = text.trim();
+    if formats.first().is_some_and(|f| f == AUTO_FORMATS[0]) {
+        if let Some(dt) = parse_jushuitan(text) {
+            return dt.to_zoned_datetime(zone.clone()).ok();
+        }
+    }
     for format in formats {
         if let Ok(dt) = DateTime::strptime(format, text) {
             return dt.to_zoned_datetime(zone.clone()).ok();
@@ -254,6 +298,29 @@ mod tests {
         assert_eq!(Coerce::Number.apply(json!("12.50")).expect("ok").to_string(), "12.50");
         assert!(Coerce::Integer.apply(json!("1.5")).expect_err("not int").contains("1.5"));
         assert_eq!(Coerce::Bool.apply(json!("true")), Ok(json!(true)));
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_strptime() {
+        let zone = parse_zone("+08:00").expect("zone");
+        let auto: Vec<String> = AUTO_FORMATS.iter().map(|s| s.to_string()).collect();
+        let strict: Vec<String> = AUTO_FORMATS[1..].iter().map(|s| s.to_string()).collect();
+        for text in [
+            "2021-09-18 11:02:19",
+            "2021-09-18 11:02:19.807",
+            "2021-09-18 11:02:19.5",
+            "2023-10-01",
+            "2024-02-29 23:59:59",
+        ] {
+            let fast = parse_datetime(text, &auto, &zone).expect("fast");
+            let slow = parse_datetime(text, &strict, &zone)
+                .or_else(|| parse_datetime(text, &["%Y-%m-%d %H:%M:%S%.f".to_string()], &zone))
+                .expect("slow");
+            assert_eq!(fast, slow, "{text}");
+        }
+        for bad in ["2023-02-30", "2023-10-01 25:00:00", "2023-10-01 10:00:00.", "2023-10-01x10:00:00", "2023-1-01"] {
+            assert!(parse_jushuitan(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

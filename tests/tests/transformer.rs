@@ -1,0 +1,125 @@
+//! The transformer against a real broker: records go out confirmed, an invalid order is
+//! dead-lettered with a reason naming the field and value while the rest of its page goes
+//! through, poison pages are dead-lettered with their reason; and `check-mapping` works offline.
+
+use std::{process::Command, time::Duration};
+
+use clap::Parser;
+use orderflow_shared::{
+    amqp::{Stage, Topology, topology::PAGE_ROUTING_KEY},
+    messages::header,
+};
+use orderflow_tests::*;
+use serde_json::json;
+
+fn order(o_id: i64, io_date: &str) -> serde_json::Value {
+    json!({"o_id": o_id, "ts": 1000 + o_id, "io_date": io_date, "receiver_name": "张三", "items": [{"sku_id": "A", "qty": 2, "sale_price": 50.25}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_order_is_dead_lettered_with_its_reason_and_the_rest_of_the_page_goes_through() -> anyhow::Result<()> {
+    let ns = unique_ns("transformer");
+    let broker = broker_args(&ns).await;
+    let config = transformer::Config::parse_from([
+        "transformer",
+        "--ns",
+        &ns,
+        "--amqp-url",
+        &broker.amqp_url,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let (stop, handle) = spawn_service(|token| Box::pin(transformer::run(config, token)));
+    let connection = orderflow_shared::amqp::connect(&broker, "test").await?;
+    let topology = Topology::new(ns.clone());
+    topology.declare(&connection.create_channel().await?).await?;
+
+    let page = json!({"schema": "orderflow.page.v1", "account": "acme", "cursor": {}, "fetched_at": "2023-10-01T10:00:00+08:00",
+        "orders": [order(1, "2023-10-01 10:00:00"), order(2, "31/12/2023"), order(3, "2023-10-02 08:00:00.250")]});
+    publish(&connection, &topology.pages_exchange(), PAGE_ROUTING_KEY, "page-1", &serde_json::to_vec(&page)?).await?;
+    publish(&connection, &topology.pages_exchange(), PAGE_ROUTING_KEY, "page-2", b"{not json").await?;
+    publish(
+        &connection,
+        &topology.pages_exchange(),
+        PAGE_ROUTING_KEY,
+        "page-3",
+        br#"{"schema":"orderflow.page.v7","orders":[]}"#,
+    )
+    .await?;
+
+    let records = take(&connection, &topology.records_queue(), 2, Duration::from_secs(30)).await?;
+    let mut ids: Vec<String> =
+        records.iter().map(|r| r.json()["id"].as_str().unwrap_or_default().to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["1", "3"]);
+    assert_eq!(records[0].properties.message_id().as_ref().map(|s| s.as_str().starts_with("acme:")), Some(true));
+    assert!(records.iter().all(|r| r.header(header::TRACEPARENT).is_some()));
+
+    let dead = take(&connection, &topology.dead_queue(Stage::Transformer), 3, Duration::from_secs(30)).await?;
+    let by_reason = |reason: &str| dead.iter().find(|d| d.header(header::REASON).as_deref() == Some(reason)).cloned();
+    let invalid = by_reason("invalid_record").expect("the bad order is dead-lettered");
+    let error = invalid.header(header::ERROR).unwrap_or_default();
+    assert!(error.contains("io_date") && error.contains("31/12/2023"), "{error}");
+    assert_eq!(invalid.header(header::ERROR_CLASS).as_deref(), Some("permanent"));
+    assert_eq!(invalid.header(header::ORIGIN_EXCHANGE), Some(topology.pages_exchange()));
+    assert_eq!(invalid.json()["orders"][0]["o_id"], 2, "the dead letter is a one-order page");
+    assert!(by_reason("poison_page").is_some_and(|d| d.body == b"{not json"));
+    assert!(
+        by_reason("unknown_schema")
+            .is_some_and(|d| d.header(header::ERROR).unwrap_or_default().contains("orderflow.page.v7"))
+    );
+
+    stop.cancel();
+    handle.await??;
+    orderflow_cli::broker::delete_namespace(&connection, &topology, &[]).await?;
+    Ok(())
+}
+
+fn transformer_bin() -> std::path::PathBuf {
+    ensure_binaries();
+    orderflow_cli::stack::default_bin_dir().join("transformer")
+}
+
+fn repo(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_mapping_prints_the_mapped_sample_without_a_broker() {
+    let examples = repo("services/transformer/tests/data/seed-mapping-examples.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(examples).expect("fixture")).expect("json");
+    let input = std::env::temp_dir().join(format!("check-mapping-input-{}.json", std::process::id()));
+    std::fs::write(&input, fixture["examples"][0]["input"].to_string()).expect("write");
+    let out = Command::new(transformer_bin())
+        .args([
+            "check-mapping",
+            &repo("services/transformer/mappings/examples/rename-reformat-recompute.json"),
+            "--input",
+        ])
+        .arg(&input)
+        .env_remove("AMQP_URL")
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["results"][0]["data"], fixture["examples"][0]["output"]);
+
+    let out = Command::new(transformer_bin())
+        .args(["check-mapping", &repo("services/transformer/mappings/jushuitan-default.json")])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("items_detail"));
+}
+
+#[test]
+fn check_mapping_names_the_broken_rule() {
+    let bad = std::env::temp_dir().join(format!("bad-mapping-{}.json", std::process::id()));
+    std::fs::write(&bad, r#"{"fields": [{"to": "id", "from": "o_id"}, {"to": "amount", "sum": {"over": "items"}}]}"#)
+        .expect("write");
+    let out = Command::new(transformer_bin()).arg("check-mapping").arg(&bad).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fields[1]") && err.contains("amount"), "{err}");
+}
