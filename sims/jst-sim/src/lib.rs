@@ -317,6 +317,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if sim.merchants.len() > 3 {
         println!("  … {} more merchants: GET /admin/accounts lists them all", sim.merchants.len() - 3);
     }
+    serve(listener, sim, shutdown).await
+}
+
+/// Serves `sim` on `listener` (and runs its churn) until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    sim: Arc<Sim>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let ticker = {
         let sim = sim.clone();
         let shutdown = shutdown.clone();

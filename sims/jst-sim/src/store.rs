@@ -381,6 +381,69 @@ mod tests {
     }
 
     #[test]
+    fn the_same_seed_gives_the_same_merchant() {
+        let a = merchant(50);
+        let b = merchant(50);
+        let all = Query { start_ts: Some(0), page_index: 1, page_size: 100, ..Query::default() };
+        assert_eq!(a.query(&all).rows, b.query(&all).rows);
+    }
+
+    #[test]
+    fn shop_id_and_offline_filters_select_their_orders() {
+        let m = merchant(400);
+        let shop = m.shops[0].id;
+        let q = |shop_id: i64, offline: bool| Query {
+            shop_id: Some(shop_id),
+            is_offline_shop: offline,
+            start_ts: Some(0),
+            page_index: 1,
+            page_size: 500,
+            ..Query::default()
+        };
+        let rows: Vec<serde_json::Value> =
+            m.query(&q(shop, false)).rows.iter().map(|r| serde_json::from_str(r).expect("json")).collect();
+        assert!(!rows.is_empty());
+        assert!(rows.iter().all(|r| r["shop_id"] == shop));
+        let offline: Vec<serde_json::Value> =
+            m.query(&q(0, true)).rows.iter().map(|r| serde_json::from_str(r).expect("json")).collect();
+        assert!(!offline.is_empty(), "some seeded orders are offline-store documents");
+        assert!(offline.iter().all(|r| r["shop_id"] == 0));
+    }
+
+    #[test]
+    fn id_lists_select_exactly_those_orders() {
+        let m = merchant(100);
+        let o = m.order(5).expect("order").clone();
+        let by_o = Query { o_ids: Some(vec![o.o_id]), page_index: 1, page_size: 50, ..Query::default() };
+        let by_so = Query { so_ids: Some(vec![o.so_id.clone()]), page_index: 1, page_size: 50, ..Query::default() };
+        let by_io = Query { io_ids: Some(vec![o.io_id, -1]), page_index: 1, page_size: 50, ..Query::default() };
+        for q in [by_o, by_so, by_io] {
+            let rows = m.query(&q).rows;
+            assert_eq!(rows.len(), 1);
+            assert!(rows[0].contains(&format!("\"o_id\":{}", o.o_id)));
+        }
+    }
+
+    #[test]
+    fn date_type_2_windows_on_io_date() {
+        let mut m = merchant(50);
+        let later = Timestamp::from_second(1_700_000_500).expect("valid");
+        m.update(3, None, later);
+        let io_date = m.order(3).expect("order").io_date.as_millisecond();
+        let q = |date_type| Query {
+            date_type,
+            window: Some((io_date, io_date)),
+            page_index: 1,
+            page_size: 50,
+            ..Query::default()
+        };
+        assert_eq!(m.query(&q(2)).rows.len(), 1, "io_date did not change with modified");
+        assert!(
+            m.query(&q(0)).rows.iter().all(|r| !r.contains(&format!("\"o_id\":{}", m.order(3).expect("order").o_id)))
+        );
+    }
+
+    #[test]
     fn modified_windows_are_ordered_by_modified_then_io_id() {
         let m = merchant(100);
         let q = Query { window: Some((0, i64::MAX)), page_index: 2, page_size: 30, ..Query::default() };
