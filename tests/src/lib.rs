@@ -233,3 +233,143 @@ where
     let handle = tokio::spawn(run(token.clone()));
     (token, handle)
 }
+
+/// Collects every page the fetchers publish (a stand-in for the transformer in fetcher tests):
+/// the set of `(account, o_id)` seen, the number of pages and orders.
+#[derive(Default, Debug, Clone)]
+pub struct Collected {
+    pub ids: std::collections::HashSet<(String, i64)>,
+    pub pages: u64,
+    pub orders: u64,
+}
+
+pub struct PageCollector {
+    pub state: std::sync::Arc<std::sync::Mutex<Collected>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl PageCollector {
+    /// Starts consuming `<ns>.pages` (declaring the topology first).
+    pub async fn start(ns: &str) -> anyhow::Result<PageCollector> {
+        use futures_util::StreamExt;
+        use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+        let broker = broker_args(ns).await;
+        let connection = orderflow_shared::amqp::connect(&broker, "test-collector").await?;
+        let topology = orderflow_shared::amqp::Topology::new(ns.to_string());
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await?;
+        channel.basic_qos(200, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                topology.pages_queue().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Collected::default()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (s, token) = (state.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = token.cancelled() => break,
+                    n = consumer.next() => n,
+                };
+                let Some(delivery) = next else { break };
+                let delivery = delivery?;
+                let page: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+                let account = page["account"].as_str().unwrap_or_default().to_string();
+                {
+                    let mut st = s.lock().unwrap_or_else(|e| e.into_inner());
+                    st.pages += 1;
+                    for order in page["orders"].as_array().cloned().unwrap_or_default() {
+                        st.orders += 1;
+                        if let Some(id) = order["o_id"].as_i64() {
+                            st.ids.insert((account.clone(), id));
+                        }
+                    }
+                }
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            let _ = connection.close(200, "bye".into()).await;
+            anyhow::Ok(())
+        });
+        Ok(PageCollector { state, stop, task })
+    }
+
+    pub fn snapshot(&self) -> Collected {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub async fn stop(self) -> anyhow::Result<Collected> {
+        let PageCollector { state, stop, task } = self;
+        stop.cancel();
+        task.await??;
+        let collected = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(collected)
+    }
+}
+
+/// Every order jst-sim reports Confirmed, as `(account, o_id)`.
+pub async fn truth_pairs(stack: &Stack) -> anyhow::Result<std::collections::HashSet<(String, i64)>> {
+    let truth = stack.get_json(&format!("{}/admin/truth?ids_only=true", stack.jst_url)).await?;
+    let mut out = std::collections::HashSet::new();
+    for account in truth["accounts"].as_array().cloned().unwrap_or_default() {
+        let name = account["account"].as_str().unwrap_or_default().to_string();
+        for id in account["confirmed_ids"].as_array().cloned().unwrap_or_default() {
+            if let Some(id) = id.as_i64() {
+                out.insert((name.clone(), id));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until every Confirmed order has been published in a page (and stays so for two polls).
+pub async fn wait_all_published(stack: &Stack, collector: &PageCollector, timeout: Duration) -> anyhow::Result<usize> {
+    let start = Instant::now();
+    let mut streak = 0;
+    let mut missing_last = usize::MAX;
+    while start.elapsed() < timeout {
+        let truth = truth_pairs(stack).await?;
+        let seen = collector.snapshot();
+        let missing = truth.iter().filter(|p| !seen.ids.contains(*p)).count();
+        if missing == 0 && !truth.is_empty() {
+            streak += 1;
+            if streak >= 2 {
+                return Ok(truth.len());
+            }
+        } else {
+            streak = 0;
+        }
+        missing_last = missing;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("after {timeout:?}, {missing_last} Confirmed orders were never published")
+}
+
+/// jst-sim's `/admin/stats` for one merchant.
+pub async fn sim_stats(stack: &Stack, account: &str) -> anyhow::Result<serde_json::Value> {
+    let stats = stack.get_json(&format!("{}/admin/stats", stack.jst_url)).await?;
+    Ok(stats["accounts"][account].clone())
+}
+
+/// Scrapes one replica's `/metrics` and sums the samples of a metric family (optionally those
+/// whose labels contain `label`, e.g. `account="m1"`).
+pub async fn metric(proc_admin: std::net::SocketAddr, name: &str, label: Option<&str>) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("http://{proc_admin}/metrics")).await?.text().await?;
+    let mut sum = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let family = key.split('{').next().unwrap_or("");
+        if family == name && label.is_none_or(|l| key.contains(l)) {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    Ok(sum)
+}

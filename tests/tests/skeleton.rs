@@ -93,6 +93,22 @@ fn a_missing_required_setting_exits_non_zero_naming_it() {
     let (code, err) = run_without("transformer", &[], &[("MAPPING_FILE", "/nonexistent/mapping.json")]);
     assert_ne!(code, 0);
     assert!(err.contains("MAPPING_FILE"), "{err}");
+    let bad_config = std::env::temp_dir().join(format!("bad-request-config-{}.json", std::process::id()));
+    std::fs::write(&bad_config, r#"{"api":"orders.out.simple.query","pagination":{"pageSize":"many"},"request":[]}"#)
+        .expect("write");
+    let (code, err) = run_without(
+        "fetcher",
+        &["ORDERFLOW_ACCOUNTS"],
+        &[
+            ("JST_BASE_URL", "http://127.0.0.1:1"),
+            ("JST_APP_KEY", "k"),
+            ("JST_APP_SECRET", "s"),
+            ("JST_ACCESS_TOKEN", "t"),
+            ("JST_REQUEST_CONFIG", bad_config.to_str().expect("path")),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("pagination.pageSize"), "{err}");
     let (code, err) = run_without("fetcher", &[], &[("ORDERFLOW_NS", "bad ns!")]);
     assert_ne!(code, 0);
     assert!(err.contains("ns") || err.contains("ORDERFLOW_NS"), "{err}");

@@ -89,6 +89,9 @@ pub struct Config {
     /// Modified windows close this long before now, so late commits land inside a later window.
     #[arg(long, env = "FETCH_WINDOW_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub window_delay: Duration,
+    /// Each modified window starts this long before the last one ended (clock skew, slow commits).
+    #[arg(long, env = "FETCH_WINDOW_OVERLAP", default_value = "60s", value_parser = parse_duration)]
+    pub window_overlap: Duration,
 }
 
 fn required(value: &Option<String>, name: &str, why: &str) -> Result<String, String> {

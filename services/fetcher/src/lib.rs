@@ -109,7 +109,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_pages: config.pass_pages.max(1),
         max_time: config.pass_time,
         window_delay: config.window_delay,
-        window_overlap: config.window_delay.max(Duration::from_secs(60)),
+        window_overlap: config.window_overlap,
     };
     let shared = Arc::new(Shared {
         topology: Topology::new(config.broker.ns.clone()),
@@ -242,7 +242,14 @@ impl AccountWorker {
             self.shared.held.fetch_add(1, Ordering::SeqCst);
             self.shared.metrics.held.inc();
             tracing::info!(message = "Holding account.", account = %name);
-            let outcome = self.hold(lease).await;
+            // The previous holder may have called a moment ago: leave one call's spacing first,
+            // so a handover never puts two calls closer than the budget allows.
+            let outcome = if self.sleep(self.runtime.budget.spacing * 2).await {
+                self.hold(lease).await
+            } else {
+                lease.release().await;
+                Ok(Holding::Shutdown)
+            };
             self.shared.held.fetch_sub(1, Ordering::SeqCst);
             self.shared.metrics.held.dec();
             match outcome? {

@@ -60,6 +60,8 @@ pub struct StackOptions {
     pub env: Vec<(String, String)>,
     /// Per-account request config (a file path) for every account, if not the default.
     pub request_config: Option<PathBuf>,
+    /// Use jst-sim's legacy API generation for every account.
+    pub legacy: bool,
     pub log_dir: PathBuf,
 }
 
@@ -80,6 +82,7 @@ impl StackOptions {
             target_args: Vec::new(),
             env: Vec::new(),
             request_config: None,
+            legacy: false,
             log_dir: log_dir.to_path_buf(),
         }
     }
@@ -191,11 +194,19 @@ impl Stack {
             .context("accounts list")?
             .iter()
             .map(|a| {
-                let mut entry = json!({
-                    "name": a["account"], "base_url": jst_url, "app_key": a["app_key"], "app_secret": a["app_secret"],
-                    "access_token": a["access_token"], "refresh_token": a["refresh_token"],
-                    "rate_per_sec": options.rate_per_sec, "rate_per_min": options.rate_per_min,
-                });
+                let mut entry = if options.legacy {
+                    json!({
+                        "name": a["account"], "base_url": jst_url, "api": "legacy",
+                        "partner_id": a["partner_id"], "partner_key": a["partner_key"], "token": a["token"],
+                    })
+                } else {
+                    json!({
+                        "name": a["account"], "base_url": jst_url, "app_key": a["app_key"], "app_secret": a["app_secret"],
+                        "access_token": a["access_token"], "refresh_token": a["refresh_token"],
+                    })
+                };
+                entry["rate_per_sec"] = json!(options.rate_per_sec);
+                entry["rate_per_min"] = json!(options.rate_per_min);
                 if let Some(path) = &options.request_config {
                     entry["request_config"] = json!(path.display().to_string());
                 }

@@ -240,9 +240,12 @@ impl Coerce {
                 Value::Number(n) => n.to_string(),
                 other => other.to_string(),
             })),
+            // An exact JSON number is kept as it is (its text is already exact).
+            (Coerce::Number, Value::Number(n)) if decimal_text(n.as_str()).is_some() => Ok(Value::Number(n)),
             (Coerce::Number, v) => {
                 decimal(&v).map(decimal_value).ok_or_else(|| format!("{} is not a number", show(&v)))
             }
+            (Coerce::Integer, Value::Number(n)) if is_plain_integer(n.as_str()) => Ok(Value::Number(n)),
             (Coerce::Integer, v) => {
                 let d = decimal(&v).ok_or_else(|| format!("{} is not an integer", show(&v)))?;
                 if d.fract() != Decimal::ZERO {
