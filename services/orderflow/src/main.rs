@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use orderflow_cli::{demo, topology_cmd};
+use orderflow_cli::{bench, demo, topology_cmd};
 use orderflow_shared::{
     amqp::Topology,
     settings::{BrokerArgs, LogArgs},
@@ -35,6 +35,8 @@ enum Command {
     },
     /// Run the whole pipeline locally (simulators + every stage) against AMQP_URL until synced.
     Demo(demo::DemoArgs),
+    /// Measure speed on this machine (see the README's benchmark table).
+    Bench(bench::BenchArgs),
     /// Exit 0 when an HTTP URL answers 2xx (container healthchecks; no curl in the image).
     #[command(hide = true)]
     Probe { url: String },
@@ -48,6 +50,9 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Topology { declare, json, retry_tiers } => topology(&cli.broker, declare, json, &retry_tiers).await,
         Command::Probe { url } => probe(&url).await,
+        Command::Bench(args) => {
+            bench::run(args, cli.broker.clone()).await.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Demo(args) => {
             demo::run(args, cli.broker.clone()).await.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }

@@ -120,14 +120,14 @@ pub fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-async fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+pub async fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
     let file = std::fs::File::create(log).with_context(|| format!("log file {}", log.display()))?;
     cmd.stdout(Stdio::from(file.try_clone()?)).stderr(Stdio::from(file)).stdin(Stdio::null()).kill_on_drop(true);
     cmd.spawn().with_context(|| format!("starting {:?}", cmd.as_std().get_program()))
 }
 
 /// Starts a simulator with `--listen 127.0.0.1:0` and reads its URL from the first stdout line.
-async fn spawn_sim(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<(Child, String)> {
+pub async fn spawn_sim(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<(Child, String)> {
     let mut cmd = Command::new(bin);
     cmd.args(["--listen", "127.0.0.1:0"]).args(args).env("LOG_FORMAT", "json");
     let file = std::fs::File::create(log).with_context(|| format!("log file {}", log.display()))?;

@@ -1,0 +1,197 @@
+//! `orderflow bench`: measured speed on this machine, reproducible from a clean clone.
+//!
+//! `writer` — one writer against target-sim with a fixed latency: records are preloaded into
+//! `<ns>.records`, then a writer process drains them; writes/s from the first to the last write,
+//! compared with the ceiling concurrency ÷ latency (and the source documents' 10 threads).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use lapin::types::FieldTable;
+use orderflow_shared::{
+    amqp::{
+        Publisher, Topology,
+        headers::{json_properties, set_i64},
+        topology::RECORD_ROUTING_KEY,
+    },
+    messages::{RECORD_SCHEMA, Record, header, now_ms},
+    settings::BrokerArgs,
+};
+use serde_json::{Value, json};
+use tokio::process::Command;
+
+use crate::{
+    broker::delete_namespace,
+    stack::{default_bin_dir, free_addr, spawn_logged, spawn_sim},
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+    /// Print one JSON object per measurement on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Where the binaries are (default: next to this executable).
+    #[arg(long, global = true)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Scenario {
+    /// One writer against a target with fixed latency, at concurrency C (and at 10 for comparison).
+    Writer {
+        /// Records to write per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        records: u64,
+        /// Writer concurrency (WRITER_CONCURRENCY).
+        #[arg(long, default_value_t = 64)]
+        concurrency: u16,
+        /// Target latency per write, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        latency_ms: u64,
+        /// Also measure at this concurrency (the source documents write with 10 threads); 0 skips it.
+        #[arg(long, default_value_t = 10)]
+        compare: u16,
+    },
+}
+
+pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(default_bin_dir);
+    match args.scenario {
+        Scenario::Writer { records, concurrency, latency_ms, compare } => {
+            let mut all_ok = true;
+            let mut runs = vec![concurrency];
+            if compare > 0 && compare != concurrency {
+                runs.push(compare);
+            }
+            for c in runs {
+                let result = writer_bound(&bin_dir, &broker, records, c, latency_ms).await?;
+                let ceiling = f64::from(c) * 1000.0 / latency_ms as f64;
+                let ratio = result / ceiling;
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({"scenario": "writer", "records": records, "concurrency": c, "latency_ms": latency_ms, "writes_per_sec": result.round(), "ceiling_per_sec": ceiling.round(), "ratio": (ratio * 1000.0).round() / 1000.0})
+                    );
+                }
+                eprintln!(
+                    "writer-bound: concurrency {c:>3}, latency {latency_ms} ms: {result:>7.0} writes/s = {:.1}% of concurrency ÷ latency ({ceiling:.0}/s)",
+                    ratio * 100.0
+                );
+                if c == concurrency && ratio < 0.9 {
+                    all_ok = false;
+                }
+            }
+            Ok(all_ok)
+        }
+    }
+}
+
+fn bench_record(i: u64) -> Record {
+    let id = (900_000_000 + i).to_string();
+    Record {
+        schema: RECORD_SCHEMA.to_string(),
+        account: "bench".into(),
+        id: id.clone(),
+        version: "1".into(),
+        data: json!({
+            "id": id, "name": "张**", "date": "20231001", "amount": orderflow_shared::json::number("150.75"),
+            "items_detail": [{"product_id": "SKU10001", "qty": 2, "unit_price": orderflow_shared::json::number("50.25")},
+                             {"product_id": "SKU10002", "qty": 1, "unit_price": orderflow_shared::json::number("50.25")}],
+            "shop_id": "100001", "so_id": format!("SO{i}"), "io_id": id, "modified": "2023-10-01T09:30:00.123+08:00",
+        }),
+    }
+}
+
+/// Publishes `records` bench records into the records queue (confirmed, pipelined).
+async fn preload(publisher: &Publisher, topology: &Topology, records: u64) -> anyhow::Result<()> {
+    let exchange = topology.records_exchange();
+    let mut inflight = FuturesUnordered::new();
+    for i in 0..records {
+        let record = bench_record(i);
+        let body = serde_json::to_vec(&record)?;
+        let mut headers = FieldTable::default();
+        set_i64(&mut headers, header::ATTEMPT, 0);
+        set_i64(&mut headers, header::FETCHED_AT_MS, now_ms());
+        let props = json_properties(&record.message_id(), headers);
+        let (p, e) = (publisher.clone(), exchange.clone());
+        inflight.push(async move { p.publish(&e, RECORD_ROUTING_KEY, &body, props).await });
+        while inflight.len() >= 256 {
+            inflight.next().await.context("publish")??;
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn writer_bound(
+    bin_dir: &std::path::Path,
+    broker: &BrokerArgs,
+    records: u64,
+    concurrency: u16,
+    latency_ms: u64,
+) -> anyhow::Result<f64> {
+    orderflow_shared::init_process();
+    let ns = format!("bench-w-{}-{concurrency}", jiff::Timestamp::now().as_millisecond());
+    let log_dir = std::env::temp_dir().join(format!("orderflow-{ns}"));
+    std::fs::create_dir_all(&log_dir)?;
+    let mut broker = broker.clone();
+    broker.ns = ns.clone();
+    let connection = orderflow_shared::amqp::connect(&broker, "orderflow-bench").await?;
+    let topology = Topology::new(ns.clone());
+    topology.declare(&connection.create_channel().await?).await?;
+    let (mut target, target_url) = spawn_sim(
+        &bin_dir.join("target-sim"),
+        &["--latency-ms".into(), latency_ms.to_string()],
+        &log_dir.join("target-sim.log"),
+    )
+    .await?;
+    let publisher = Publisher::open(&connection).await?;
+    preload(&publisher, &topology, records).await?;
+    let mut cmd = Command::new(bin_dir.join("writer"));
+    cmd.env("AMQP_URL", &broker.amqp_url)
+        .env("ORDERFLOW_NS", &ns)
+        .env("ADMIN_ADDR", free_addr()?.to_string())
+        .env("TARGET_URL", format!("{target_url}/data/write"))
+        .env("WRITER_CONCURRENCY", concurrency.to_string())
+        .env("LOG_FORMAT", "json");
+    let mut writer = spawn_logged(&mut cmd, &log_dir.join("writer.log")).await?;
+    let http = reqwest::Client::new();
+    let written = |http: reqwest::Client, url: String| async move {
+        let v: Value = http.get(format!("{url}/admin/stats")).send().await?.json().await?;
+        anyhow::Ok(v["stats"]["written"].as_u64().unwrap_or(0))
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first: Option<(Instant, u64)> = None;
+    let last;
+    loop {
+        let n = written(http.clone(), target_url.clone()).await?;
+        let now = Instant::now();
+        if first.is_none() && n > 0 {
+            first = Some((now, n));
+        }
+        if n >= records {
+            last = (now, n);
+            break;
+        }
+        anyhow::ensure!(now < deadline, "the writer did not finish within 10 minutes ({n} of {records})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (t0, n0) = first.unwrap_or(last);
+    let rate = (last.1 - n0) as f64 / last.0.duration_since(t0).as_secs_f64().max(0.001);
+    let _ = writer.start_kill();
+    let _ = writer.wait().await;
+    let _ = target.start_kill();
+    let _ = target.wait().await;
+    delete_namespace(&connection, &topology, &[]).await?;
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(rate)
+}

@@ -1,0 +1,166 @@
+//! The writer against target-sim: retries through the tiers until everything is written under
+//! 5xx and 429, waits out a 60 s outage behind its breaker without dead letters, dead-letters a
+//! permanent reject on its first attempt with the reason, and loses nothing on kill -9 or SIGTERM.
+
+use std::time::Duration;
+
+use orderflow_shared::{
+    amqp::{Stage, Topology},
+    messages::header,
+};
+use orderflow_tests::*;
+use serde_json::json;
+
+fn pipeline(ns: &str, amqp_url: &str, orders: u64) -> StackOptions {
+    let mut o = StackOptions::new(amqp_url, ns, &log_dir(ns));
+    o.orders = orders;
+    o.env = vec![("FETCH_INTERVAL".into(), "1s".into()), ("RETRY_TIERS".into(), "200ms,500ms,1s,2s".into())];
+    o
+}
+
+async fn dead_count(ns: &str, stage: Stage) -> anyhow::Result<u32> {
+    let connection = orderflow_shared::amqp::connect(&broker_args(ns).await, "test").await?;
+    let q = orderflow_cli::broker::queue_state(&connection, &Topology::new(ns.to_string()).dead_queue(stage)).await?;
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(q.map(|q| q.messages).unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_is_written_through_20_percent_5xx_and_5_percent_429() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-faults");
+    let mut options = pipeline(&ns, &broker_url().await, 3000);
+    options.target_args =
+        ["--failure-rate", "0.2", "--throttle-rate", "0.05", "--retry-after", "1"].map(String::from).to_vec();
+    // 25% transient failures: the chance a record fails 12 times in a row is 6e-8 (with the default
+    // 8 it would be 1.5e-5 per record, a flaky test over thousands).
+    options.env.push(("WRITER_MAX_ATTEMPTS".into(), "12".into()));
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        wait_synced(&stack, Duration::from_secs(180)).await?;
+        let stats = stack.target_stats().await?;
+        assert!(stats["stats"]["failures_injected"].as_u64().unwrap_or(0) > 200, "{stats}");
+        assert!(stats["stats"]["throttled"].as_u64().unwrap_or(0) > 50, "{stats}");
+        assert_eq!(dead_count(&ns, Stage::Writer).await?, 0, "nothing dead-lettered");
+        let writer = stack.replicas(Role::Writer)[0].admin.expect("admin");
+        assert!(metric(writer, "orderflow_write_retries_total", None).await? > 200.0);
+        assert_eq!(
+            metric(writer, "orderflow_write_breaker_transitions_total", Some("open")).await?,
+            0.0,
+            "scattered failures keep the breaker closed"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_60_second_outage_dead_letters_nothing_and_the_breaker_opens_and_closes() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-outage");
+    let mut options = pipeline(&ns, &broker_url().await, 3000);
+    options.rate_per_sec = 5;
+    options.rate_per_min = 300;
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        wait_for("the first writes", Duration::from_secs(60), Duration::from_millis(100), || async {
+            let n = stack.written_ids().await?.len();
+            Ok(if n >= 100 { Ok(()) } else { Err(format!("{n} written")) })
+        })
+        .await?;
+        stack.target_faults(&json!({"outage_secs": 60})).await?;
+        let writer = stack.replicas(Role::Writer)[0].admin.expect("admin");
+        wait_for("the breaker to open", Duration::from_secs(30), Duration::from_millis(200), || async move {
+            let open = metric(writer, "orderflow_write_breaker_state", None).await?;
+            Ok(if open >= 1.0 { Ok(()) } else { Err(format!("state {open}")) })
+        })
+        .await?;
+        let synced = wait_synced(&stack, Duration::from_secs(240)).await?;
+        assert_eq!(dead_count(&ns, Stage::Writer).await?, 0, "no dead letters after a 60 s outage");
+        assert!(metric(writer, "orderflow_write_breaker_transitions_total", Some("to=\"open\"")).await? >= 1.0);
+        assert!(metric(writer, "orderflow_write_breaker_transitions_total", Some("to=\"closed\"")).await? >= 1.0);
+        assert_eq!(metric(writer, "orderflow_write_breaker_state", None).await?, 0.0, "closed again");
+        assert!(metric(writer, "orderflow_write_held_during_outage_total", None).await? > 0.0);
+        let refusals = stack.target_stats().await?["stats"]["outage_refusals"].as_u64().unwrap_or(0);
+        assert!(refusals < 2_000, "the breaker kept the writer from hammering the target: {refusals} refused writes");
+        eprintln!("outage: {} orders written, {refusals} writes refused during 60 s", synced.written_confirmed);
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanently_rejected_records_are_dead_lettered_on_their_first_attempt_with_the_reason() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-reject");
+    let mut options = pipeline(&ns, &broker_url().await, 2000);
+    options.target_args = ["--reject-ids", "*7"].map(String::from).to_vec();
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        let confirmed = stack.confirmed_ids().await?;
+        let rejected: usize = confirmed.iter().filter(|id| id.ends_with('7')).count();
+        let others: std::collections::HashSet<String> =
+            confirmed.iter().filter(|id| !id.ends_with('7')).cloned().collect();
+        wait_for("all other records written", Duration::from_secs(120), Duration::from_millis(300), || async {
+            let written = stack.written_ids().await?;
+            Ok(if written == others { Ok(()) } else { Err(format!("{} of {} written", written.len(), others.len())) })
+        })
+        .await?;
+        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        let dead =
+            take(&connection, &Topology::new(ns.clone()).dead_queue(Stage::Writer), rejected, Duration::from_secs(30))
+                .await?;
+        for d in &dead {
+            assert_eq!(d.header(header::REASON).as_deref(), Some("target_rejected"));
+            assert_eq!(d.header(header::ERROR_CLASS).as_deref(), Some("permanent"));
+            assert!(d.header(header::ERROR).unwrap_or_default().contains("422"));
+            assert_eq!(d.header(header::ATTEMPT).as_deref(), Some("0"), "dead-lettered on the first attempt");
+            assert!(d.json()["id"].as_str().is_some_and(|id| id.ends_with('7')));
+        }
+        let stats = stack.target_stats().await?;
+        assert_eq!(stats["stats"]["rejected_by_rule"].as_u64(), Some(rejected as u64), "each rejected once: {stats}");
+        let _ = connection.close(200, "bye".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_sigterm_of_writers_with_writes_in_flight_lose_nothing() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-kill");
+    let mut options = pipeline(&ns, &broker_url().await, 4000);
+    options.writers = 2;
+    options.target_args = ["--latency-ms", "150"].map(String::from).to_vec();
+    let mut stack = Stack::start(options).await?;
+    let outcome = async {
+        wait_for("writes in flight", Duration::from_secs(60), Duration::from_millis(100), || async {
+            let n = stack.written_ids().await?.len();
+            Ok(if n >= 300 { Ok(()) } else { Err(format!("{n} written")) })
+        })
+        .await?;
+        stack.kill9(Role::Writer, 0).await?;
+        let proc = stack.proc_mut(Role::Writer, 1).expect("writer 1");
+        let status = Stack::terminate(proc, Duration::from_secs(30)).await;
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGTERM finishes in-flight writes and exits 0");
+        stack.spawn_stage(Role::Writer, 0).await?;
+        stack.spawn_stage(Role::Writer, 1).await?;
+        let p = wait_synced(&stack, Duration::from_secs(180)).await?;
+        assert_eq!(dead_count(&ns, Stage::Writer).await?, 0);
+        let stats = stack.target_stats().await?;
+        eprintln!(
+            "after kill -9 and SIGTERM: {} written, {} duplicates suppressed by idCheck",
+            p.written_confirmed, stats["stats"]["duplicates_suppressed"]
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
