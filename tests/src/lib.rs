@@ -187,11 +187,21 @@ pub async fn take(
     timeout: Duration,
 ) -> anyhow::Result<Vec<Got>> {
     use lapin::options::{BasicAckOptions, BasicGetOptions};
-    let channel = connection.create_channel().await?;
+    let mut channel = connection.create_channel().await?;
     let start = Instant::now();
     let mut out = Vec::new();
     while out.len() < count {
-        match channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await? {
+        let got = match channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
+            Ok(got) => got,
+            // The services may not have declared the queue yet.
+            Err(e) if orderflow_shared::amqp::is_not_found(&e) && start.elapsed() < timeout => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                channel = connection.create_channel().await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match got {
             Some(message) => {
                 let d = message.delivery;
                 channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;

@@ -164,3 +164,39 @@ async fn kill_9_and_sigterm_of_writers_with_writes_in_flight_lose_nothing() -> a
     teardown(stack).await;
     outcome
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_keeps_failing_is_dead_lettered_as_exhausted_after_its_attempts() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-exhaust");
+    let mut options = pipeline(&ns, &broker_url().await, 1000);
+    options.target_args = ["--fail-ids", "*3"].map(String::from).to_vec();
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        let confirmed = stack.confirmed_ids().await?;
+        let failing = confirmed.iter().filter(|id| id.ends_with('3')).count();
+        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        // Eight attempts through the 200ms..2s tiers take about ten seconds per record.
+        let dead =
+            take(&connection, &Topology::new(ns.clone()).dead_queue(Stage::Writer), failing, Duration::from_secs(120))
+                .await?;
+        for d in &dead {
+            assert_eq!(d.header(header::ERROR_CLASS).as_deref(), Some("exhausted"));
+            assert_eq!(d.header(header::REASON).as_deref(), Some("exhausted"));
+            let error = d.header(header::ERROR).unwrap_or_default();
+            assert!(error.contains("8 attempts") && error.contains("503"), "{error}");
+            assert_eq!(d.header(header::ATTEMPT).as_deref(), Some("7"), "the attempt count is our own header");
+            assert!(
+                d.properties.headers().as_ref().is_none_or(|h| !h.inner().contains_key("x-death")),
+                "no broker death history"
+            );
+        }
+        let written = stack.written_ids().await?;
+        assert_eq!(written.len(), confirmed.len() - failing, "every other record is written");
+        let _ = connection.close(200, "bye".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}

@@ -32,6 +32,7 @@ use orderflow_shared::{
     amqp::{Fatal, Publisher, Topology, supervise, topology::plain_quorum_queue},
     rng::Rng,
 };
+use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -331,6 +332,8 @@ impl AccountWorker {
                     self.shared.metrics.stopped.with_label_values(&[name]).set(1);
                     self.shared.readiness.set_failing(&format!("account:{name}"), reason.clone());
                     tracing::error!(message = "Account stopped on a permanent error.", account = name, reason = %reason);
+                    self.report(json!({"account": name, "seq": job.seq, "cursor": job.cursor, "stopped": reason}))
+                        .await;
                     *rt.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
                     continue;
                 }
@@ -345,7 +348,12 @@ impl AccountWorker {
             }
             let next = job.next(next_cursor, result.tokens.clone(), result.orders);
             lease.commit(&self.publisher, &next).await?;
-            self.observe_lag(&next.cursor);
+            let lag = self.observe_lag(&next.cursor);
+            self.report(json!({
+                "account": name, "seq": next.seq, "cursor": next.cursor, "caught_up": result.caught_up,
+                "lag_seconds": lag, "orders_total": next.orders_total, "pass_orders": result.orders,
+            }))
+            .await;
             let label = if result.caught_up { "caught_up" } else { "partial" };
             self.shared.metrics.passes.with_label_values(&[name, label]).inc();
             tracing::info!(
@@ -376,14 +384,28 @@ impl AccountWorker {
         }
     }
 
-    fn observe_lag(&self, cursor: &Cursor) {
+    /// Sets the lag metric; returns the lag in seconds when known.
+    fn observe_lag(&self, cursor: &Cursor) -> Option<f64> {
         let reference = match cursor.mode {
             CursorMode::Modified => cursor.synced_until(),
             CursorMode::StartTs => cursor.caught_up_at.as_deref().and_then(|s| s.parse::<Timestamp>().ok()),
         };
-        if let Some(at) = reference {
-            let lag = (Timestamp::now().as_millisecond() - at.as_millisecond()).max(0) as f64 / 1000.0;
-            self.shared.metrics.cursor_lag.with_label_values(&[&self.runtime.account.name]).set(lag);
+        let at = reference?;
+        let lag = (Timestamp::now().as_millisecond() - at.as_millisecond()).max(0) as f64 / 1000.0;
+        self.shared.metrics.cursor_lag.with_label_values(&[&self.runtime.account.name]).set(lag);
+        Some(lag)
+    }
+
+    /// Publishes the account's status for `orderflow status` (best effort: a failure is logged).
+    async fn report(&self, mut status: serde_json::Value) {
+        status["updated_at"] = json!(orderflow_shared::time::rfc3339_china(Timestamp::now()));
+        status["replica"] = json!(std::process::id());
+        let body = status.to_string().into_bytes();
+        let queue = self.shared.topology.fetch_status_queue();
+        let id = format!("status:{}:{}", self.runtime.account.name, status["seq"]);
+        let props = orderflow_shared::amqp::headers::json_properties(&id, lapin::types::FieldTable::default());
+        if let Err(error) = self.publisher.publish("", &queue, &body, props).await {
+            tracing::warn!(message = "Could not publish the account status.", account = %self.runtime.account.name, %error);
         }
     }
 }

@@ -111,8 +111,18 @@ impl Core {
         }
     }
 
-    /// Records a result; returns the new state when it changed.
-    pub fn record(&mut self, ok: bool, connection_failure: bool, probe: bool, now: Instant) -> Option<State> {
+    /// Records a result; returns the new state when it changed. `first_attempt`: a record's first
+    /// write. Only first attempts (and connection failures, which are never about one record) feed
+    /// the failure ratio: retried records are the ones already known to fail, so a handful of
+    /// records the target always refuses cannot make a healthy target look down.
+    pub fn record(
+        &mut self,
+        ok: bool,
+        connection_failure: bool,
+        probe: bool,
+        first_attempt: bool,
+        now: Instant,
+    ) -> Option<State> {
         let before = self.state;
         if probe || self.state == State::HalfOpen {
             if ok {
@@ -122,7 +132,7 @@ impl Core {
             }
             return (self.state != before).then_some(self.state);
         }
-        if self.state == State::Open {
+        if self.state == State::Open || !(first_attempt || connection_failure) {
             return None;
         }
         self.window.push_back(ok);
@@ -203,8 +213,8 @@ impl Breaker {
         }
     }
 
-    pub fn record(&self, ok: bool, connection_failure: bool, probe: bool) -> Option<State> {
-        let changed = self.lock().record(ok, connection_failure, probe, Instant::now());
+    pub fn record(&self, ok: bool, connection_failure: bool, probe: bool, first_attempt: bool) -> Option<State> {
+        let changed = self.lock().record(ok, connection_failure, probe, first_attempt, Instant::now());
         if changed.is_some() {
             self.changed.notify_waiters();
         }
@@ -233,7 +243,7 @@ mod tests {
         let mut b = Core::new(settings());
         let now = Instant::now();
         for i in 0..100 {
-            b.record(i % 4 != 0, false, false, now);
+            b.record(i % 4 != 0, false, false, true, now);
         }
         assert_eq!(b.state(), State::Closed);
     }
@@ -243,14 +253,14 @@ mod tests {
         let mut b = Core::new(settings());
         let t0 = Instant::now();
         for _ in 0..5 {
-            b.record(false, false, false, t0);
+            b.record(false, false, false, true, t0);
         }
         assert_eq!(b.state(), State::Open);
         assert!(matches!(b.permit(t0), Permit::WaitUntil(_)));
         let later = t0 + Duration::from_secs(2);
         assert_eq!(b.permit(later), Permit::Probe);
         assert_eq!(b.permit(later), Permit::WaitForProbe, "one probe at a time");
-        assert_eq!(b.record(true, false, true, later), Some(State::Closed));
+        assert_eq!(b.record(true, false, true, true, later), Some(State::Closed));
         assert_eq!(b.permit(later), Permit::Go);
     }
 
@@ -259,12 +269,12 @@ mod tests {
         let mut b = Core::new(settings());
         let t0 = Instant::now();
         for _ in 0..3 {
-            b.record(false, true, false, t0);
+            b.record(false, true, false, true, t0);
         }
         assert_eq!(b.state(), State::Open, "consecutive connection failures open it");
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(b.permit(t1), Permit::Probe);
-        b.record(false, true, true, t1);
+        b.record(false, true, true, true, t1);
         match b.permit(t1) {
             Permit::WaitUntil(at) => assert_eq!(at, t1 + Duration::from_secs(2)),
             other => panic!("expected a wait, got {other:?}"),
@@ -272,11 +282,25 @@ mod tests {
     }
 
     #[test]
+    fn retried_records_that_keep_failing_do_not_open_it() {
+        let mut b = Core::new(settings());
+        let now = Instant::now();
+        for _ in 0..100 {
+            b.record(false, false, false, false, now);
+        }
+        assert_eq!(b.state(), State::Closed, "only first attempts measure the target's health");
+        for _ in 0..5 {
+            b.record(false, false, false, true, now);
+        }
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
     fn a_lost_probe_is_replaced_after_its_timeout() {
         let mut b = Core::new(settings());
         let t0 = Instant::now();
         for _ in 0..3 {
-            b.record(false, true, false, t0);
+            b.record(false, true, false, true, t0);
         }
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(b.permit(t1), Permit::Probe);

@@ -306,7 +306,7 @@ async fn handle_record(
             WriteOutcome::Written | WriteOutcome::Permanent { .. } => (true, false),
             WriteOutcome::Transient { connection, .. } => (false, *connection),
         };
-        note_breaker(shared, shared.breaker.record(ok, connection, probe));
+        note_breaker(shared, shared.breaker.record(ok, connection, probe, attempts_before == 0));
         match outcome {
             WriteOutcome::Written => {
                 if let Some(fetched) = get_i64(&delivery.properties, header::FETCHED_AT_MS) {

@@ -23,6 +23,12 @@ pub const RECORD_ROUTING_KEY: &str = "record";
 /// High on purpose: `kill -9` of a consumer must not push healthy messages to the dead queue.
 pub const DELIVERY_LIMIT: i64 = 50;
 
+/// Effectively unlimited redeliveries for queues that are only browsed (dead letters, status).
+pub const TERMINAL_DELIVERY_LIMIT: i64 = 1_000_000;
+
+/// Fetch status messages kept (the newest win).
+pub const FETCH_STATUS_LENGTH: i64 = 1000;
+
 /// A stage that consumes a work queue and so has a dead queue of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -153,6 +159,10 @@ impl Topology {
     pub fn fetch_queue(&self, account: &str) -> String {
         format!("{}.fetch.{}", self.ns, account)
     }
+    /// Where fetchers report each committed pass (bounded; browsed by `orderflow status`).
+    pub fn fetch_status_queue(&self) -> String {
+        format!("{}.fetch.status", self.ns)
+    }
     /// A fetch account's lock: an exclusive queue owned by the one replica fetching it.
     pub fn fetch_lock(&self, account: &str) -> String {
         format!("{}.fetch.{}.lock", self.ns, account)
@@ -184,9 +194,24 @@ impl Topology {
             queues.push(QueueSpec {
                 name: self.dead_queue(stage),
                 role: "dead letters (terminal; replay with `orderflow dlq replay`)",
-                arguments: vec![("x-queue-type".into(), ArgValue::Text("quorum".into()))],
+                arguments: vec![
+                    ("x-queue-type".into(), ArgValue::Text("quorum".into())),
+                    // Peeking returns messages to the queue; newer brokers count that against a
+                    // default limit of 20. A dead letter must survive any number of looks.
+                    ("x-delivery-limit".into(), ArgValue::Int(TERMINAL_DELIVERY_LIMIT)),
+                ],
             });
         }
+        queues.push(QueueSpec {
+            name: self.fetch_status_queue(),
+            role: "fetch status: the latest pass of every account (for `orderflow status`)",
+            arguments: vec![
+                ("x-queue-type".into(), ArgValue::Text("quorum".into())),
+                ("x-max-length".into(), ArgValue::Int(FETCH_STATUS_LENGTH)),
+                ("x-overflow".into(), ArgValue::Text("drop-head".into())),
+                ("x-delivery-limit".into(), ArgValue::Int(TERMINAL_DELIVERY_LIMIT)),
+            ],
+        });
         for tier in &self.retry_tiers {
             queues.push(QueueSpec {
                 name: self.retry_queue(*tier),

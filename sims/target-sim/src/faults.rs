@@ -16,6 +16,8 @@ pub struct Faults {
     pub retry_after_secs: u64,
     /// Glob (`*` wildcard) of record ids rejected permanently.
     pub reject_ids: Option<String>,
+    /// Glob of record ids that always fail with 503 (a record that can never be written).
+    pub fail_ids: Option<String>,
     pub outage_until: Option<Instant>,
 }
 
@@ -30,6 +32,8 @@ pub struct FaultsUpdate {
     pub retry_after_secs: Option<u64>,
     /// A glob, or `""` to lift the rule.
     pub reject_ids: Option<String>,
+    /// A glob of ids that always get 503, or `""` to lift it.
+    pub fail_ids: Option<String>,
     /// Starts an outage of this many seconds now (0 ends a running one).
     pub outage_secs: Option<f64>,
 }
@@ -78,6 +82,9 @@ impl Faults {
         if let Some(v) = u.reject_ids {
             self.reject_ids = (!v.is_empty()).then_some(v);
         }
+        if let Some(v) = u.fail_ids {
+            self.fail_ids = (!v.is_empty()).then_some(v);
+        }
         if let Some(secs) = u.outage_secs {
             self.outage_until = (secs > 0.0).then(|| now + Duration::from_secs_f64(secs));
         }
@@ -106,6 +113,10 @@ impl Faults {
         self.reject_ids.as_deref().is_some_and(|pattern| glob_match(pattern, id))
     }
 
+    pub fn always_fails(&self, id: &str) -> bool {
+        self.fail_ids.as_deref().is_some_and(|pattern| glob_match(pattern, id))
+    }
+
     pub fn describe(&self, now: Instant) -> Value {
         json!({
             "latency_ms": self.latency_min_ms,
@@ -114,6 +125,7 @@ impl Faults {
             "throttle_rate": self.throttle_rate,
             "retry_after_secs": self.retry_after_secs,
             "reject_ids": self.reject_ids,
+            "fail_ids": self.fail_ids,
             "outage_remaining_secs": self.outage_until.map(|u| u.saturating_duration_since(now).as_secs_f64()).unwrap_or(0.0),
         })
     }

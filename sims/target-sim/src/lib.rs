@@ -54,6 +54,9 @@ pub struct Config {
     /// Reject (HTTP 422, permanent) every record whose id matches this glob (`*` wildcard).
     #[arg(long)]
     pub reject_ids: Option<String>,
+    /// Fail (HTTP 503, transient) every write of a record whose id matches this glob.
+    #[arg(long)]
+    pub fail_ids: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +111,7 @@ impl TargetSim {
             throttle_rate: config.throttle_rate,
             retry_after_secs: config.retry_after,
             reject_ids: config.reject_ids.clone(),
+            fail_ids: config.fail_ids.clone(),
             outage_until: None,
         };
         faults.validate()?;
@@ -191,6 +195,10 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
     };
     let mut guard = sim.lock();
     let state = &mut *guard;
+    if state.faults.always_fails(&id) {
+        state.stats.failures_injected += 1;
+        return failure(StatusCode::SERVICE_UNAVAILABLE, format!("record id {id} cannot be written now (injected)"));
+    }
     if state.faults.rejects(&id) {
         state.stats.rejected_by_rule += 1;
         return failure(StatusCode::UNPROCESSABLE_ENTITY, format!("record id {id} is rejected by the target's rule"));
