@@ -1,0 +1,221 @@
+//! The operator CLI: dead letters are inspected without being touched, replayed safely (dry run,
+//! reason filter, rate, no second replay, nothing lost when the connection drops mid-way),
+//! `status` reports stuck work with its exit code, and `demo` runs the whole pipeline.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use orderflow_shared::amqp::{Stage, Topology};
+use orderflow_tests::*;
+use serde_json::{Value, json};
+
+fn orderflow(ns: &str, amqp_url: &str, args: &[&str]) -> (i32, Value, String) {
+    ensure_binaries();
+    let out = Command::new(orderflow_cli::stack::default_bin_dir().join("orderflow"))
+        .args(args)
+        .env("AMQP_URL", amqp_url)
+        .env("ORDERFLOW_NS", ns)
+        .env("LOG_FORMAT", "json")
+        .output()
+        .expect("orderflow runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), json, format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+async fn dead(ns: &str) -> anyhow::Result<u32> {
+    let connection = orderflow_shared::amqp::connect(&broker_args(ns).await, "test").await?;
+    let q = orderflow_cli::broker::queue_state(&connection, &Topology::new(ns.to_string()).dead_queue(Stage::Writer))
+        .await?;
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(q.map(|q| q.messages).unwrap_or(0))
+}
+
+/// A pipeline whose target rejects every id ending in 7; returns the stack and how many were rejected.
+async fn poisoned(ns: &str) -> anyhow::Result<(Stack, usize)> {
+    let mut options = StackOptions::new(&broker_url().await, ns, &log_dir(ns));
+    options.orders = 2000;
+    options.env = vec![("FETCH_INTERVAL".into(), "1s".into())];
+    options.target_args = ["--reject-ids", "*7"].map(String::from).to_vec();
+    let stack = Stack::start(options).await?;
+    let confirmed = stack.confirmed_ids().await?;
+    let rejected = confirmed.iter().filter(|id| id.ends_with('7')).count();
+    let expected_written = confirmed.len() - rejected;
+    wait_for(
+        "the poisoned records to be dead-lettered",
+        Duration::from_secs(120),
+        Duration::from_millis(300),
+        || async {
+            let (d, w) = (dead(ns).await?, stack.written_ids().await?.len());
+            Ok(if d as usize == rejected && w == expected_written {
+                Ok(())
+            } else {
+                Err(format!("{d} dead, {w} written"))
+            })
+        },
+    )
+    .await?;
+    Ok((stack, rejected))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_records_are_inspected_then_replayed_once_at_the_given_rate() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("dlq");
+    let url = broker_url().await;
+    let (stack, n) = poisoned(&ns).await?;
+    let outcome = async {
+        let (code, status, text) = orderflow(&ns, &url, &["status", "--json", "--sample", "200ms"]);
+        assert_eq!(code, 1, "dead letters make status exit 1: {text}");
+        assert!(status["problems"].to_string().contains("dead letters"), "{status}");
+
+        let (code, stats, text) = orderflow(&ns, &url, &["dlq", "stats", "--json"]);
+        assert_eq!(code, 0, "{text}");
+        let writer =
+            stats.as_array().and_then(|a| a.iter().find(|s| s["stage"] == "writer")).cloned().unwrap_or_default();
+        assert_eq!(writer["count"], n);
+        assert_eq!(writer["reasons"]["target_rejected"], n);
+        assert_eq!(writer["classes"]["permanent"], n);
+
+        let (code, peek, text) = orderflow(&ns, &url, &["dlq", "peek", "--stage", "writer", "--limit", "3", "--json"]);
+        assert_eq!(code, 0, "{text}");
+        assert_eq!(peek.as_array().map(Vec::len), Some(3));
+        assert!(peek[0]["error"].as_str().unwrap_or("").contains("422"), "{peek}");
+        assert_eq!(dead(&ns).await? as usize, n, "peek removes nothing");
+
+        let (code, dry, text) = orderflow(
+            &ns,
+            &url,
+            &["dlq", "replay", "--stage", "writer", "--reason", "target_rejected", "--dry-run", "--json"],
+        );
+        assert_eq!(code, 0, "{text}");
+        assert_eq!((dry["matched"].as_u64(), dry["replayed"].as_u64()), (Some(n as u64), Some(0)));
+        assert_eq!(dead(&ns).await? as usize, n, "a dry run changes nothing");
+
+        let (code, none, _) =
+            orderflow(&ns, &url, &["dlq", "replay", "--stage", "writer", "--reason", "exhausted", "--json"]);
+        assert_eq!((code, none["matched"].as_u64()), (0, Some(0)), "non-matching messages stay");
+        assert_eq!(dead(&ns).await? as usize, n);
+
+        stack.target_faults(&json!({"reject_ids": ""})).await?;
+        let rate = 20.0;
+        let started = Instant::now();
+        let (code, done, text) = orderflow(
+            &ns,
+            &url,
+            &["dlq", "replay", "--stage", "writer", "--reason", "target_rejected", "--rate", "20", "--json"],
+        );
+        let took = started.elapsed().as_secs_f64();
+        assert_eq!(code, 0, "{text}");
+        assert_eq!(done["replayed"].as_u64(), Some(n as u64), "{done}");
+        assert_eq!(done["failed"].as_u64(), Some(0));
+        assert!(took >= (n as f64 - 1.0) / rate, "--rate {rate}/s kept: {n} replays took {took:.1} s");
+        wait_synced(&stack, Duration::from_secs(60)).await?;
+        assert_eq!(
+            stack.written_ids().await?,
+            stack.confirmed_ids().await?,
+            "every poisoned record is written after the replay"
+        );
+
+        let (code, again, _) =
+            orderflow(&ns, &url, &["dlq", "replay", "--stage", "writer", "--reason", "target_rejected", "--json"]);
+        assert_eq!(
+            (code, again["matched"].as_u64(), again["replayed"].as_u64()),
+            (0, Some(0), Some(0)),
+            "a second replay finds nothing"
+        );
+
+        let (code, status, text) = orderflow(&ns, &url, &["status", "--json", "--sample", "200ms"]);
+        assert_eq!(code, 0, "healthy again: {text}");
+        let m1 = status["accounts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["account"] == "m1"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(m1["caught_up"], true, "{status}");
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_connection_drops_mid_way_loses_no_message() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("dlq-drop");
+    let (stack, n) = poisoned(&ns).await?;
+    let outcome = async {
+        stack.target_faults(&json!({"reject_ids": ""})).await?;
+        let broker = broker_args(&ns).await;
+        let connection = std::sync::Arc::new(orderflow_shared::amqp::connect(&broker, "orderflow-dlq-test").await?);
+        let topology = Topology::new(ns.clone());
+        let options = orderflow_cli::dlq::ReplayOptions {
+            stage: Stage::Writer,
+            filter: orderflow_cli::dlq::Filter::default(),
+            limit: None,
+            rate: Some(20.0),
+            dry_run: false,
+            force: false,
+            max_replays: 3,
+            progress: false,
+        };
+        let replay = {
+            let (c, t) = (connection.clone(), topology.clone());
+            tokio::spawn(async move { orderflow_cli::dlq::replay(&c, &t, &options).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        connection.close(320, "closed by the test mid-replay".into()).await?;
+        let result = replay.await?;
+        eprintln!("replay after the connection dropped: {result:?}");
+        // Everything replayed gets written; everything else is still a dead letter. Nothing is lost.
+        let confirmed = stack.confirmed_ids().await?;
+        let poisoned: Vec<String> = confirmed.iter().filter(|id| id.ends_with('7')).cloned().collect();
+        assert_eq!(poisoned.len(), n);
+        wait_for(
+            "every poisoned record to be written or dead",
+            Duration::from_secs(60),
+            Duration::from_millis(300),
+            || async {
+                let written = stack.written_ids().await?;
+                let written_poisoned = poisoned.iter().filter(|id| written.contains(*id)).count();
+                let dead_now = dead(&ns).await? as usize;
+                Ok(if written_poisoned + dead_now >= n && written_poisoned > 0 && dead_now > 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{written_poisoned} written + {dead_now} dead of {n}"))
+                })
+            },
+        )
+        .await?;
+        // And a second replay finishes the job.
+        let (code, done, text) = orderflow(&ns, &broker.amqp_url, &["dlq", "replay", "--stage", "writer", "--json"]);
+        assert_eq!(code, 0, "{text}");
+        assert!(done["replayed"].as_u64().unwrap_or(0) > 0);
+        wait_synced(&stack, Duration::from_secs(60)).await?;
+        assert_eq!(stack.written_ids().await?, confirmed);
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_the_whole_pipeline_and_reports_written_equal_confirmed() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let url = broker_url().await;
+    let (code, summary, text) =
+        orderflow("orderflow", &url, &["demo", "--orders", "3000", "--replicas", "2", "--json"]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(summary["synced"], true, "{summary}");
+    assert!(summary["confirmed"].as_u64().unwrap_or(0) > 2000);
+    assert_eq!(summary["written"], summary["confirmed"]);
+    assert_eq!(summary["dead_lettered"], 0);
+    for key in ["seconds", "orders_per_sec"] {
+        assert!(summary[key].is_number(), "{key}: {summary}");
+    }
+    Ok(())
+}
