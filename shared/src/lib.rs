@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod json;
 pub mod jst;
 pub mod messages;
+pub mod otel;
 pub mod rng;
 pub mod settings;
 pub mod shutdown;

@@ -22,6 +22,11 @@ pub struct BrokerArgs {
     /// Prefix of every exchange and queue name; tests use a unique one each.
     #[arg(long = "ns", env = "ORDERFLOW_NS", default_value = "orderflow", value_parser = parse_namespace)]
     pub ns: String,
+
+    /// Declare the shared topology at every (re)connect. Set false when a least-privilege broker
+    /// user may not configure it and `orderflow topology --declare` ran as an admin instead.
+    #[arg(long, env = "ORDERFLOW_DECLARE_TOPOLOGY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub declare_topology: bool,
 }
 
 /// Logging: `LOG_FORMAT=json|pretty|auto` (auto: pretty on a terminal, JSON otherwise) and `RUST_LOG`.

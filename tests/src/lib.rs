@@ -89,7 +89,7 @@ pub fn unique_ns(test: &str) -> String {
 }
 
 pub async fn broker_args(ns: &str) -> BrokerArgs {
-    BrokerArgs { amqp_url: broker_url().await, amqp_ca_file: None, ns: ns.to_string() }
+    BrokerArgs { amqp_url: broker_url().await, amqp_ca_file: None, ns: ns.to_string(), declare_topology: true }
 }
 
 /// A fresh log directory for one test.
@@ -382,4 +382,61 @@ pub async fn metric(proc_admin: std::net::SocketAddr, name: &str, label: Option<
         }
     }
     Ok(sum)
+}
+
+/// Runs `rabbitmqctl` against the test broker: the local one, or inside the testcontainers container.
+pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+    let output = match CONTAINER.get() {
+        Some(container) => {
+            std::process::Command::new("docker").arg("exec").arg(container.id()).arg("rabbitmqctl").args(args).output()
+        }
+        None => std::process::Command::new("rabbitmqctl").args(args).output(),
+    }
+    .map_err(|e| anyhow::anyhow!("rabbitmqctl {args:?}: {e} (these tests drive the broker with rabbitmqctl)"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// While alive, the broker application is stopped (every connection refused); dropping it starts
+/// the broker again, even when a test fails half-way.
+pub struct BrokerDown;
+
+impl BrokerDown {
+    pub fn stop() -> anyhow::Result<BrokerDown> {
+        rabbitmqctl(&["stop_app"])?;
+        Ok(BrokerDown)
+    }
+}
+
+impl Drop for BrokerDown {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["start_app"]);
+        let _ = rabbitmqctl(&["await_startup"]);
+    }
+}
+
+/// Force-closes every broker connection whose client-provided name contains `needle`.
+pub fn close_connections(needle: &str) -> anyhow::Result<usize> {
+    let listing = rabbitmqctl(&["list_connections", "pid", "client_properties", "-q"])?;
+    let mut closed = 0;
+    for line in listing.lines().filter(|l| l.contains(needle)) {
+        if let Some(pid) = line.split('\t').next().filter(|p| p.starts_with('<')) {
+            if rabbitmqctl(&["close_connection", pid, "closed by an orderflow test"]).is_ok() {
+                closed += 1;
+            }
+        }
+    }
+    Ok(closed)
+}
+
+/// `/readyz` status code of a service (0 when it does not answer).
+pub async fn readyz(admin: std::net::SocketAddr) -> u16 {
+    match reqwest::Client::new().get(format!("http://{admin}/readyz")).timeout(Duration::from_secs(2)).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
 }

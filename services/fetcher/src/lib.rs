@@ -67,6 +67,7 @@ struct Shared {
     settings: PassSettings,
     /// Accounts this replica holds.
     held: AtomicUsize,
+    tracer: orderflow_shared::otel::Tracer,
 }
 
 /// The queue every fetcher replica consumes (without messages) so replicas can count each other.
@@ -92,7 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             message = "Account configured.", account = %account.name, api = ?account.api,
             cursor = ?account.request.cursor, call_spacing_ms = budget.spacing.as_millis() as u64
         );
-        metrics.stopped.with_label_values(&[&account.name]).set(0);
+        metrics.track_account(&account.name);
         readiness.set_ok(&format!("account:{}", account.name));
         runtimes.push(Arc::new(AccountRuntime {
             credentials: Mutex::new(account.credentials.clone()),
@@ -119,12 +120,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         readiness,
         settings,
         held: AtomicUsize::new(0),
+        tracer: orderflow_shared::otel::Tracer::from_env("orderflow-fetcher", &shutdown),
         config,
     });
     let broker = shared.config.broker.clone();
     let reconnects = shared.metrics.reconnects.clone();
     let readiness = shared.readiness.clone();
-    supervise(&broker, "orderflow-fetcher", &shutdown, &readiness, &reconnects, |connection| {
+    let name = orderflow_shared::amqp::connection_name("fetcher", &broker.ns);
+    supervise(&broker, &name, &shutdown, &readiness, &reconnects, |connection| {
         session(connection, shared.clone(), shutdown.clone())
     })
     .await
@@ -133,7 +136,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// One broker session: declare topology, announce this replica, run one worker per account.
 async fn session(connection: Arc<Connection>, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
-    shared.topology.declare(&channel).await?;
+    if shared.config.broker.declare_topology {
+        shared.topology.declare(&channel).await?;
+    }
     let presence = presence_queue(&shared.topology);
     orderflow_shared::amqp::topology::declare_queue(
         &channel,
@@ -308,6 +313,7 @@ impl AccountWorker {
                     shutdown: &self.token,
                     settings: &self.shared.settings,
                     credentials: &mut credentials,
+                    tracer: &self.shared.tracer,
                 };
                 match mode {
                     CursorMode::StartTs => pass::start_ts_pass(&mut ctx, job.cursor.start_ts.unwrap_or(0)).await,

@@ -97,6 +97,20 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Creates every per-account series at zero, so dashboards and alerts see the account at once.
+    pub fn track_account(&self, account: &str) {
+        self.stopped.with_label_values(&[account]).set(0);
+        self.requests.with_label_values(&[account, "ok"]);
+        self.orders.with_label_values(&[account]);
+        self.pages.with_label_values(&[account]);
+        self.token_refreshes.with_label_values(&[account]);
+        self.budget_wait.with_label_values(&[account]);
+        self.passes.with_label_values(&[account, "caught_up"]);
+        self.cursor_lag.with_label_values(&[account]);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -25,6 +25,7 @@ use orderflow_shared::{
     backoff::Backoff,
     jst::CodeAction,
     messages::{PAGE_SCHEMA, Page, header, now_ms, page_message_id},
+    otel::Span,
     time::rfc3339_china,
     trace::new_traceparent,
 };
@@ -63,6 +64,7 @@ pub struct PassContext<'a> {
     pub shutdown: &'a CancellationToken,
     pub settings: &'a PassSettings,
     pub credentials: &'a mut Credentials,
+    pub tracer: &'a orderflow_shared::otel::Tracer,
 }
 
 #[derive(Debug)]
@@ -207,8 +209,33 @@ impl PassContext<'_> {
         cursor_key: &str,
         page_index: u32,
         rows: Vec<Value>,
-    ) -> (Vec<u8>, lapin::BasicProperties) {
+    ) -> (Vec<u8>, lapin::BasicProperties, Option<Span>) {
         let fetched_ms = now_ms();
+        let traceparent = new_traceparent();
+        let id = page_message_id(&self.account.name, cursor_key, page_index);
+        let span = self.tracer.enabled().then(|| {
+            let (trace_id, span_id) = orderflow_shared::otel::ids(&traceparent).unwrap_or_default();
+            let list = |key: &str| {
+                rows.iter().take(50).filter_map(|r| r.get(key).map(|v| v.to_string())).collect::<Vec<_>>().join(",")
+            };
+            Span {
+                trace_id,
+                span_id,
+                parent_span_id: None,
+                name: "fetch page",
+                kind: 4,
+                start_unix_nanos: orderflow_shared::otel::now_nanos(),
+                end_unix_nanos: 0,
+                attributes: vec![
+                    ("account", self.account.name.clone()),
+                    ("messaging.message_id", id.clone()),
+                    ("orders", rows.len().to_string()),
+                    ("o_id", list("o_id")),
+                    ("io_id", list("io_id")),
+                ],
+                error: None,
+            }
+        });
         let page = Page {
             schema: PAGE_SCHEMA.to_string(),
             account: self.account.name.clone(),
@@ -220,36 +247,46 @@ impl PassContext<'_> {
         let mut headers = FieldTable::default();
         set_i64(&mut headers, header::ATTEMPT, 0);
         set_i64(&mut headers, header::FETCHED_AT_MS, fetched_ms);
-        set_str(&mut headers, header::TRACEPARENT, &new_traceparent());
-        let id = page_message_id(&self.account.name, cursor_key, page_index);
-        (body, json_properties(&id, headers))
+        set_str(&mut headers, header::TRACEPARENT, &traceparent);
+        (body, json_properties(&id, headers), span)
     }
 }
 
 /// Confirmed publishes in flight, bounded.
 struct Inflight<'p> {
     publisher: &'p Publisher,
+    tracer: orderflow_shared::otel::Tracer,
     exchange: String,
     futures: FuturesUnordered<futures_util::future::BoxFuture<'p, Result<u64, anyhow::Error>>>,
 }
 
 impl<'p> Inflight<'p> {
-    fn new(publisher: &'p Publisher, topology: &Topology) -> Self {
-        Self { publisher, exchange: topology.pages_exchange(), futures: FuturesUnordered::new() }
+    fn new(publisher: &'p Publisher, topology: &Topology, tracer: &orderflow_shared::otel::Tracer) -> Self {
+        Self {
+            publisher,
+            tracer: tracer.clone(),
+            exchange: topology.pages_exchange(),
+            futures: FuturesUnordered::new(),
+        }
     }
 
     async fn push(
         &mut self,
-        body: Vec<u8>,
-        props: lapin::BasicProperties,
+        message: (Vec<u8>, lapin::BasicProperties, Option<Span>),
         orders: u64,
         metrics: &Metrics,
         account: &str,
     ) -> Result<(), PassError> {
+        let (body, props, span) = message;
         let publisher = self.publisher.clone();
         let exchange = self.exchange.clone();
+        let tracer = self.tracer.clone();
         self.futures.push(Box::pin(async move {
             publisher.publish(&exchange, PAGE_ROUTING_KEY, &body, props).await?;
+            if let Some(mut span) = span {
+                span.end_unix_nanos = orderflow_shared::otel::now_nanos();
+                tracer.record(span);
+            }
             Ok(orders)
         }));
         while self.futures.len() >= PUBLISH_WINDOW {
@@ -300,7 +337,7 @@ pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<P
     let before = ctx.credentials.clone();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
-    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
+    let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.tracer);
     let mut cursor = start_ts;
     let (mut pages, mut orders, mut caught_up) = (0u32, 0u64, false);
     while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
@@ -317,9 +354,9 @@ pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<P
         let count = rows.len();
         let next = advance_start_ts(cursor, &rows).map_err(PassError::Stopped)?;
         if count > 0 {
-            let (body, props) =
+            let message =
                 ctx.page_message(json!({"mode": "start_ts", "start_ts": cursor}), &format!("ts:{cursor}"), 1, rows);
-            inflight.push(body, props, count as u64, ctx.metrics, &name).await?;
+            inflight.push(message, count as u64, ctx.metrics, &name).await?;
             pages += 1;
             orders += count as u64;
         }
@@ -376,7 +413,7 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
     let before = ctx.credentials.clone();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
-    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
+    let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.tracer);
     let mut synced = synced_until;
     let (mut pages, mut orders, mut caught_up) = (0u32, 0u64, false);
     'windows: while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
@@ -417,8 +454,8 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
             let rows = probe.datas;
             if !rows.is_empty() {
                 let n = rows.len() as u64;
-                let (body, props) = ctx.page_message(window_json(1), &key, 1, rows);
-                inflight.push(body, props, n, ctx.metrics, &name).await?;
+                let message = ctx.page_message(window_json(1), &key, 1, rows);
+                inflight.push(message, n, ctx.metrics, &name).await?;
                 pages += 1;
                 orders += n;
             }
@@ -440,8 +477,8 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
                 let rows = page.datas;
                 if !rows.is_empty() {
                     let n = rows.len() as u64;
-                    let (body, props) = ctx.page_message(window_json(page_index), &key, page_index, rows);
-                    inflight.push(body, props, n, ctx.metrics, &name).await?;
+                    let message = ctx.page_message(window_json(page_index), &key, page_index, rows);
+                    inflight.push(message, n, ctx.metrics, &name).await?;
                     pages += 1;
                     orders += n;
                 }

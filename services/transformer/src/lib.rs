@@ -138,6 +138,12 @@ impl Metrics {
             IntCounter::new("orderflow_lost_acks_total", "Acks that could not be sent because the channel was gone.")
                 .expect("metric");
         reg(Box::new(lost_acks.clone()));
+        for outcome in ["ok", "poison"] {
+            pages.with_label_values(&[outcome]);
+        }
+        for reason in ["invalid_record", "amount_mismatch", "poison_page", "unknown_schema"] {
+            rejected.with_label_values(&[reason]);
+        }
         Self {
             registry,
             pages,
@@ -160,6 +166,8 @@ impl Default for Metrics {
 }
 
 struct Shared {
+    declare_topology: bool,
+    tracer: orderflow_shared::otel::Tracer,
     mapping: Mapping,
     topology: Topology,
     metrics: Metrics,
@@ -173,9 +181,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .map_err(|e| Fatal(format!("ADMIN_ADDR {}: {e}", config.admin_addr)))?;
     tracing::info!(message = "Transformer started.", admin = %bound, ns = %config.broker.ns, mapping = ?config.mapping_file.as_ref().map(|p| p.display().to_string()));
-    let shared = Arc::new(Shared { mapping, topology: Topology::new(config.broker.ns.clone()), metrics });
+    let shared = Arc::new(Shared {
+        declare_topology: config.broker.declare_topology,
+        tracer: orderflow_shared::otel::Tracer::from_env("orderflow-transformer", &shutdown),
+        mapping,
+        topology: Topology::new(config.broker.ns.clone()),
+        metrics,
+    });
     let reconnects = shared.metrics.reconnects.clone();
-    supervise(&config.broker, "orderflow-transformer", &shutdown, &readiness, &reconnects, |connection| {
+    let name = orderflow_shared::amqp::connection_name("transformer", &config.broker.ns);
+    supervise(&config.broker, &name, &shutdown, &readiness, &reconnects, |connection| {
         session(connection, shared.clone(), config.prefetch, shutdown.clone(), readiness.clone())
     })
     .await
@@ -189,7 +204,9 @@ async fn session(
     readiness: Readiness,
 ) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
-    shared.topology.declare(&channel).await?;
+    if shared.declare_topology {
+        shared.topology.declare(&channel).await?;
+    }
     let publisher = Publisher::open(&connection).await?;
     let queue = shared.topology.pages_queue();
     consume::run(channel, &queue, prefetch, &shutdown, &readiness, |delivery| {
@@ -229,6 +246,7 @@ async fn publish_retrying(
 
 async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery) -> anyhow::Result<()> {
     let timer = shared.metrics.page_seconds.start_timer();
+    let received_nanos = orderflow_shared::otel::now_nanos();
     let metrics = &shared.metrics;
     let topology = &shared.topology;
     let page_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
@@ -257,10 +275,34 @@ async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery)
     let fetched_at = orderflow_shared::amqp::headers::get_i64(&delivery.properties, header::FETCHED_AT_MS);
     let records_exchange = topology.records_exchange();
     let mut publishes = Vec::with_capacity(transformed.records.len() + transformed.rejects.len());
+    let mut spans = Vec::new();
+    let parent_span = parent_trace.as_deref().and_then(orderflow_shared::otel::ids).map(|(_, span)| span);
     for record in &transformed.records {
         let mut headers = FieldTable::default();
         set_i64(&mut headers, header::ATTEMPT, 0);
-        set_str(&mut headers, header::TRACEPARENT, &child_traceparent(parent_trace.as_deref()));
+        let traceparent = child_traceparent(parent_trace.as_deref());
+        if shared.tracer.enabled() {
+            if let Some((trace_id, span_id)) = orderflow_shared::otel::ids(&traceparent) {
+                let io_id = record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default();
+                spans.push(orderflow_shared::otel::Span {
+                    trace_id,
+                    span_id,
+                    parent_span_id: parent_span.clone(),
+                    name: "transform record",
+                    kind: 5,
+                    start_unix_nanos: received_nanos,
+                    end_unix_nanos: 0,
+                    attributes: vec![
+                        ("o_id", record.id.clone()),
+                        ("io_id", io_id),
+                        ("account", record.account.clone()),
+                        ("messaging.message_id", record.message_id()),
+                    ],
+                    error: None,
+                });
+            }
+        }
+        set_str(&mut headers, header::TRACEPARENT, &traceparent);
         set_str(&mut headers, header::ORDER_ID, &record.id);
         if let Some(at) = fetched_at {
             set_i64(&mut headers, header::FETCHED_AT_MS, at);
@@ -296,6 +338,11 @@ async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery)
     }
     for result in futures_util::future::join_all(publishes).await {
         result?;
+    }
+    let confirmed_nanos = orderflow_shared::otel::now_nanos();
+    for mut span in spans {
+        span.end_unix_nanos = confirmed_nanos;
+        shared.tracer.record(span);
     }
     metrics.records.inc_by(transformed.records.len() as u64);
     for reject in &transformed.rejects {

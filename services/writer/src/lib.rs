@@ -89,6 +89,7 @@ struct Target {
 }
 
 struct Shared {
+    tracer: orderflow_shared::otel::Tracer,
     config: Config,
     topology: Topology,
     target: Target,
@@ -150,7 +151,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         concurrency = config.concurrency, tiers = ?config.retry_tiers.0.iter().map(|t| tier_label(*t)).collect::<Vec<_>>()
     );
     let topology = Topology::new(config.broker.ns.clone()).with_retry_tiers(config.retry_tiers.0.clone());
+    for tier in &topology.retry_tiers {
+        metrics.retries.with_label_values(&[&tier_label(*tier)]);
+    }
     let shared = Arc::new(Shared {
+        tracer: orderflow_shared::otel::Tracer::from_env("orderflow-writer", &shutdown),
         topology,
         target,
         breaker: Breaker::new(breaker::Settings::default()),
@@ -158,7 +163,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config: config.clone(),
     });
     let reconnects = shared.metrics.reconnects.clone();
-    supervise(&config.broker, "orderflow-writer", &shutdown, &readiness, &reconnects, |connection| {
+    let name = orderflow_shared::amqp::connection_name("writer", &config.broker.ns);
+    supervise(&config.broker, &name, &shutdown, &readiness, &reconnects, |connection| {
         session(connection, shared.clone(), shutdown.clone(), readiness.clone())
     })
     .await
@@ -171,7 +177,9 @@ async fn session(
     readiness: Readiness,
 ) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
-    shared.topology.declare(&channel).await?;
+    if shared.config.broker.declare_topology {
+        shared.topology.declare(&channel).await?;
+    }
     let publisher = Publisher::open(&connection).await?;
     let queue = shared.topology.records_queue();
     let stop = shutdown.clone();
@@ -298,9 +306,44 @@ async fn handle_record(
         };
         metrics.inflight.inc();
         let timer = metrics.write_seconds.start_timer();
+        let started_nanos = orderflow_shared::otel::now_nanos();
         let outcome = write(&shared.target, &record, &message_id).await;
         timer.observe_duration();
         metrics.inflight.dec();
+        if shared.tracer.enabled() {
+            let parent = orderflow_shared::amqp::headers::get_str(&delivery.properties, header::TRACEPARENT);
+            if let Some((trace_id, parent_span)) = parent.as_deref().and_then(orderflow_shared::otel::ids) {
+                let span_id =
+                    orderflow_shared::otel::ids(&orderflow_shared::trace::child_traceparent(parent.as_deref()))
+                        .map(|(_, s)| s)
+                        .unwrap_or_default();
+                shared.tracer.record(orderflow_shared::otel::Span {
+                    trace_id,
+                    span_id,
+                    parent_span_id: Some(parent_span),
+                    name: "write record",
+                    kind: 3,
+                    start_unix_nanos: started_nanos,
+                    end_unix_nanos: orderflow_shared::otel::now_nanos(),
+                    attributes: vec![
+                        ("o_id", record.id.clone()),
+                        (
+                            "io_id",
+                            record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default(),
+                        ),
+                        ("messaging.message_id", message_id.clone()),
+                        ("outcome", outcome.label().to_string()),
+                        ("attempt", (attempts_before + 1).to_string()),
+                    ],
+                    error: match &outcome {
+                        WriteOutcome::Written => None,
+                        WriteOutcome::Transient { detail, .. } | WriteOutcome::Permanent { detail } => {
+                            Some(detail.clone())
+                        }
+                    },
+                });
+            }
+        }
         metrics.writes.with_label_values(&[outcome.label()]).inc();
         let (ok, connection) = match &outcome {
             WriteOutcome::Written | WriteOutcome::Permanent { .. } => (true, false),

@@ -82,6 +82,13 @@ impl Metrics {
             IntCounter::new("orderflow_lost_acks_total", "Acks that could not be sent because the channel was gone.")
                 .expect("metric");
         reg(Box::new(lost_acks.clone()));
+        writes.with_label_values(&["written"]);
+        for (class, reason) in [("permanent", "target_rejected"), ("exhausted", "exhausted")] {
+            dead_letters.with_label_values(&[class, reason]);
+        }
+        for to in ["open", "half_open", "closed"] {
+            breaker_transitions.with_label_values(&[to]);
+        }
         Self {
             registry,
             writes,

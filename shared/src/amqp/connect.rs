@@ -62,6 +62,27 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
     }
 
+    #[tokio::test]
+    async fn a_missing_ca_file_is_named_before_any_connection_attempt() {
+        let args = BrokerArgs {
+            amqp_url: "amqps://u:secret@broker.invalid:5671/%2f".into(),
+            amqp_ca_file: Some("/nonexistent/ca.pem".into()),
+            ns: "t".into(),
+            declare_topology: true,
+        };
+        let err = connect(&args, "test").await.expect_err("no CA file");
+        let text = err.to_string();
+        assert!(text.contains("AMQP_CA_FILE") && text.contains("/nonexistent/ca.pem"), "{text}");
+        assert!(!text.contains("secret"));
+    }
+
+    #[test]
+    fn amqps_urls_parse_with_the_tls_port() {
+        let uri = parse_url("amqps://u:p@broker:5671/prod").expect("valid");
+        assert_eq!(uri.authority.port, 5671);
+        assert_eq!(uri.vhost, "prod");
+    }
+
     #[test]
     fn heartbeat_defaults_on() {
         let uri = parse_url("amqp://guest:guest@127.0.0.1:5672/%2f").expect("valid");

@@ -18,6 +18,12 @@ pub struct Fatal(pub String);
 /// Readiness check name for the broker connection.
 pub const BROKER_CHECK: &str = "broker";
 
+/// The name a service's connection shows in the broker (management UI, `rabbitmqctl
+/// list_connections`): `orderflow-<service>@<ns>#<pid>`, so an operator can tell replicas apart.
+pub fn connection_name(service: &str, ns: &str) -> String {
+    format!("orderflow-{service}@{ns}#{}", std::process::id())
+}
+
 /// Runs `session` on fresh connections until `shutdown` is cancelled. Returns `Err` only for a
 /// [`Fatal`] error.
 pub async fn supervise<F, Fut>(
