@@ -273,6 +273,7 @@ impl AccountWorker {
     /// Runs passes while holding the account.
     async fn hold(&self, mut lease: Lease) -> anyhow::Result<Holding> {
         let rt = &self.runtime;
+        let mut fresh_tokens = false;
         let name = rt.account.name.as_str();
         let mode = match rt.account.request.cursor {
             CursorKind::StartTs => CursorMode::StartTs,
@@ -314,6 +315,7 @@ impl AccountWorker {
                     settings: &self.shared.settings,
                     credentials: &mut credentials,
                     tracer: &self.shared.tracer,
+                    fresh_tokens,
                 };
                 match mode {
                     CursorMode::StartTs => pass::start_ts_pass(&mut ctx, job.cursor.start_ts.unwrap_or(0)).await,
@@ -326,7 +328,7 @@ impl AccountWorker {
                     }
                 }
             };
-            *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials;
+            *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
             let result = match outcome {
                 Ok(result) => result,
                 Err(PassError::Interrupted) => {
@@ -352,8 +354,31 @@ impl AccountWorker {
             if next_cursor.caught_up_at.is_none() {
                 next_cursor.caught_up_at = job.cursor.caught_up_at.clone();
             }
-            let next = job.next(next_cursor, result.tokens.clone(), result.orders);
+            let mut next = job.next(next_cursor, None, result.orders);
             lease.commit(&self.publisher, &next).await?;
+            fresh_tokens = false;
+            if result.needs_refresh {
+                // The refresh token is single-use: commit the new pair the moment we have it.
+                let outcome =
+                    pass::refresh_tokens(&rt.client, &rt.account, &mut credentials, &self.shared.metrics, &self.token)
+                        .await;
+                *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
+                match outcome {
+                    Ok(tokens) => {
+                        next = next.next(next.cursor.clone(), Some(tokens), 0);
+                        lease.commit(&self.publisher, &next).await?;
+                        fresh_tokens = true;
+                    }
+                    Err(pass::RefreshFailure::Interrupted) => {
+                        lease.release().await;
+                        return Ok(Holding::Shutdown);
+                    }
+                    Err(pass::RefreshFailure::Stopped(reason)) => {
+                        self.stop_account(&job, reason).await;
+                        continue;
+                    }
+                }
+            }
             let lag = self.observe_lag(&next.cursor);
             self.report(json!({
                 "account": name, "seq": next.seq, "cursor": next.cursor, "caught_up": result.caught_up,
@@ -381,6 +406,17 @@ impl AccountWorker {
                 return Ok(Holding::Shutdown);
             }
         }
+    }
+
+    /// Stops the account on a permanent error: metrics, readiness, status report, log.
+    async fn stop_account(&self, job: &Job, reason: String) {
+        let name = self.runtime.account.name.as_str();
+        self.shared.metrics.passes.with_label_values(&[name, "stopped"]).inc();
+        self.shared.metrics.stopped.with_label_values(&[name]).set(1);
+        self.shared.readiness.set_failing(&format!("account:{name}"), reason.clone());
+        tracing::error!(message = "Account stopped on a permanent error.", account = name, reason = %reason);
+        self.report(json!({"account": name, "seq": job.seq, "cursor": job.cursor, "stopped": reason})).await;
+        *self.runtime.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
     }
 
     fn initial_cursor(&self, mode: CursorMode) -> Cursor {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     account::Account,
     budget::Budget,
-    client::{ApiPage, CallError, Credentials, JstClient},
+    client::{ApiPage, Credentials, JstClient},
     job::{Cursor, Tokens},
     metrics::Metrics,
     request_config::RenderContext,
@@ -65,6 +65,8 @@ pub struct PassContext<'a> {
     pub settings: &'a PassSettings,
     pub credentials: &'a mut Credentials,
     pub tracer: &'a orderflow_shared::otel::Tracer,
+    /// The tokens were refreshed just before this pass: another code 100 means bad credentials.
+    pub fresh_tokens: bool,
 }
 
 #[derive(Debug)]
@@ -73,8 +75,9 @@ pub struct PassResult {
     pub pages: u32,
     pub orders: u64,
     pub caught_up: bool,
-    /// Set when the token pair was refreshed during the pass.
-    pub tokens: Option<Tokens>,
+    /// The access token expired (code 100): the caller commits this pass, refreshes the token,
+    /// and commits the new pair at once (a used refresh token is dead, so the pair must not be lost).
+    pub needs_refresh: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,7 @@ pub enum PassError {
 enum CallFailure {
     Stopped(String),
     Interrupted,
+    NeedsRefresh,
 }
 
 impl PassContext<'_> {
@@ -100,7 +104,6 @@ impl PassContext<'_> {
     async fn call(&mut self, ctx: &RenderContext) -> Result<ApiPage, CallFailure> {
         let name = self.account.name.as_str();
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-        let mut refreshed = false;
         loop {
             if self.shutdown.is_cancelled() {
                 return Err(CallFailure::Interrupted);
@@ -118,6 +121,7 @@ impl PassContext<'_> {
             let error = match result {
                 Ok(page) => {
                     self.metrics.requests.with_label_values(&[name, "ok"]).inc();
+                    self.fresh_tokens = false;
                     return Ok(page);
                 }
                 Err(error) => error,
@@ -129,14 +133,22 @@ impl PassContext<'_> {
                     return Err(CallFailure::Stopped(format!("permanent error from Jushuitan: {error}")));
                 }
                 CodeAction::RefreshToken => {
-                    if refreshed {
+                    if self.fresh_tokens {
                         return Err(CallFailure::Stopped(format!(
                             "{error} right after a token refresh; check the account's credentials"
                         )));
                     }
-                    self.refresh(&error).await?;
-                    refreshed = true;
-                    Duration::ZERO
+                    if self.account.api == crate::client::ApiGeneration::Legacy {
+                        return Err(CallFailure::Stopped(format!(
+                            "{error}; the legacy API has no token refresh: set a new JST_TOKEN"
+                        )));
+                    }
+                    if self.credentials.refresh_token.is_empty() {
+                        return Err(CallFailure::Stopped(format!(
+                            "{error}; no refresh token configured (JST_REFRESH_TOKEN)"
+                        )));
+                    }
+                    return Err(CallFailure::NeedsRefresh);
                 }
                 CodeAction::Resign => {
                     tracing::warn!(
@@ -159,47 +171,6 @@ impl PassContext<'_> {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-    }
-
-    async fn refresh(&mut self, cause: &CallError) -> Result<(), CallFailure> {
-        let name = self.account.name.as_str();
-        if self.account.api == crate::client::ApiGeneration::Legacy {
-            return Err(CallFailure::Stopped(format!(
-                "{cause}; the legacy API has no token refresh: set a new JST_TOKEN"
-            )));
-        }
-        if self.credentials.refresh_token.is_empty() {
-            return Err(CallFailure::Stopped(format!("{cause}; no refresh token configured (JST_REFRESH_TOKEN)")));
-        }
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-        loop {
-            match self.client.refresh_token(self.credentials).await {
-                Ok(pair) => {
-                    tracing::info!(message = "Access token refreshed.", account = name, expires_in = pair.expires_in);
-                    self.metrics.token_refreshes.with_label_values(&[name]).inc();
-                    self.credentials.access_token = pair.access_token;
-                    self.credentials.refresh_token = pair.refresh_token;
-                    return Ok(());
-                }
-                Err(error) if error.action() == CodeAction::Transient => {
-                    tracing::warn!(message = "Token refresh failed; retrying.", account = name, %error);
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
-                }
-                Err(error) => {
-                    return Err(CallFailure::Stopped(format!("token refresh failed: {error}; set new tokens")));
-                }
-            }
-        }
-    }
-
-    fn tokens(&self, before: &Credentials) -> Option<Tokens> {
-        (self.credentials.access_token != before.access_token).then(|| Tokens {
-            access_token: self.credentials.access_token.clone(),
-            refresh_token: self.credentials.refresh_token.clone(),
-        })
     }
 
     /// The page message for `rows` (published by the caller).
@@ -249,6 +220,49 @@ impl PassContext<'_> {
         set_i64(&mut headers, header::FETCHED_AT_MS, fetched_ms);
         set_str(&mut headers, header::TRACEPARENT, &traceparent);
         (body, json_properties(&id, headers), span)
+    }
+}
+
+/// Why a refresh did not give a new token pair.
+pub enum RefreshFailure {
+    Stopped(String),
+    Interrupted,
+}
+
+/// Refreshes the access token (retrying transient failures); the caller must commit the new pair
+/// with the checkpoint at once.
+pub async fn refresh_tokens(
+    client: &JstClient,
+    account: &Account,
+    credentials: &mut Credentials,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Tokens, RefreshFailure> {
+    let name = account.name.as_str();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        match client.refresh_token(credentials).await {
+            Ok(pair) => {
+                tracing::info!(message = "Access token refreshed.", account = name, expires_in = pair.expires_in);
+                metrics.token_refreshes.with_label_values(&[name]).inc();
+                credentials.access_token = pair.access_token;
+                credentials.refresh_token = pair.refresh_token;
+                return Ok(Tokens {
+                    access_token: credentials.access_token.clone(),
+                    refresh_token: credentials.refresh_token.clone(),
+                });
+            }
+            Err(error) if error.action() == CodeAction::Transient => {
+                tracing::warn!(message = "Token refresh failed; retrying.", account = name, %error);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(RefreshFailure::Interrupted),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+            Err(error) => {
+                return Err(RefreshFailure::Stopped(format!("token refresh failed: {error}; set new tokens")));
+            }
+        }
     }
 }
 
@@ -334,17 +348,20 @@ pub fn advance_start_ts(cursor: i64, rows: &[Value]) -> Result<Option<i64>, Stri
 /// A start_ts pass from `start_ts`.
 pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<PassResult, PassError> {
     let started = Instant::now();
-    let before = ctx.credentials.clone();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
     let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.tracer);
     let mut cursor = start_ts;
-    let (mut pages, mut orders, mut caught_up) = (0u32, 0u64, false);
+    let (mut pages, mut orders, mut caught_up, mut needs_refresh) = (0u32, 0u64, false, false);
     while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
         let render = RenderContext { start_ts: Some(cursor), page_index: 1, page_size, ..RenderContext::default() };
         let page = match ctx.call(&render).await {
             Ok(page) => page,
             Err(CallFailure::Interrupted) => break,
+            Err(CallFailure::NeedsRefresh) => {
+                needs_refresh = true;
+                break;
+            }
             Err(CallFailure::Stopped(reason)) => {
                 inflight.drain(ctx.metrics, &name).await?;
                 return Err(PassError::Stopped(reason));
@@ -374,14 +391,14 @@ pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<P
         }
     }
     inflight.drain(ctx.metrics, &name).await?;
-    if pages == 0 && !caught_up && ctx.shutdown.is_cancelled() {
+    if pages == 0 && !caught_up && !needs_refresh && ctx.shutdown.is_cancelled() {
         return Err(PassError::Interrupted);
     }
     let mut next = Cursor::start_ts(cursor);
     if caught_up {
         next.caught_up_at = Some(Timestamp::now().to_string());
     }
-    Ok(PassResult { cursor: next, pages, orders, caught_up, tokens: ctx.tokens(&before) })
+    Ok(PassResult { cursor: next, pages, orders, caught_up, needs_refresh })
 }
 
 /// The next modified window after `synced_until`: `[synced_until − overlap, min(+7 days, now − delay)]`.
@@ -410,12 +427,11 @@ fn truncate(ts: Timestamp) -> Timestamp {
 /// A modified-window pass from `synced_until`.
 pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -> Result<PassResult, PassError> {
     let started = Instant::now();
-    let before = ctx.credentials.clone();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
     let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.tracer);
     let mut synced = synced_until;
-    let (mut pages, mut orders, mut caught_up) = (0u32, 0u64, false);
+    let (mut pages, mut orders, mut caught_up, mut needs_refresh) = (0u32, 0u64, false, false);
     'windows: while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
         let Some((begin, mut end)) =
             next_window(synced, Timestamp::now(), ctx.settings.window_delay, ctx.settings.window_overlap)
@@ -431,6 +447,10 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
             let probe = match ctx.call(&render).await {
                 Ok(p) => p,
                 Err(CallFailure::Interrupted) => break 'windows,
+                Err(CallFailure::NeedsRefresh) => {
+                    needs_refresh = true;
+                    break 'windows;
+                }
                 Err(CallFailure::Stopped(reason)) => {
                     inflight.drain(ctx.metrics, &name).await?;
                     return Err(PassError::Stopped(reason));
@@ -468,6 +488,10 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
                 let page = match ctx.call(&render).await {
                     Ok(p) => p,
                     Err(CallFailure::Interrupted) => break 'windows,
+                    Err(CallFailure::NeedsRefresh) => {
+                        needs_refresh = true;
+                        break 'windows;
+                    }
                     Err(CallFailure::Stopped(reason)) => {
                         inflight.drain(ctx.metrics, &name).await?;
                         return Err(PassError::Stopped(reason));
@@ -491,14 +515,14 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
         synced = end;
     }
     inflight.drain(ctx.metrics, &name).await?;
-    if synced == synced_until && !caught_up && ctx.shutdown.is_cancelled() {
+    if synced == synced_until && !caught_up && !needs_refresh && ctx.shutdown.is_cancelled() {
         return Err(PassError::Interrupted);
     }
     let mut next = Cursor::modified(synced);
     if caught_up {
         next.caught_up_at = Some(Timestamp::now().to_string());
     }
-    Ok(PassResult { cursor: next, pages, orders, caught_up, tokens: ctx.tokens(&before) })
+    Ok(PassResult { cursor: next, pages, orders, caught_up, needs_refresh })
 }
 
 /// The window's row count as a call reported it (`data_count`, or the rows when totals are off).
