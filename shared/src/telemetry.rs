@@ -8,7 +8,9 @@ use crate::settings::LogFormat;
 
 /// Installs the global subscriber. Logs go to stderr so a binary's stdout stays for its output.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs expected events (a lock queue held by another replica, a channel closing at
+    // shutdown) as errors; every broker failure that matters is reported by our own code.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,

@@ -51,6 +51,9 @@ pub struct Config {
     /// Pages processed at once (the consumer prefetch).
     #[arg(long, env = "TRANSFORMER_PREFETCH", default_value_t = 16)]
     pub prefetch: u16,
+    /// A page larger than this (bytes) is dead-lettered as `oversized` without being parsed.
+    #[arg(long, env = "TRANSFORMER_MAX_PAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_page_bytes: usize,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -141,7 +144,7 @@ impl Metrics {
         for outcome in ["ok", "poison"] {
             pages.with_label_values(&[outcome]);
         }
-        for reason in ["invalid_record", "amount_mismatch", "poison_page", "unknown_schema"] {
+        for reason in ["invalid_record", "amount_mismatch", "poison_page", "unknown_schema", "oversized"] {
             rejected.with_label_values(&[reason]);
         }
         Self {
@@ -167,6 +170,7 @@ impl Default for Metrics {
 
 struct Shared {
     declare_topology: bool,
+    max_page_bytes: usize,
     tracer: orderflow_shared::otel::Tracer,
     mapping: Mapping,
     topology: Topology,
@@ -183,6 +187,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(message = "Transformer started.", admin = %bound, ns = %config.broker.ns, mapping = ?config.mapping_file.as_ref().map(|p| p.display().to_string()));
     let shared = Arc::new(Shared {
         declare_topology: config.broker.declare_topology,
+        max_page_bytes: config.max_page_bytes,
         tracer: orderflow_shared::otel::Tracer::from_env("orderflow-transformer", &shutdown),
         mapping,
         topology: Topology::new(config.broker.ns.clone()),
@@ -250,7 +255,18 @@ async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery)
     let metrics = &shared.metrics;
     let topology = &shared.topology;
     let page_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
-    let outcome = transform_page(&shared.mapping, &delivery.data);
+    let outcome = if delivery.data.len() > shared.max_page_bytes {
+        PageOutcome::Poison {
+            reason: "oversized",
+            detail: format!(
+                "the page is {} bytes; TRANSFORMER_MAX_PAGE_BYTES is {}",
+                delivery.data.len(),
+                shared.max_page_bytes
+            ),
+        }
+    } else {
+        transform_page(&shared.mapping, &delivery.data)
+    };
     let page_dead_letter = |reason: &str, error: String| DeadLetter {
         stage: Stage::Transformer,
         class: ErrorClass::Permanent,

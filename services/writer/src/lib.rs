@@ -66,6 +66,9 @@ pub struct Config {
     /// Retry tier delays, comma-separated (each is a TTL queue).
     #[arg(long, env = "RETRY_TIERS", default_value = "1s,10s,1m,10m", value_parser = parse_tiers)]
     pub retry_tiers: Tiers,
+    /// A record larger than this (bytes) is dead-lettered as `oversized` without being sent.
+    #[arg(long, env = "WRITER_MAX_RECORD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_record_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -269,6 +272,19 @@ async fn handle_record(
 ) -> anyhow::Result<()> {
     let metrics = &shared.metrics;
     let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
+    if delivery.data.len() > shared.config.max_record_bytes {
+        let detail = format!(
+            "the record is {} bytes; WRITER_MAX_RECORD_BYTES is {}",
+            delivery.data.len(),
+            shared.config.max_record_bytes
+        );
+        tracing::warn!(message = "Oversized record dead-lettered.", message_id = %message_id, %detail);
+        dead_letter(shared, ErrorClass::Permanent, "oversized", detail)
+            .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
+            .await?;
+        metrics.dead_letters.with_label_values(&["permanent", "oversized"]).inc();
+        return consume::ack(&delivery, &metrics.lost_acks).await;
+    }
     let record: Record = match schema_of(&delivery.data) {
         Some(s) if s == RECORD_SCHEMA => match serde_json::from_slice(&delivery.data) {
             Ok(r) => r,
