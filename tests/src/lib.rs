@@ -401,6 +401,15 @@ pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// The `rabbitmqctl` command line for the test broker, for binaries that run it themselves
+/// (`ORDERFLOW_RABBITMQCTL`): `docker exec <id> rabbitmqctl` when the broker is a container.
+pub fn rabbitmqctl_command() -> String {
+    match CONTAINER.get() {
+        Some(container) => format!("docker exec {} rabbitmqctl", container.id()),
+        None => "rabbitmqctl".to_string(),
+    }
+}
+
 /// While alive, the broker application is stopped (every connection refused); dropping it starts
 /// the broker again, even when a test fails half-way.
 pub struct BrokerDown;

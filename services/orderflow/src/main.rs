@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use orderflow_cli::{bench, demo, dlq, status, topology_cmd};
+use orderflow_cli::{bench, demo, dlq, faults, status, topology_cmd};
 use orderflow_shared::{
     amqp::Topology,
     settings::{BrokerArgs, LogArgs},
@@ -52,6 +52,8 @@ enum Command {
     },
     /// Run the whole pipeline locally (simulators + every stage) against AMQP_URL until synced.
     Demo(demo::DemoArgs),
+    /// Inject the faults real integrations see and check that no order is lost (README table).
+    FaultSuite(faults::FaultArgs),
     /// Measure speed on this machine (see the README's benchmark table).
     Bench(bench::BenchArgs),
     /// Exit 0 when an HTTP URL answers 2xx (container healthchecks; no curl in the image).
@@ -71,6 +73,9 @@ async fn main() -> ExitCode {
         Command::Status { json, max_lag, sample, retry_tiers } => {
             run_status(&cli.broker, json, max_lag, sample, &retry_tiers).await
         }
+        Command::FaultSuite(args) => faults::run(args, &cli.broker.amqp_url)
+            .await
+            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }),
         Command::Bench(args) => {
             bench::run(args, cli.broker.clone()).await.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }

@@ -244,7 +244,7 @@ impl Stack {
             .env("ORDERFLOW_NS", &o.ns)
             .env("ADMIN_ADDR", admin.to_string())
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", std::env::var("ORDERFLOW_CHILD_LOG").unwrap_or_else(|_| "info".into()));
+            .env("RUST_LOG", std::env::var("ORDERFLOW_CHILD_LOG").unwrap_or_else(|_| "info,lapin=off".into()));
         match role {
             Role::Fetcher => {
                 cmd.env("ORDERFLOW_ACCOUNTS", &self.accounts_file).env("FETCH_LOCK_RETRY", "1s");

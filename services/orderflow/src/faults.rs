@@ -1,0 +1,521 @@
+//! `orderflow fault-suite`: the faults real integrations see, injected while the whole pipeline
+//! runs, each scenario ending with the checks that matter: every order `/admin/truth` reports
+//! Confirmed is in target-sim (lost must be 0), the work queues drain, every dead letter carries a
+//! reason, and duplicate writes suppressed by `idCheck` are counted.
+//!
+//! 1 source churn and late commits · 2 source storms (5xx, resets, slow answers, code 150, 199/200
+//! bursts, token expiry) · 3 target 5xx/429 and an outage · 4 `kill -9` of random replicas,
+//! repeatedly · 5 broker connections force-closed and a broker restart · 6 malformed pages and
+//! records, oversized messages, unknown schema versions · 7 all at once.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Args;
+use lapin::types::FieldTable;
+use orderflow_shared::{
+    amqp::{
+        Publisher, Stage, Topology,
+        headers::json_properties,
+        topology::{PAGE_ROUTING_KEY, RECORD_ROUTING_KEY},
+    },
+    messages::header,
+    rng::Rng,
+};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::{
+    broker::{delete_namespace, queue_state, rabbitmqctl, rabbitmqctl_command},
+    stack::{Role, Stack, StackOptions},
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct FaultArgs {
+    /// The long profile: 200,000+ orders and at least 10 minutes of faults.
+    #[arg(long)]
+    pub long: bool,
+    /// Run only these scenarios (1-7); repeatable. Default: all.
+    #[arg(long = "scenario")]
+    pub scenarios: Vec<u8>,
+    /// Print one JSON object per scenario on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the binaries are (default: next to this executable).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub accounts: u32,
+    pub orders: u64,
+    pub replicas: u32,
+    /// How long faults run.
+    pub fault_secs: u64,
+    /// The target outage of scenario 3.
+    pub outage_secs: u64,
+    /// Orders per account in scenario 7 (the long profile's big run).
+    pub all_at_once_orders: u64,
+    /// Source calls per second per account (and 60× per minute): paced so the backfill outlasts
+    /// the faults, which must hit work in flight, not an idle pipeline.
+    pub calls_per_sec: u32,
+    pub all_at_once_calls_per_sec: u32,
+    /// How to run `rabbitmqctl` against the broker (see [`rabbitmqctl_command`]).
+    pub rabbitmqctl: String,
+}
+
+impl Profile {
+    pub fn short() -> Self {
+        // 80 pages per account at 3 calls/s: the backfill runs ~27 s, through the 20 s of faults.
+        Profile {
+            accounts: 2,
+            orders: 4000,
+            replicas: 2,
+            fault_secs: 20,
+            outage_secs: 15,
+            all_at_once_orders: 4000,
+            calls_per_sec: 3,
+            all_at_once_calls_per_sec: 3,
+            rabbitmqctl: rabbitmqctl_command(),
+        }
+    }
+    pub fn long() -> Self {
+        // 300 pages per account at 3 calls/s (~100 s of backfill through 90 s of faults); the
+        // all-at-once run: 4 × 50,000 orders, 1,000 pages per account at 5 calls/s (~200 s).
+        Profile {
+            accounts: 4,
+            orders: 15_000,
+            replicas: 2,
+            fault_secs: 90,
+            outage_secs: 60,
+            all_at_once_orders: 50_000,
+            calls_per_sec: 3,
+            all_at_once_calls_per_sec: 5,
+            rabbitmqctl: rabbitmqctl_command(),
+        }
+    }
+}
+
+pub const NAMES: [&str; 7] = [
+    "source churn and late commits",
+    "source storms: 5xx, resets, timeouts, code 150, 199/200 bursts, token expiry",
+    "target 5xx/429 and an outage",
+    "kill -9 of random stage replicas, repeatedly",
+    "broker connections force-closed and a broker restart",
+    "malformed pages and records, oversized messages, unknown schemas",
+    "all of the above at once",
+];
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScenarioResult {
+    pub scenario: u8,
+    pub name: &'static str,
+    /// Orders Confirmed in the source at the end.
+    pub orders: usize,
+    pub written: usize,
+    /// Confirmed in the source but not in the target. Must be 0.
+    pub lost: usize,
+    pub duplicates_suppressed: u64,
+    pub dead_lettered: u64,
+    pub dead_letters_without_reason: u64,
+    /// Bad messages the scenario injected on purpose (each must be dead-lettered).
+    pub injected_bad: u64,
+    pub queues_drained: bool,
+    /// From the end of the last fault to every Confirmed order written.
+    pub recovery_seconds: f64,
+    pub seconds: f64,
+    pub passed: bool,
+    pub notes: Vec<String>,
+}
+
+fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) -> StackOptions {
+    let ns = format!("fault{n}-{}", jiff::Timestamp::now().as_millisecond());
+    let log_dir = std::env::temp_dir().join(format!("orderflow-{ns}"));
+    let mut o = StackOptions::new(amqp_url, &ns, &log_dir);
+    o.bin_dir = bin_dir.to_path_buf();
+    o.accounts = profile.accounts;
+    o.orders = if n == 7 { profile.all_at_once_orders } else { profile.orders };
+    o.fetchers = profile.replicas;
+    o.transformers = profile.replicas;
+    o.writers = profile.replicas;
+    // A paced backfill plus a steady stream of new and changed orders: the faults always hit work
+    // in flight, not an idle pipeline.
+    o.rate_per_sec = if n == 7 { profile.all_at_once_calls_per_sec } else { profile.calls_per_sec };
+    o.rate_per_min = o.rate_per_sec * 60;
+    // A target as slow as real ones: every writer always holds writes in flight.
+    o.target_args = vec!["--latency-ms".into(), "20".into(), "--latency-max-ms".into(), "120".into()];
+    o.env = vec![
+        ("FETCH_INTERVAL".into(), "1s".into()),
+        ("FETCH_PASS_TIME".into(), "5s".into()),
+        ("JST_TIMEOUT".into(), "2s".into()),
+        ("RETRY_TIERS".into(), "200ms,1s,2s,5s".into()),
+        ("WRITER_MAX_ATTEMPTS".into(), "12".into()),
+        ("TRANSFORMER_MAX_PAGE_BYTES".into(), (4 * 1024 * 1024).to_string()),
+        ("WRITER_MAX_RECORD_BYTES".into(), (256 * 1024).to_string()),
+    ];
+    if n == 1 || n == 7 {
+        o.jst_args.extend(
+            [
+                "--churn-modify",
+                "5",
+                "--churn-confirm",
+                "3",
+                "--churn-cancel",
+                "1",
+                "--churn-new",
+                "5",
+                "--churn-late",
+                "2",
+                "--late-max",
+                "10s",
+            ]
+            .map(String::from),
+        );
+    } else {
+        o.jst_args.extend(["--churn-new", "5", "--churn-modify", "2"].map(String::from));
+    }
+    // Tokens expire often in the storm; in "all at once" less often, since a kill -9 that lands
+    // between the source rotating a single-use refresh token and the fetcher committing it loses
+    // the pair for good (a real limit of such APIs: the account stops and says so).
+    match n {
+        2 => o.jst_args.extend(["--token-lifetime", "5s"].map(String::from)),
+        7 => o.jst_args.extend(["--token-lifetime", "20s"].map(String::from)),
+        _ => {}
+    }
+    o
+}
+
+async fn sleep_until(deadline: Instant) {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+}
+
+/// Source storms for `secs` seconds, then calm.
+async fn source_storm(stack: &Stack, secs: u64) -> anyhow::Result<()> {
+    let faults = json!({"error_5xx_rate": 0.1, "reset_rate": 0.05, "code_150_rate": 0.05, "slow_rate": 0.03, "slow_ms": 3000, "latency_min_ms": 5, "latency_max_ms": 60});
+    stack.post_json(&format!("{}/admin/faults", stack.jst_url), &faults).await?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let normal = json!({"per_sec": stack.options.rate_per_sec, "per_min": stack.options.rate_per_min});
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // A merchant whose package suddenly allows far less: 199/200 answers for a while.
+        stack.post_json(&format!("{}/admin/limits", stack.jst_url), &json!({"per_sec": 1, "per_min": 15})).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stack.post_json(&format!("{}/admin/limits", stack.jst_url), &normal).await?;
+    }
+    stack.post_json(&format!("{}/admin/faults", stack.jst_url), &json!({})).await?;
+    Ok(())
+}
+
+async fn target_trouble(stack: &Stack, secs: u64, outage_secs: u64) -> anyhow::Result<()> {
+    stack.target_faults(&json!({"failure_rate": 0.2, "throttle_rate": 0.05, "retry_after_secs": 1})).await?;
+    tokio::time::sleep(Duration::from_secs(secs / 2)).await;
+    stack.target_faults(&json!({"failure_rate": 0.0, "throttle_rate": 0.0, "outage_secs": outage_secs as f64})).await?;
+    tokio::time::sleep(Duration::from_secs(outage_secs)).await;
+    stack.target_faults(&json!({"outage_secs": 0.0})).await?;
+    Ok(())
+}
+
+async fn random_kills(stack: &mut Stack, secs: u64, rng: &mut Rng) -> anyhow::Result<u32> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut kills = 0;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(2000 + rng.below(2000))).await;
+        let role = *rng.pick(&[Role::Fetcher, Role::Transformer, Role::Writer]);
+        let count = stack.replicas(role).len() as u64;
+        let index = rng.below(count.max(1)) as u32;
+        stack.kill9(role, index).await?;
+        stack.spawn_stage(role, index).await?;
+        kills += 1;
+    }
+    Ok(kills)
+}
+
+async fn broker_faults(ctl: &str, secs: u64) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rabbitmqctl(ctl, &["close_all_connections", "orderflow fault suite: connections force-closed"])?;
+    tokio::time::sleep(Duration::from_secs(secs / 3)).await;
+    rabbitmqctl(ctl, &["stop_app"])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = rabbitmqctl(ctl, &["start_app"]);
+    let _ = rabbitmqctl(ctl, &["await_startup"]);
+    started?;
+    sleep_until(end).await;
+    rabbitmqctl(ctl, &["close_all_connections", "orderflow fault suite: connections force-closed again"])?;
+    Ok(())
+}
+
+/// Publishes malformed, oversized and unknown-schema messages; returns how many dead letters they must produce.
+async fn inject_bad(stack: &Stack) -> anyhow::Result<u64> {
+    let broker = orderflow_shared::settings::BrokerArgs {
+        amqp_url: stack.options.amqp_url.clone(),
+        amqp_ca_file: None,
+        ns: stack.options.ns.clone(),
+        declare_topology: true,
+    };
+    let connection = orderflow_shared::amqp::connect(&broker, "orderflow-fault-suite").await?;
+    let topology = Topology::new(stack.options.ns.clone());
+    let publisher = Publisher::open(&connection).await?;
+    let mut expected = 0u64;
+    let mut send = |exchange: String, routing_key: &'static str, id: String, body: Vec<u8>| {
+        expected += 1;
+        let p = publisher.clone();
+        async move { p.publish(&exchange, routing_key, &body, json_properties(&id, FieldTable::default())).await }
+    };
+    let (pages, records) = (topology.pages_exchange(), topology.records_exchange());
+    for i in 0..5 {
+        send(pages.clone(), PAGE_ROUTING_KEY, format!("bad-page-{i}"), format!("{{not json {i}").into_bytes()).await?;
+        send(
+            pages.clone(),
+            PAGE_ROUTING_KEY,
+            format!("v9-page-{i}"),
+            json!({"schema": "orderflow.page.v9", "orders": []}).to_string().into_bytes(),
+        )
+        .await?;
+        send(records.clone(), RECORD_ROUTING_KEY, format!("bad-record-{i}"), vec![0xff, 0xfe, i as u8]).await?;
+        send(
+            records.clone(),
+            RECORD_ROUTING_KEY,
+            format!("v9-record-{i}"),
+            json!({"schema": "orderflow.record.v9", "id": i}).to_string().into_bytes(),
+        )
+        .await?;
+        // A page whose one order is unusable: the order is dead-lettered, the page acked.
+        let broken = json!({"schema": "orderflow.page.v1", "account": "injected", "cursor": {}, "fetched_at": "x", "orders": [{"o_id": format!("X{i}"), "io_date": "not a date", "items": []}]});
+        send(pages.clone(), PAGE_ROUTING_KEY, format!("broken-order-{i}"), broken.to_string().into_bytes()).await?;
+    }
+    send(pages.clone(), PAGE_ROUTING_KEY, "oversized-page".into(), vec![b' '; 5 * 1024 * 1024]).await?;
+    let big = json!({"schema": "orderflow.record.v1", "account": "injected", "id": "big", "version": "1", "data": {"id": "big", "blob": "x".repeat(300 * 1024)}});
+    send(records.clone(), RECORD_ROUTING_KEY, "oversized-record".into(), big.to_string().into_bytes()).await?;
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(expected)
+}
+
+/// Dead letters present, and how many carry no reason.
+async fn dead_letter_check(connection: &lapin::Connection, topology: &Topology) -> anyhow::Result<(u64, u64)> {
+    let (mut total, mut without) = (0, 0);
+    for stage in Stage::ALL {
+        let queue = topology.dead_queue(stage);
+        let channel = connection.create_channel().await?;
+        let count = queue_state(connection, &queue).await?.map(|q| q.messages).unwrap_or(0);
+        for _ in 0..count {
+            let Some(m) =
+                channel.basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: false }).await?
+            else {
+                break;
+            };
+            total += 1;
+            let props = &m.delivery.properties;
+            let reason = orderflow_shared::amqp::headers::get_str(props, header::REASON).filter(|r| !r.is_empty());
+            let error = orderflow_shared::amqp::headers::get_str(props, header::ERROR).filter(|r| !r.is_empty());
+            if reason.is_none() || error.is_none() {
+                without += 1;
+            }
+        }
+        let _ = channel.close(200, "done".into()).await;
+    }
+    Ok((total, without))
+}
+
+pub async fn run_scenario(
+    n: u8,
+    profile: &Profile,
+    amqp_url: &str,
+    bin_dir: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<ScenarioResult> {
+    let started = Instant::now();
+    let mut result = ScenarioResult { scenario: n, name: NAMES[usize::from(n - 1)], ..ScenarioResult::default() };
+    let mut stack = Stack::start(options(n, profile, amqp_url, bin_dir)).await?;
+    let mut rng = Rng::new(seed ^ u64::from(n));
+    let secs = profile.fault_secs;
+    let script = async {
+        // Let work start flowing before the faults.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        match n {
+            1 => tokio::time::sleep(Duration::from_secs(secs)).await,
+            2 => source_storm(&stack, secs).await?,
+            3 => target_trouble(&stack, secs, profile.outage_secs).await?,
+            4 => result.notes.push(format!("{} replicas killed", random_kills(&mut stack, secs, &mut rng).await?)),
+            5 => broker_faults(&profile.rabbitmqctl, secs).await?,
+            6 => result.injected_bad = inject_bad(&stack).await?,
+            _ => {
+                result.injected_bad = inject_bad(&stack).await?;
+                let end = Instant::now() + Duration::from_secs(secs.max(profile.outage_secs + 10));
+                let (a, b, c) = tokio::join!(
+                    source_storm(&stack, secs),
+                    target_trouble(&stack, secs, profile.outage_secs),
+                    broker_faults(&profile.rabbitmqctl, secs)
+                );
+                a?;
+                b?;
+                c?;
+                let kills = random_kills(&mut stack, (secs / 2).max(10), &mut rng).await?;
+                result.notes.push(format!("{kills} replicas killed"));
+                sleep_until(end).await;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let scripted = script.await;
+    stack.post_json(&format!("{}/admin/churn", stack.jst_url), &json!({})).await?;
+    let faults_over = Instant::now();
+    let outcome = async {
+        scripted.context("the fault script failed")?;
+        let deadline = Instant::now() + Duration::from_secs(if n == 7 { 1800 } else { 600 });
+        let progress = loop {
+            let p = stack.progress().await;
+            if let Ok(p) = p {
+                if p.synced() {
+                    break p;
+                }
+                if Instant::now() >= deadline {
+                    result.notes.push(format!("not synced in time: {p:?}"));
+                    break p;
+                }
+            }
+            if let Some((role, index, log, status)) = stack.exited() {
+                result.notes.push(format!("{} #{index} exited ({status}), log {}", role.binary(), log.display()));
+                stack.spawn_stage(role, index).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        result.recovery_seconds = (faults_over.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+        let confirmed = stack.confirmed_ids().await?;
+        let written = stack.written_ids().await?;
+        result.orders = confirmed.len();
+        result.written = progress.written_confirmed;
+        result.lost = confirmed.iter().filter(|id| !written.contains(*id)).count();
+        result.duplicates_suppressed =
+            stack.target_stats().await?["stats"]["duplicates_suppressed"].as_u64().unwrap_or(0);
+        let broker = orderflow_shared::settings::BrokerArgs {
+            amqp_url: stack.options.amqp_url.clone(),
+            amqp_ca_file: None,
+            ns: stack.options.ns.clone(),
+            declare_topology: true,
+        };
+        let connection = orderflow_shared::amqp::connect(&broker, "orderflow-fault-suite").await?;
+        let topology = Topology::new(stack.options.ns.clone()).with_retry_tiers(
+            ["200ms", "1s", "2s", "5s"]
+                .iter()
+                .filter_map(|t| orderflow_shared::settings::parse_duration(t).ok())
+                .collect(),
+        );
+        let mut drained = false;
+        for _ in 0..120 {
+            let mut depth = 0;
+            for q in [topology.pages_queue(), topology.records_queue()]
+                .into_iter()
+                .chain(topology.retry_tiers.iter().map(|t| topology.retry_queue(*t)))
+            {
+                depth += queue_state(&connection, &q).await?.map(|s| s.messages).unwrap_or(0);
+            }
+            if depth == 0 {
+                drained = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        result.queues_drained = drained;
+        let (dead, without) = dead_letter_check(&connection, &topology).await?;
+        result.dead_lettered = dead;
+        result.dead_letters_without_reason = without;
+        let _ = connection.close(200, "bye".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = &outcome {
+        result.notes.push(format!("{e:#}"));
+    }
+    result.passed = outcome.is_ok()
+        && result.lost == 0
+        && result.queues_drained
+        && result.dead_letters_without_reason == 0
+        && result.orders > 0
+        && (result.injected_bad == 0 || result.dead_lettered >= result.injected_bad);
+    result.seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+    stack.stop().await;
+    if let Ok(connection) = orderflow_shared::amqp::connect(
+        &orderflow_shared::settings::BrokerArgs {
+            amqp_url: amqp_url.to_string(),
+            amqp_ca_file: None,
+            ns: stack.options.ns.clone(),
+            declare_topology: true,
+        },
+        "orderflow-fault-suite",
+    )
+    .await
+    {
+        let names: Vec<String> = (1..=stack.options.accounts).map(|i| format!("m{i}")).collect();
+        let _ = delete_namespace(&connection, &Topology::new(stack.options.ns.clone()), &names).await;
+        let _ = connection.close(200, "bye".into()).await;
+    }
+    Ok(result)
+}
+
+pub fn table(results: &[ScenarioResult]) -> String {
+    let mut out = String::from(
+        "| # | scenario | orders | lost | duplicates suppressed | dead-lettered (all with reason) | recovery | result |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {}{} | {:.1} s | {} |\n",
+            r.scenario,
+            r.name,
+            r.orders,
+            r.lost,
+            r.duplicates_suppressed,
+            r.dead_lettered,
+            if r.dead_letters_without_reason == 0 {
+                String::new()
+            } else {
+                format!(" ({} WITHOUT reason)", r.dead_letters_without_reason)
+            },
+            r.recovery_seconds,
+            if r.passed { "pass" } else { "FAIL" }
+        ));
+    }
+    out
+}
+
+pub async fn run(args: FaultArgs, amqp_url: &str) -> anyhow::Result<bool> {
+    let profile = if args.long { Profile::long() } else { Profile::short() };
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(crate::stack::default_bin_dir);
+    let scenarios: Vec<u8> = if args.scenarios.is_empty() { (1..=7).collect() } else { args.scenarios.clone() };
+    for s in &scenarios {
+        anyhow::ensure!((1..=7).contains(s), "--scenario {s}: scenarios are 1 to 7");
+    }
+    let seed = jiff::Timestamp::now().as_second() as u64;
+    let mut results = Vec::new();
+    for n in scenarios {
+        eprintln!("scenario {n}: {} …", NAMES[usize::from(n - 1)]);
+        let r = run_scenario(n, &profile, amqp_url, &bin_dir, seed).await?;
+        eprintln!(
+            "scenario {n}: {} — {} orders, lost {}, {} duplicates suppressed, {} dead-lettered, recovered in {:.1} s{}",
+            if r.passed { "pass" } else { "FAIL" },
+            r.orders,
+            r.lost,
+            r.duplicates_suppressed,
+            r.dead_lettered,
+            r.recovery_seconds,
+            if r.notes.is_empty() { String::new() } else { format!(" ({})", r.notes.join("; ")) }
+        );
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        results.push(r);
+    }
+    eprintln!("\n{}", table(&results));
+    let total: usize = results.iter().map(|r| r.orders).sum();
+    eprintln!(
+        "{} orders checked in {} scenario(s); lost: {}",
+        total,
+        results.len(),
+        results.iter().map(|r| r.lost).sum::<usize>()
+    );
+    Ok(results.iter().all(|r| r.passed))
+}
