@@ -154,6 +154,9 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
         ("JST_TIMEOUT".into(), "2s".into()),
         ("RETRY_TIERS".into(), "200ms,1s,2s,5s".into()),
         ("WRITER_MAX_ATTEMPTS".into(), "12".into()),
+        // Writers slower than the backfill: a backlog builds in the records queue, as it does
+        // whenever a real target is the bottleneck, so kills and broker faults hit deep queues.
+        ("WRITER_CONCURRENCY".into(), "8".into()),
         ("TRANSFORMER_MAX_PAGE_BYTES".into(), (4 * 1024 * 1024).to_string()),
         ("WRITER_MAX_RECORD_BYTES".into(), (256 * 1024).to_string()),
     ];
@@ -219,19 +222,47 @@ async fn target_trouble(stack: &Stack, secs: u64, outage_secs: u64) -> anyhow::R
     Ok(())
 }
 
-async fn random_kills(stack: &mut Stack, secs: u64, rng: &mut Rng) -> anyhow::Result<u32> {
+/// A gauge's value from a replica's `/metrics` (0 when it does not answer).
+async fn gauge(http: &reqwest::Client, admin: std::net::SocketAddr, name: &str) -> f64 {
+    let Ok(response) = http.get(format!("http://{admin}/metrics")).timeout(Duration::from_secs(1)).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0)
+}
+
+/// `kill -9` of a random replica every 2–4 s. A transformer or writer is killed the moment it
+/// has work in flight (its in-flight gauge above 0, waiting up to 3 s): the kill lands between
+/// receiving a message and acking it, where a broken ack order would lose data.
+async fn random_kills(stack: &mut Stack, secs: u64, rng: &mut Rng) -> anyhow::Result<String> {
     let end = Instant::now() + Duration::from_secs(secs);
-    let mut kills = 0;
+    let (mut kills, mut busy) = (0, 0);
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(2000 + rng.below(2000))).await;
         let role = *rng.pick(&[Role::Fetcher, Role::Transformer, Role::Writer]);
         let count = stack.replicas(role).len() as u64;
         let index = rng.below(count.max(1)) as u32;
+        let in_flight = match role {
+            Role::Transformer => Some("orderflow_transform_pages_in_flight"),
+            Role::Writer => Some("orderflow_write_inflight"),
+            _ => None,
+        };
+        if let (Some(name), Some(admin)) = (in_flight, stack.proc_mut(role, index).and_then(|p| p.admin)) {
+            let wait_until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < wait_until {
+                if gauge(stack.http(), admin, name).await >= 1.0 {
+                    busy += 1;
+                    break;
+                }
+            }
+        }
         stack.kill9(role, index).await?;
         stack.spawn_stage(role, index).await?;
         kills += 1;
     }
-    Ok(kills)
+    Ok(format!("{kills} replicas killed, {busy} of them with work in flight"))
 }
 
 async fn broker_faults(ctl: &str, secs: u64) -> anyhow::Result<()> {
@@ -340,7 +371,7 @@ pub async fn run_scenario(
             1 => tokio::time::sleep(Duration::from_secs(secs)).await,
             2 => source_storm(&stack, secs).await?,
             3 => target_trouble(&stack, secs, profile.outage_secs).await?,
-            4 => result.notes.push(format!("{} replicas killed", random_kills(&mut stack, secs, &mut rng).await?)),
+            4 => result.notes.push(random_kills(&mut stack, secs, &mut rng).await?),
             5 => broker_faults(&profile.rabbitmqctl, secs).await?,
             6 => result.injected_bad = inject_bad(&stack).await?,
             _ => {
@@ -354,8 +385,7 @@ pub async fn run_scenario(
                 a?;
                 b?;
                 c?;
-                let kills = random_kills(&mut stack, (secs / 2).max(10), &mut rng).await?;
-                result.notes.push(format!("{kills} replicas killed"));
+                result.notes.push(random_kills(&mut stack, (secs / 2).max(10), &mut rng).await?);
                 sleep_until(end).await;
             }
         }
@@ -367,14 +397,24 @@ pub async fn run_scenario(
     let outcome = async {
         scripted.context("the fault script failed")?;
         let deadline = Instant::now() + Duration::from_secs(if n == 7 { 1800 } else { 600 });
+        // A run that stops making progress fails without waiting out the whole deadline.
+        let stall = Duration::from_secs(120);
+        let mut last_change = (Instant::now(), None);
         let progress = loop {
             let p = stack.progress().await;
             if let Ok(p) = p {
                 if p.synced() {
                     break p;
                 }
+                if last_change.1 != Some((p.written_confirmed, p.target_records)) {
+                    last_change = (Instant::now(), Some((p.written_confirmed, p.target_records)));
+                }
                 if Instant::now() >= deadline {
                     result.notes.push(format!("not synced in time: {p:?}"));
+                    break p;
+                }
+                if last_change.0.elapsed() >= stall {
+                    result.notes.push(format!("no write for {} s and not synced: {p:?}", stall.as_secs()));
                     break p;
                 }
             }

@@ -23,7 +23,7 @@ use orderflow_shared::{
     settings::{BrokerArgs, LogArgs},
     trace::child_traceparent,
 };
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -89,6 +89,7 @@ pub struct Metrics {
     pub duplicates: IntCounter,
     pub publish_retries: IntCounter,
     pub page_seconds: Histogram,
+    pub pages_in_flight: IntGauge,
     pub reconnects: IntCounter,
     pub lost_acks: IntCounter,
 }
@@ -133,6 +134,12 @@ impl Metrics {
         )
         .expect("metric");
         reg(Box::new(page_seconds.clone()));
+        let pages_in_flight = IntGauge::new(
+            "orderflow_transform_pages_in_flight",
+            "Pages received and not yet acked (records being published and confirmed).",
+        )
+        .expect("metric");
+        reg(Box::new(pages_in_flight.clone()));
         let reconnects =
             IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
                 .expect("metric");
@@ -156,6 +163,7 @@ impl Metrics {
             duplicates,
             publish_retries,
             page_seconds,
+            pages_in_flight,
             reconnects,
             lost_acks,
         }
@@ -249,7 +257,24 @@ async fn publish_retrying(
     }
 }
 
+/// Counts a page in flight until dropped (acked, failed or cancelled).
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery) -> anyhow::Result<()> {
+    let _in_flight = InFlight::new(&shared.metrics.pages_in_flight);
     let timer = shared.metrics.page_seconds.start_timer();
     let received_nanos = orderflow_shared::otel::now_nanos();
     let metrics = &shared.metrics;
