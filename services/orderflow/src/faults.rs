@@ -35,7 +35,7 @@ use crate::{
 
 #[derive(Debug, Clone, Args)]
 pub struct FaultArgs {
-    /// The long profile: 200,000+ orders and at least 10 minutes of faults.
+    /// The long profile: over 200,000 orders, 4 merchants, 90 s of each fault (over 10 minutes).
     #[arg(long)]
     pub long: bool,
     /// Run only these scenarios (1-7); repeatable. Default: all.
@@ -64,6 +64,8 @@ pub struct Profile {
     /// the faults, which must hit work in flight, not an idle pipeline.
     pub calls_per_sec: u32,
     pub all_at_once_calls_per_sec: u32,
+    /// WRITER_CONCURRENCY: low enough that the writers are slower than the backfill.
+    pub writer_concurrency: u16,
     /// How to run `rabbitmqctl` against the broker (see [`rabbitmqctl_command`]).
     pub rabbitmqctl: String,
 }
@@ -80,21 +82,24 @@ impl Profile {
             all_at_once_orders: 4000,
             calls_per_sec: 3,
             all_at_once_calls_per_sec: 3,
+            writer_concurrency: 8,
             rabbitmqctl: rabbitmqctl_command(),
         }
     }
     pub fn long() -> Self {
-        // 300 pages per account at 3 calls/s (~100 s of backfill through 90 s of faults); the
-        // all-at-once run: 4 × 50,000 orders, 1,000 pages per account at 5 calls/s (~200 s).
+        // 100 pages per account at 3 calls/s (~35 s of backfill, then 90 s of faults on the churn
+        // stream and the writers' backlog); all at once: 4 × 25,000 orders, 500 pages per
+        // account at 5 calls/s (~100 s). About 220,000 orders in all.
         Profile {
             accounts: 4,
-            orders: 15_000,
+            orders: 5_000,
             replicas: 2,
             fault_secs: 90,
             outage_secs: 60,
-            all_at_once_orders: 50_000,
+            all_at_once_orders: 25_000,
             calls_per_sec: 3,
             all_at_once_calls_per_sec: 5,
+            writer_concurrency: 32,
             rabbitmqctl: rabbitmqctl_command(),
         }
     }
@@ -156,7 +161,7 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
         ("WRITER_MAX_ATTEMPTS".into(), "12".into()),
         // Writers slower than the backfill: a backlog builds in the records queue, as it does
         // whenever a real target is the bottleneck, so kills and broker faults hit deep queues.
-        ("WRITER_CONCURRENCY".into(), "8".into()),
+        ("WRITER_CONCURRENCY".into(), profile.writer_concurrency.to_string()),
         ("TRANSFORMER_MAX_PAGE_BYTES".into(), (4 * 1024 * 1024).to_string()),
         ("WRITER_MAX_RECORD_BYTES".into(), (256 * 1024).to_string()),
     ];
