@@ -59,6 +59,36 @@ pub enum Scenario {
         #[arg(long, default_value_t = 10)]
         compare: u16,
     },
+    /// The whole pipeline (limits lifted, no target latency) against the raw broker relay.
+    E2e {
+        /// Orders to sync (spread over the merchants).
+        #[arg(long, default_value_t = 200_000)]
+        orders: u64,
+        /// Merchants (fetch accounts) in jst-sim.
+        #[arg(long, default_value_t = 4)]
+        accounts: u32,
+        /// Replicas of each stage (K).
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Pace the source to about this many orders/s in all (0: limits lifted).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Writer concurrency (WRITER_CONCURRENCY).
+        #[arg(long, default_value_t = 64)]
+        concurrency: u16,
+        /// Skip the raw relay measurement.
+        #[arg(long)]
+        no_relay: bool,
+        /// Then run again paced at half the measured rate and report that run's latency.
+        #[arg(long)]
+        half_rate: bool,
+    },
+    /// One merchant at the real limits (5 calls/s, 100 calls/min): orders/s against the budget.
+    Source {
+        /// How long to measure.
+        #[arg(long, default_value_t = 180)]
+        seconds: u64,
+    },
 }
 
 pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
@@ -90,7 +120,115 @@ pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
             }
             Ok(all_ok)
         }
+        Scenario::E2e { orders, accounts, replicas, rate, concurrency, no_relay, half_rate } => {
+            let options = crate::e2e::E2eOptions {
+                orders,
+                accounts,
+                replicas,
+                rate,
+                writer_concurrency: concurrency,
+                relay: !no_relay,
+            };
+            e2e(&bin_dir, &broker, options, half_rate, args.json).await
+        }
+        Scenario::Source { seconds } => {
+            eprintln!("source-bound: one merchant at 5 calls/s + 100 calls/min for {seconds} s …");
+            let r = crate::e2e::source(&bin_dir, &broker, seconds).await?;
+            eprintln!(
+                "source-bound: {} orders/s = {:.1}% of the budget ({} orders/s); 199/200 rejections: {}",
+                r["orders_per_sec"],
+                r["ratio"].as_f64().unwrap_or(0.0) * 100.0,
+                r["budget_orders_per_sec"],
+                r["rejections_199_200"]
+            );
+            if args.json {
+                println!("{r}");
+            }
+            Ok(r["ratio"].as_f64().unwrap_or(0.0) >= 0.95 && r["rejections_199_200"].as_u64() == Some(0))
+        }
     }
+}
+
+fn print_e2e(r: &crate::e2e::E2eResult) {
+    eprintln!(
+        "pipeline: {} orders ({} pages, {} merchants, {} replica(s) per stage{}) in {:.1} s = {:.0} orders/s; fetch→write p50 {} ms, p99 {} ms",
+        r.orders,
+        r.pages,
+        r.accounts,
+        r.replicas,
+        if r.paced_orders_per_sec > 0 {
+            format!(", source paced to ~{}/s", r.paced_orders_per_sec)
+        } else {
+            String::new()
+        },
+        r.seconds,
+        r.orders_per_sec,
+        r.latency_p50_ms,
+        r.latency_p99_ms
+    );
+    eprintln!("  {:<16} {:>8} {:>10} {:>12} {:>10}", "process", "cpu s", "peak MiB", "@100k MiB", "end MiB");
+    for p in &r.processes {
+        eprintln!(
+            "  {:<16} {:>8.2} {:>10.1} {:>12} {:>10.1}",
+            p.process,
+            p.cpu_seconds,
+            p.peak_rss_mib,
+            p.rss_at_100k_mib.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+            p.rss_at_end_mib
+        );
+    }
+}
+
+async fn e2e(
+    bin_dir: &std::path::Path,
+    broker: &BrokerArgs,
+    options: crate::e2e::E2eOptions,
+    half_rate: bool,
+    json: bool,
+) -> anyhow::Result<bool> {
+    orderflow_shared::init_process();
+    eprintln!(
+        "e2e: {} orders, {} merchants, {} replica(s) per stage, writer concurrency {} …",
+        options.orders, options.accounts, options.replicas, options.writer_concurrency
+    );
+    let (mut result, notes) = crate::e2e::pipeline(bin_dir, broker, &options).await?;
+    for n in notes {
+        eprintln!("  {n}");
+    }
+    let mut ok = true;
+    if options.relay && result.pages > 0 {
+        let per_page = ((result.orders as f64 / result.pages as f64).round() as usize).max(1);
+        eprintln!("raw relay: {} pages × {per_page} records through the same two hops …", result.pages);
+        let relay = crate::e2e::relay(broker, result.pages, per_page, options.replicas).await?;
+        let ratio = result.orders_per_sec / relay.records_per_sec.max(1.0);
+        result.ratio = Some((ratio * 1000.0).round() / 1000.0);
+        result.relay = Some(relay);
+        ok &= ratio >= 0.6;
+    }
+    print_e2e(&result);
+    if let Some(relay) = &result.relay {
+        eprintln!(
+            "raw relay: {} records ({} pages of {} B, records of {} B) in {:.1} s = {:.0} records/s",
+            relay.records, relay.pages, relay.page_bytes, relay.record_bytes, relay.seconds, relay.records_per_sec
+        );
+        eprintln!("ratio: pipeline ÷ raw relay = {:.1}% (target ≥ 60%)", result.ratio.unwrap_or(0.0) * 100.0);
+    }
+    if json {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    if half_rate {
+        let rate = ((result.orders_per_sec / 2.0) as u32).max(50);
+        let paced = crate::e2e::E2eOptions { rate, relay: false, ..options };
+        eprintln!("\nhalf rate: the same run with the source paced to ~{rate} orders/s …");
+        let (half, _) = crate::e2e::pipeline(bin_dir, broker, &paced).await?;
+        print_e2e(&half);
+        eprintln!("half rate: p99 fetch→write {} ms (target < 1000 ms)", half.latency_p99_ms);
+        ok &= half.latency_p99_ms < 1000.0;
+        if json {
+            println!("{}", serde_json::to_string(&half)?);
+        }
+    }
+    Ok(ok)
 }
 
 fn bench_record(i: u64) -> Record {

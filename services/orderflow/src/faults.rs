@@ -233,9 +233,7 @@ async fn gauge(http: &reqwest::Client, admin: std::net::SocketAddr, name: &str) 
         return 0.0;
     };
     let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
 }
 
 /// `kill -9` of a random replica every 2–4 s. A transformer or writer is killed the moment it

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod broker;
 pub mod demo;
 pub mod dlq;
+pub mod e2e;
 pub mod faults;
 pub mod stack;
 pub mod status;

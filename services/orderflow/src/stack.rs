@@ -54,6 +54,9 @@ pub struct StackOptions {
     /// Per-merchant limits of jst-sim, and the fetchers' budget.
     pub rate_per_sec: u32,
     pub rate_per_min: u32,
+    /// The fetchers' budget (per second, per minute) when not the source's limits (e.g. when the
+    /// source's limits are lifted with 0).
+    pub fetch_budget: Option<(u32, u32)>,
     pub jst_args: Vec<String>,
     pub target_args: Vec<String>,
     /// Environment for every stage replica (FETCH_INTERVAL, RETRY_TIERS, …).
@@ -78,6 +81,7 @@ impl StackOptions {
             writers: 1,
             rate_per_sec: 50,
             rate_per_min: 3000,
+            fetch_budget: None,
             jst_args: Vec::new(),
             target_args: Vec::new(),
             env: Vec::new(),
@@ -205,8 +209,9 @@ impl Stack {
                         "access_token": a["access_token"], "refresh_token": a["refresh_token"],
                     })
                 };
-                entry["rate_per_sec"] = json!(options.rate_per_sec);
-                entry["rate_per_min"] = json!(options.rate_per_min);
+                let (per_sec, per_min) = options.fetch_budget.unwrap_or((options.rate_per_sec, options.rate_per_min));
+                entry["rate_per_sec"] = json!(per_sec);
+                entry["rate_per_min"] = json!(per_min);
                 if let Some(path) = &options.request_config {
                     entry["request_config"] = json!(path.display().to_string());
                 }
