@@ -273,7 +273,7 @@ impl AccountWorker {
     /// Runs passes while holding the account.
     async fn hold(&self, mut lease: Lease) -> anyhow::Result<Holding> {
         let rt = &self.runtime;
-        let mut fresh_tokens = false;
+        let mut fresh_until: Option<std::time::Instant> = None;
         let name = rt.account.name.as_str();
         let mode = match rt.account.request.cursor {
             CursorKind::StartTs => CursorMode::StartTs,
@@ -315,7 +315,7 @@ impl AccountWorker {
                     settings: &self.shared.settings,
                     credentials: &mut credentials,
                     tracer: &self.shared.tracer,
-                    fresh_tokens,
+                    fresh_until,
                 };
                 match mode {
                     CursorMode::StartTs => pass::start_ts_pass(&mut ctx, job.cursor.start_ts.unwrap_or(0)).await,
@@ -356,7 +356,7 @@ impl AccountWorker {
             }
             let mut next = job.next(next_cursor, None, result.orders);
             lease.commit(&self.publisher, &next).await?;
-            fresh_tokens = false;
+            fresh_until = None;
             if result.needs_refresh {
                 // The refresh token is single-use: commit the new pair the moment we have it.
                 let outcome =
@@ -364,10 +364,12 @@ impl AccountWorker {
                         .await;
                 *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
                 match outcome {
-                    Ok(tokens) => {
+                    Ok((tokens, lifetime)) => {
                         next = next.next(next.cursor.clone(), Some(tokens), 0);
                         lease.commit(&self.publisher, &next).await?;
-                        fresh_tokens = true;
+                        // A code 100 soon after this means the new pair is bad; much later (a
+                        // short-lived token, a slow source) it has simply expired again.
+                        fresh_until = Some(std::time::Instant::now() + (lifetime / 2).min(Duration::from_secs(60)));
                     }
                     Err(pass::RefreshFailure::Interrupted) => {
                         lease.release().await;

@@ -65,8 +65,9 @@ pub struct PassContext<'a> {
     pub settings: &'a PassSettings,
     pub credentials: &'a mut Credentials,
     pub tracer: &'a orderflow_shared::otel::Tracer,
-    /// The tokens were refreshed just before this pass: another code 100 means bad credentials.
-    pub fresh_tokens: bool,
+    /// Until when the tokens count as just refreshed: a code 100 before then means bad
+    /// credentials (stop), after it an expired token (refresh again). Cleared by a good call.
+    pub fresh_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -121,7 +122,7 @@ impl PassContext<'_> {
             let error = match result {
                 Ok(page) => {
                     self.metrics.requests.with_label_values(&[name, "ok"]).inc();
-                    self.fresh_tokens = false;
+                    self.fresh_until = None;
                     return Ok(page);
                 }
                 Err(error) => error,
@@ -133,7 +134,7 @@ impl PassContext<'_> {
                     return Err(CallFailure::Stopped(format!("permanent error from Jushuitan: {error}")));
                 }
                 CodeAction::RefreshToken => {
-                    if self.fresh_tokens {
+                    if self.fresh_until.is_some_and(|until| Instant::now() < until) {
                         return Err(CallFailure::Stopped(format!(
                             "{error} right after a token refresh; check the account's credentials"
                         )));
@@ -237,7 +238,7 @@ pub async fn refresh_tokens(
     credentials: &mut Credentials,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> Result<Tokens, RefreshFailure> {
+) -> Result<(Tokens, Duration), RefreshFailure> {
     let name = account.name.as_str();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
@@ -247,10 +248,14 @@ pub async fn refresh_tokens(
                 metrics.token_refreshes.with_label_values(&[name]).inc();
                 credentials.access_token = pair.access_token;
                 credentials.refresh_token = pair.refresh_token;
-                return Ok(Tokens {
+                let tokens = Tokens {
                     access_token: credentials.access_token.clone(),
                     refresh_token: credentials.refresh_token.clone(),
-                });
+                };
+                // No expires_in in the answer: assume a long-lived token (as Jushuitan's are).
+                let lifetime =
+                    if pair.expires_in == 0 { Duration::from_secs(120) } else { Duration::from_secs(pair.expires_in) };
+                return Ok((tokens, lifetime));
             }
             Err(error) if error.action() == CodeAction::Transient => {
                 tracing::warn!(message = "Token refresh failed; retrying.", account = name, %error);

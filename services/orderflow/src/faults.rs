@@ -197,6 +197,13 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
     o
 }
 
+/// The topology the scenario's stages use (its retry tiers are `RETRY_TIERS` above).
+fn scenario_topology(ns: &str) -> Topology {
+    Topology::new(ns.to_string()).with_retry_tiers(
+        ["200ms", "1s", "2s", "5s"].iter().filter_map(|t| orderflow_shared::settings::parse_duration(t).ok()).collect(),
+    )
+}
+
 async fn sleep_until(deadline: Instant) {
     tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
 }
@@ -442,12 +449,7 @@ pub async fn run_scenario(
             declare_topology: true,
         };
         let connection = orderflow_shared::amqp::connect(&broker, "orderflow-fault-suite").await?;
-        let topology = Topology::new(stack.options.ns.clone()).with_retry_tiers(
-            ["200ms", "1s", "2s", "5s"]
-                .iter()
-                .filter_map(|t| orderflow_shared::settings::parse_duration(t).ok())
-                .collect(),
-        );
+        let topology = scenario_topology(&stack.options.ns);
         let mut drained = false;
         for _ in 0..120 {
             let mut depth = 0;
@@ -494,7 +496,7 @@ pub async fn run_scenario(
     .await
     {
         let names: Vec<String> = (1..=stack.options.accounts).map(|i| format!("m{i}")).collect();
-        let _ = delete_namespace(&connection, &Topology::new(stack.options.ns.clone()), &names).await;
+        let _ = delete_namespace(&connection, &scenario_topology(&stack.options.ns), &names).await;
         let _ = connection.close(200, "bye".into()).await;
     }
     Ok(result)
