@@ -88,15 +88,15 @@ impl Profile {
     }
     pub fn long() -> Self {
         // 100 pages per account at 3 calls/s (~35 s of backfill, then 90 s of faults on the churn
-        // stream and the writers' backlog); all at once: 4 × 25,000 orders, 500 pages per
-        // account at 5 calls/s (~100 s). About 220,000 orders in all.
+        // stream and the writers' backlog); all at once: 4 × 40,000 orders, 800 pages per
+        // account at 5 calls/s (~160 s). Over 200,000 Confirmed orders checked in all.
         Profile {
             accounts: 4,
             orders: 5_000,
             replicas: 2,
             fault_secs: 90,
             outage_secs: 60,
-            all_at_once_orders: 25_000,
+            all_at_once_orders: 40_000,
             calls_per_sec: 3,
             all_at_once_calls_per_sec: 5,
             writer_concurrency: 32,
