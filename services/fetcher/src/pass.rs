@@ -297,11 +297,15 @@ impl<'p> Inflight<'p> {
         account: &str,
     ) -> Result<(), PassError> {
         let (body, props, span) = message;
-        let publisher = self.publisher.clone();
-        let exchange = self.exchange.clone();
         let tracer = self.tracer.clone();
+        // On the wire now; only the confirm is awaited later.
+        let confirm = self
+            .publisher
+            .send(&self.exchange, PAGE_ROUTING_KEY, &body, props)
+            .await
+            .map_err(|e| PassError::Broker(e.into()))?;
         self.futures.push(Box::pin(async move {
-            publisher.publish(&exchange, PAGE_ROUTING_KEY, &body, props).await?;
+            confirm.await?;
             if let Some(mut span) = span {
                 span.end_unix_nanos = orderflow_shared::otel::now_nanos();
                 tracer.record(span);

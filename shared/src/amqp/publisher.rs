@@ -57,6 +57,19 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        self.send(exchange, routing_key, body, properties).await?.await
+    }
+
+    /// Sends the message now and returns the wait for its confirm, so a caller keeping several
+    /// publishes in flight gets each on the wire at once (a lazy future would sit unsent until
+    /// polled).
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<impl Future<Output = Result<(), PublishError>> + Send + 'static, PublishError> {
         let confirm = self
             .channel
             .basic_publish(
@@ -66,9 +79,8 @@ impl Publisher {
                 body,
                 properties,
             )
-            .await?
             .await?;
-        check(confirm)
+        Ok(async move { check(confirm.await?) })
     }
 }
 
