@@ -512,7 +512,8 @@ pub async fn source(bin_dir: &std::path::Path, broker: &BrokerArgs, seconds: u64
         }
         let elapsed = started.elapsed().as_secs_f64();
         let sim = stack.get_json(&format!("{}/admin/stats", stack.jst_url)).await?;
-        let account = &sim["accounts"]["m1"];
+        let account = &sim["accounts"]["m1"]["stats"];
+        let written = stack.target_stats().await?["stats"]["records"].as_u64().unwrap_or(0);
         let rows = account["rows_served"].as_u64().unwrap_or(0);
         let calls_ok = account["ok"].as_u64().unwrap_or(0);
         let rejections = &account["rejections"];
@@ -522,7 +523,7 @@ pub async fn source(bin_dir: &std::path::Path, broker: &BrokerArgs, seconds: u64
         anyhow::Ok(json!({
             "scenario": "source", "seconds": round(elapsed, 1), "calls_ok": calls_ok, "orders_fetched": rows,
             "orders_per_sec": round(rate, 1), "budget_orders_per_sec": round(budget, 1),
-            "ratio": round(rate / budget, 3), "rejections_199_200": limited,
+            "ratio": round(rate / budget, 3), "rejections_199_200": limited, "orders_written": written,
         }))
     }
     .await;
