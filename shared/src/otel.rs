@@ -153,13 +153,13 @@ async fn export(mut receiver: mpsc::Receiver<Span>, url: String, service: String
                 Ok(r) if r.status().is_success() => failures = 0,
                 Ok(r) => {
                     failures += 1;
-                    if failures == 1 || failures % 100 == 0 {
+                    if failures == 1 || failures.is_multiple_of(100) {
                         tracing::warn!(message = "Trace export refused.", status = r.status().as_u16(), failures);
                     }
                 }
                 Err(error) => {
                     failures += 1;
-                    if failures == 1 || failures % 100 == 0 {
+                    if failures == 1 || failures.is_multiple_of(100) {
                         tracing::warn!(message = "Trace export failed.", error = %error.without_url(), failures);
                     }
                 }

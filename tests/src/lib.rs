@@ -433,10 +433,10 @@ pub fn close_connections(needle: &str) -> anyhow::Result<usize> {
     let listing = rabbitmqctl(&["list_connections", "pid", "client_properties", "-q"])?;
     let mut closed = 0;
     for line in listing.lines().filter(|l| l.contains(needle)) {
-        if let Some(pid) = line.split('\t').next().filter(|p| p.starts_with('<')) {
-            if rabbitmqctl(&["close_connection", pid, "closed by an orderflow test"]).is_ok() {
-                closed += 1;
-            }
+        if let Some(pid) = line.split('\t').next().filter(|p| p.starts_with('<'))
+            && rabbitmqctl(&["close_connection", pid, "closed by an orderflow test"]).is_ok()
+        {
+            closed += 1;
         }
     }
     Ok(closed)

@@ -176,7 +176,7 @@ async fn run_dlq(broker: &BrokerArgs, command: dlq::DlqCommand) -> anyhow::Resul
         }
         dlq::DlqCommand::Replay(args) => {
             let since_ms = args.since.as_deref().map(dlq::parse_since).transpose().map_err(anyhow::Error::msg)?;
-            if args.rate.is_some_and(|r| !(r > 0.0)) {
+            if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
                 anyhow::bail!("--rate must be a positive number of messages per second");
             }
             let options = dlq::ReplayOptions {

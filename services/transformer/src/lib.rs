@@ -322,26 +322,26 @@ async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery)
         let mut headers = FieldTable::default();
         set_i64(&mut headers, header::ATTEMPT, 0);
         let traceparent = child_traceparent(parent_trace.as_deref());
-        if shared.tracer.enabled() {
-            if let Some((trace_id, span_id)) = orderflow_shared::otel::ids(&traceparent) {
-                let io_id = record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default();
-                spans.push(orderflow_shared::otel::Span {
-                    trace_id,
-                    span_id,
-                    parent_span_id: parent_span.clone(),
-                    name: "transform record",
-                    kind: 5,
-                    start_unix_nanos: received_nanos,
-                    end_unix_nanos: 0,
-                    attributes: vec![
-                        ("o_id", record.id.clone()),
-                        ("io_id", io_id),
-                        ("account", record.account.clone()),
-                        ("messaging.message_id", record.message_id()),
-                    ],
-                    error: None,
-                });
-            }
+        if shared.tracer.enabled()
+            && let Some((trace_id, span_id)) = orderflow_shared::otel::ids(&traceparent)
+        {
+            let io_id = record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default();
+            spans.push(orderflow_shared::otel::Span {
+                trace_id,
+                span_id,
+                parent_span_id: parent_span.clone(),
+                name: "transform record",
+                kind: 5,
+                start_unix_nanos: received_nanos,
+                end_unix_nanos: 0,
+                attributes: vec![
+                    ("o_id", record.id.clone()),
+                    ("io_id", io_id),
+                    ("account", record.account.clone()),
+                    ("messaging.message_id", record.message_id()),
+                ],
+                error: None,
+            });
         }
         set_str(&mut headers, header::TRACEPARENT, &traceparent);
         set_str(&mut headers, header::ORDER_ID, &record.id);

@@ -157,11 +157,11 @@ fn order(rng: &mut Rng) -> Value {
         "is_cod": field(rng, json!(false)),
         "items": items,
     });
-    if rng.chance(0.1) {
-        if let Some(m) = o.as_object_mut() {
-            let key = rng.pick(&["o_id", "items", "io_date", "ts"]).to_string();
-            m.remove(&key);
-        }
+    if rng.chance(0.1)
+        && let Some(m) = o.as_object_mut()
+    {
+        let key = rng.pick(&["o_id", "items", "io_date", "ts"]).to_string();
+        m.remove(&key);
     }
     o
 }

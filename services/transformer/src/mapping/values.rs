@@ -196,10 +196,10 @@ fn parse_jushuitan(text: &str) -> Option<DateTime> {
 /// Parses `text` with the first matching format, as a civil time in `zone`.
 pub fn parse_datetime(text: &str, formats: &[String], zone: &TimeZone) -> Option<jiff::ZonedDateTime> {
     let text = text.trim();
-    if formats.first().is_some_and(|f| f == AUTO_FORMATS[0]) {
-        if let Some(dt) = parse_jushuitan(text) {
-            return dt.to_zoned_datetime(zone.clone()).ok();
-        }
+    if formats.first().is_some_and(|f| f == AUTO_FORMATS[0])
+        && let Some(dt) = parse_jushuitan(text)
+    {
+        return dt.to_zoned_datetime(zone.clone()).ok();
     }
     for format in formats {
         if let Ok(dt) = DateTime::strptime(format, text) {
