@@ -297,16 +297,7 @@ fn round(v: f64, digits: i32) -> f64 {
 /// default mapping makes of it: the relay moves messages of exactly these sizes.
 pub fn sample_messages() -> anyhow::Result<(Vec<u8>, Vec<Vec<u8>>)> {
     use jst_sim::store::{Credentials, Merchant};
-    let creds = Credentials {
-        app_key: "k".into(),
-        app_secret: "s".into(),
-        access_token: "t".into(),
-        refresh_token: "r".into(),
-        token_expires_at: None,
-        partner_id: "p".into(),
-        partner_key: "pk".into(),
-        legacy_token: "lt".into(),
-    };
+    let creds = Credentials::placeholder();
     let now = jiff::Timestamp::now();
     let merchant = Merchant::seed("m1".into(), 0, creds, 50, 7, now, jiff::SignedDuration::from_hours(24));
     let orders: Vec<Value> = (0..merchant.len()).filter_map(|i| merchant.order(i)).map(|o| o.render()).collect();

@@ -15,16 +15,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let orders: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(30);
-    let creds = Credentials {
-        app_key: "k".into(),
-        app_secret: "s".into(),
-        access_token: "t".into(),
-        refresh_token: "r".into(),
-        token_expires_at: None,
-        partner_id: "p".into(),
-        partner_key: "pk".into(),
-        legacy_token: "lt".into(),
-    };
+    let creds = Credentials::placeholder();
     let merchant = Merchant::seed("m1".into(), 0, creds, orders, 42, Timestamp::now(), SignedDuration::from_hours(72));
     let mut rows: Vec<Value> = Vec::with_capacity(orders as usize);
     let mut start_ts = 0;

@@ -9,16 +9,7 @@ use serde_json::{Value, json};
 use transformer::mapping::{Mapping, eval::Outcome};
 
 fn seeded_rows(count: u64) -> Vec<Value> {
-    let creds = Credentials {
-        app_key: "k".into(),
-        app_secret: "s".into(),
-        access_token: "t".into(),
-        refresh_token: "r".into(),
-        token_expires_at: None,
-        partner_id: "p".into(),
-        partner_key: "pk".into(),
-        legacy_token: "lt".into(),
-    };
+    let creds = Credentials::placeholder();
     let merchant = Merchant::seed("m1".into(), 0, creds, count, 7, Timestamp::now(), SignedDuration::from_hours(48));
     let page =
         merchant.query(&Query { window: Some((0, i64::MAX)), page_index: 1, page_size: u32::MAX, ..Query::default() });

@@ -53,6 +53,22 @@ pub struct Credentials {
     pub legacy_token: String,
 }
 
+impl Credentials {
+    /// Fixed dummy credentials, for generating orders outside a running simulator (tests, benches).
+    pub fn placeholder() -> Self {
+        Credentials {
+            app_key: "k".into(),
+            app_secret: "s".into(),
+            access_token: "t".into(),
+            refresh_token: "r".into(),
+            token_expires_at: None,
+            partner_id: "p".into(),
+            partner_key: "pk".into(),
+            legacy_token: "lt".into(),
+        }
+    }
+}
+
 /// A confirmed order as `/admin/truth` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TruthRow {
@@ -318,16 +334,7 @@ mod tests {
     use super::*;
 
     fn merchant(count: u64) -> Merchant {
-        let creds = Credentials {
-            app_key: "k".into(),
-            app_secret: "s".into(),
-            access_token: "t".into(),
-            refresh_token: "r".into(),
-            token_expires_at: None,
-            partner_id: "p".into(),
-            partner_key: "pk".into(),
-            legacy_token: "lt".into(),
-        };
+        let creds = Credentials::placeholder();
         let now = Timestamp::from_second(1_700_000_000).expect("valid");
         Merchant::seed("m1".into(), 0, creds, count, 42, now, SignedDuration::from_hours(72))
     }
