@@ -497,6 +497,8 @@ pub async fn run_scenario(
     {
         let names: Vec<String> = (1..=stack.options.accounts).map(|i| format!("m{i}")).collect();
         let _ = delete_namespace(&connection, &scenario_topology(&stack.options.ns), &names).await;
+        // The default tiers too: the suite's own connections declare the default topology.
+        let _ = delete_namespace(&connection, &Topology::new(stack.options.ns.clone()), &[]).await;
         let _ = connection.close(200, "bye".into()).await;
     }
     Ok(result)
