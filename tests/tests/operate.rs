@@ -317,6 +317,24 @@ async fn services_expose_their_metrics_and_one_orders_journey_is_traced() -> any
     outcome
 }
 
+/// Waits until every admin's `/readyz` answers `code`.
+async fn all_readyz(
+    admins: &[std::net::SocketAddr],
+    code: u16,
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+) -> anyhow::Result<()> {
+    wait_for(what, timeout, every, || async move {
+        let mut codes = Vec::new();
+        for a in admins {
+            codes.push(readyz(*a).await);
+        }
+        Ok(if codes.iter().all(|c| *c == code) { Ok(()) } else { Err(format!("{codes:?}")) })
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_connection_and_work_resumes_after_it_returns() -> anyhow::Result<()> {
     let _heavy = heavy().await;
@@ -330,17 +348,7 @@ async fn readyz_follows_the_broker_connection_and_work_resumes_after_it_returns(
     let outcome = async {
         let admins: Vec<std::net::SocketAddr> = stack.procs.iter().filter_map(|p| p.admin).collect();
         assert_eq!(admins.len(), 3);
-        wait_for("all ready", Duration::from_secs(30), Duration::from_millis(100), || {
-            let admins = admins.clone();
-            async move {
-                let mut codes = Vec::new();
-                for a in &admins {
-                    codes.push(readyz(*a).await);
-                }
-                Ok(if codes.iter().all(|c| *c == 200) { Ok(()) } else { Err(format!("{codes:?}")) })
-            }
-        })
-        .await?;
+        all_readyz(&admins, 200, "all ready", Duration::from_secs(30), Duration::from_millis(100)).await?;
         wait_for("some orders written", Duration::from_secs(60), Duration::from_millis(200), || async {
             let n = stack.written_ids().await?.len();
             Ok(if n > 200 { Ok(()) } else { Err(format!("{n}")) })
@@ -348,29 +356,11 @@ async fn readyz_follows_the_broker_connection_and_work_resumes_after_it_returns(
         .await?;
         {
             let _down = BrokerDown::stop()?;
-            wait_for("every service unready", Duration::from_secs(30), Duration::from_millis(100), || {
-                let admins = admins.clone();
-                async move {
-                    let mut codes = Vec::new();
-                    for a in &admins {
-                        codes.push(readyz(*a).await);
-                    }
-                    Ok(if codes.iter().all(|c| *c == 503) { Ok(()) } else { Err(format!("{codes:?}")) })
-                }
-            })
-            .await?;
+            all_readyz(&admins, 503, "every service unready", Duration::from_secs(30), Duration::from_millis(100))
+                .await?;
         }
-        wait_for("every service ready again", Duration::from_secs(60), Duration::from_millis(200), || {
-            let admins = admins.clone();
-            async move {
-                let mut codes = Vec::new();
-                for a in &admins {
-                    codes.push(readyz(*a).await);
-                }
-                Ok(if codes.iter().all(|c| *c == 200) { Ok(()) } else { Err(format!("{codes:?}")) })
-            }
-        })
-        .await?;
+        all_readyz(&admins, 200, "every service ready again", Duration::from_secs(60), Duration::from_millis(200))
+            .await?;
         for a in &admins {
             assert!(metric(*a, "orderflow_broker_reconnects_total", None).await? >= 1.0, "{a} counted its reconnect");
         }

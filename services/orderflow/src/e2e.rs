@@ -149,14 +149,16 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     prev.0
 }
 
-async fn metrics_text(http: &reqwest::Client, admin: std::net::SocketAddr) -> String {
+/// A replica's `/metrics` text (empty when it does not answer).
+pub async fn metrics_text(http: &reqwest::Client, admin: std::net::SocketAddr) -> String {
     match http.get(format!("http://{admin}/metrics")).timeout(Duration::from_secs(5)).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     }
 }
 
-fn counter_sum(texts: &[String], family: &str) -> f64 {
+/// The sum of a metric family's samples across `/metrics` texts.
+pub fn counter_sum(texts: &[String], family: &str) -> f64 {
     texts
         .iter()
         .flat_map(|t| t.lines())

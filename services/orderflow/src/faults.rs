@@ -234,15 +234,6 @@ async fn target_trouble(stack: &Stack, secs: u64, outage_secs: u64) -> anyhow::R
     Ok(())
 }
 
-/// A gauge's value from a replica's `/metrics` (0 when it does not answer).
-async fn gauge(http: &reqwest::Client, admin: std::net::SocketAddr, name: &str) -> f64 {
-    let Ok(response) = http.get(format!("http://{admin}/metrics")).timeout(Duration::from_secs(1)).send().await else {
-        return 0.0;
-    };
-    let text = response.text().await.unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
-}
-
 /// `kill -9` of a random replica every 2–4 s. A transformer or writer is killed the moment it
 /// has work in flight (its in-flight gauge above 0, waiting up to 3 s): the kill lands between
 /// receiving a message and acking it, where a broken ack order would lose data.
@@ -262,7 +253,7 @@ async fn random_kills(stack: &mut Stack, secs: u64, rng: &mut Rng) -> anyhow::Re
         if let (Some(name), Some(admin)) = (in_flight, stack.proc_mut(role, index).and_then(|p| p.admin)) {
             let wait_until = Instant::now() + Duration::from_secs(3);
             while Instant::now() < wait_until {
-                if gauge(stack.http(), admin, name).await >= 1.0 {
+                if crate::e2e::counter_sum(&[crate::e2e::metrics_text(stack.http(), admin).await], name) >= 1.0 {
                     busy += 1;
                     break;
                 }
