@@ -56,6 +56,18 @@ pub struct Record {
     pub data: Value,
 }
 
+/// A record as the writer reads it: `data` stays the JSON text it arrived as (borrowed from the
+/// message body), so it is posted without being parsed into a tree and serialized again.
+#[derive(Debug, Deserialize)]
+pub struct RawRecord<'a> {
+    pub schema: String,
+    pub account: String,
+    pub id: String,
+    pub version: String,
+    #[serde(borrow)]
+    pub data: &'a serde_json::value::RawValue,
+}
+
 impl Record {
     pub fn message_id(&self) -> String {
         record_message_id(&self.account, &self.id, &self.version)

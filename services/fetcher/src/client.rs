@@ -250,7 +250,8 @@ fn excerpt(bytes: &[u8]) -> String {
 
 /// Parses either envelope into a page or the business error.
 pub fn parse_page(bytes: &[u8], generation: ApiGeneration) -> Result<ApiPage, CallError> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| CallError::Decode(format!("{e}: {}", excerpt(bytes))))?;
+    let mut v: Value =
+        serde_json::from_slice(bytes).map_err(|e| CallError::Decode(format!("{e}: {}", excerpt(bytes))))?;
     let code = v.get("code").and_then(orderflow_shared::json::lenient_i64);
     if let Some(code) = code.filter(|c| *c != 0) {
         return Err(CallError::Api { code, msg: msg_of(&v) });
@@ -260,26 +261,23 @@ pub fn parse_page(bytes: &[u8], generation: ApiGeneration) -> Result<ApiPage, Ca
     }
     let data = match generation {
         ApiGeneration::Open => v
-            .get("data")
+            .get_mut("data")
             .filter(|d| d.is_object())
             .ok_or_else(|| CallError::Decode("no data object in the answer".into()))?,
-        ApiGeneration::Legacy => &v,
+        ApiGeneration::Legacy => &mut v,
     };
     let num = |k: &str| data.get(k).and_then(orderflow_shared::json::lenient_i64).unwrap_or(0).max(0) as u64;
-    let datas = match data.get("datas") {
-        Some(Value::Array(rows)) => rows.clone(),
+    let (page_index, data_count, page_count) = (num("page_index") as u32, num("data_count"), num("page_count"));
+    let has_next = data.get("has_next").and_then(orderflow_shared::json::lenient_bool).unwrap_or(false);
+    // The rows are moved out of the parsed answer, not copied (a page is ~100 KB of orders).
+    let datas = match data.get_mut("datas").map(Value::take) {
+        Some(Value::Array(rows)) => rows,
         None | Some(Value::Null) => Vec::new(),
         Some(other) => {
             return Err(CallError::Decode(format!("datas is not an array: {}", excerpt(other.to_string().as_bytes()))));
         }
     };
-    Ok(ApiPage {
-        page_index: num("page_index") as u32,
-        has_next: data.get("has_next").and_then(orderflow_shared::json::lenient_bool).unwrap_or(false),
-        data_count: num("data_count"),
-        page_count: num("page_count"),
-        datas,
-    })
+    Ok(ApiPage { page_index, has_next, data_count, page_count, datas })
 }
 
 #[cfg(test)]

@@ -41,32 +41,13 @@ pub struct Transformed {
     pub duplicates: usize,
 }
 
-/// Parses and transforms one page.
+/// Parses and transforms one page. The page is parsed once (the common case: a valid page); only
+/// a page that does not parse is looked at again, to say why it is poison.
 pub fn transform_page(mapping: &Mapping, body: &[u8]) -> PageOutcome {
-    match schema_of(body) {
-        Some(s) if s == PAGE_SCHEMA => {}
-        Some(other) => {
-            return PageOutcome::Poison {
-                reason: "unknown_schema",
-                detail: format!("unknown page schema {other:?} (this transformer reads {PAGE_SCHEMA:?})"),
-            };
-        }
-        None => {
-            let detail = match serde_json::from_slice::<Value>(body) {
-                Err(e) => format!("the page is not JSON: {e}"),
-                Ok(_) => "the page has no \"schema\" string".to_string(),
-            };
-            return PageOutcome::Poison { reason: "poison_page", detail };
-        }
-    }
-    let page: Page = match serde_json::from_slice(body) {
-        Ok(p) => p,
-        Err(e) => {
-            return PageOutcome::Poison {
-                reason: "poison_page",
-                detail: format!("the page does not match {PAGE_SCHEMA}: {e}"),
-            };
-        }
+    let page: Page = match serde_json::from_slice::<Page>(body) {
+        Ok(p) if p.schema == PAGE_SCHEMA => p,
+        Ok(p) => return unknown_schema(&p.schema),
+        Err(e) => return poison(body, e),
     };
     let mut out = Transformed { account: page.account.clone(), cursor: page.cursor.clone(), ..Transformed::default() };
     let mut by_id: HashMap<String, usize> = HashMap::with_capacity(page.orders.len());
@@ -100,6 +81,32 @@ pub fn transform_page(mapping: &Mapping, body: &[u8]) -> PageOutcome {
         }
     }
     PageOutcome::Transformed(out)
+}
+
+fn unknown_schema(schema: &str) -> PageOutcome {
+    PageOutcome::Poison {
+        reason: "unknown_schema",
+        detail: format!("unknown page schema {schema:?} (this transformer reads {PAGE_SCHEMA:?})"),
+    }
+}
+
+/// Why a body that is not a page is poison: an unknown schema (whatever its shape), no schema,
+/// not JSON, or a page-schema body of the wrong shape.
+fn poison(body: &[u8], error: serde_json::Error) -> PageOutcome {
+    match schema_of(body) {
+        Some(s) if s == PAGE_SCHEMA => PageOutcome::Poison {
+            reason: "poison_page",
+            detail: format!("the page does not match {PAGE_SCHEMA}: {error}"),
+        },
+        Some(other) => unknown_schema(&other),
+        None => {
+            let detail = match serde_json::from_slice::<Value>(body) {
+                Err(e) => format!("the page is not JSON: {e}"),
+                Ok(_) => "the page has no \"schema\" string".to_string(),
+            };
+            PageOutcome::Poison { reason: "poison_page", detail }
+        }
+    }
 }
 
 /// Version order: numerically when both are integers (`ts`), else as text (datetimes sort as text).

@@ -19,10 +19,9 @@ use orderflow_shared::{
         supervise,
         topology::{RECORD_ROUTING_KEY, tier_label},
     },
-    messages::{RECORD_SCHEMA, Record, header, now_ms, schema_of},
+    messages::{RECORD_SCHEMA, RawRecord, header, now_ms, schema_of},
     settings::{BrokerArgs, LogArgs, parse_duration},
 };
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -195,9 +194,19 @@ async fn session(
     .await
 }
 
+/// The write API's body; `data` is the record's JSON text as the transformer wrote it.
+#[derive(serde::Serialize)]
+struct Payload<'a> {
+    api: &'a str,
+    method: &'static str,
+    #[serde(rename = "idCheck")]
+    id_check: bool,
+    data: &'a serde_json::value::RawValue,
+}
+
 /// One POST of the record's payload.
-async fn write(target: &Target, record: &Record, message_id: &str) -> WriteOutcome {
-    let payload = json!({"api": target.api, "method": "POST", "idCheck": true, "data": record.data});
+async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> WriteOutcome {
+    let payload = Payload { api: &target.api, method: "POST", id_check: true, data: record.data };
     let mut request = target.http.post(&target.url).header("Idempotency-Key", message_id).json(&payload);
     if let Some((name, value)) = &target.auth {
         request = request.header(name.clone(), value.clone());
@@ -264,6 +273,23 @@ fn note_breaker(shared: &Shared, changed: Option<State>) {
     }
 }
 
+/// Why a body is not a record this writer reads: the dead letter's reason and detail.
+fn unreadable(body: &[u8], parsed: Result<RawRecord<'_>, serde_json::Error>) -> (&'static str, String) {
+    let schema = match &parsed {
+        Ok(record) => Some(record.schema.clone()),
+        Err(_) => schema_of(body),
+    };
+    match (schema, parsed) {
+        (Some(s), Err(e)) if s == RECORD_SCHEMA => {
+            ("poison_record", format!("the record does not match {RECORD_SCHEMA}: {e}"))
+        }
+        (Some(s), _) => {
+            ("unknown_schema", format!("unknown record schema {s:?} (this writer reads {RECORD_SCHEMA:?})"))
+        }
+        (None, _) => ("poison_record", "the record is not JSON with a \"schema\" string".to_string()),
+    }
+}
+
 async fn handle_record(
     shared: &Shared,
     publisher: &Publisher,
@@ -285,27 +311,11 @@ async fn handle_record(
         metrics.dead_letters.with_label_values(&["permanent", "oversized"]).inc();
         return consume::ack(&delivery, &metrics.lost_acks).await;
     }
-    let record: Record = match schema_of(&delivery.data) {
-        Some(s) if s == RECORD_SCHEMA => match serde_json::from_slice(&delivery.data) {
-            Ok(r) => r,
-            Err(e) => {
-                let dl = dead_letter(
-                    shared,
-                    ErrorClass::Permanent,
-                    "poison_record",
-                    format!("the record does not match {RECORD_SCHEMA}: {e}"),
-                );
-                dl.publish(publisher, &shared.topology, &delivery.data, &delivery.properties).await?;
-                metrics.dead_letters.with_label_values(&["permanent", "poison_record"]).inc();
-                return consume::ack(&delivery, &metrics.lost_acks).await;
-            }
-        },
-        other => {
-            let reason = if other.is_some() { "unknown_schema" } else { "poison_record" };
-            let detail = match other {
-                Some(s) => format!("unknown record schema {s:?} (this writer reads {RECORD_SCHEMA:?})"),
-                None => "the record is not JSON with a \"schema\" string".to_string(),
-            };
+    // One parse for a good record; a bad one is looked at again to say why.
+    let record = match serde_json::from_slice::<RawRecord>(&delivery.data) {
+        Ok(record) if record.schema == RECORD_SCHEMA => record,
+        parsed => {
+            let (reason, detail) = unreadable(&delivery.data, parsed);
             tracing::warn!(message = "Unreadable record dead-lettered.", message_id = %message_id, %detail);
             dead_letter(shared, ErrorClass::Permanent, reason, detail)
                 .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
@@ -345,7 +355,10 @@ async fn handle_record(
                         ("o_id", record.id.clone()),
                         (
                             "io_id",
-                            record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default(),
+                            serde_json::from_str::<serde_json::Value>(record.data.get())
+                                .ok()
+                                .and_then(|d| d.get("io_id").and_then(orderflow_shared::json::scalar_text))
+                                .unwrap_or_default(),
                         ),
                         ("messaging.message_id", message_id.clone()),
                         ("outcome", outcome.label().to_string()),
