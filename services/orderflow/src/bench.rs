@@ -166,10 +166,10 @@ fn print_e2e(r: &crate::e2e::E2eResult) {
         r.latency_p50_ms,
         r.latency_p99_ms
     );
-    eprintln!("  {:<16} {:>8} {:>10} {:>12} {:>10}", "process", "cpu s", "peak MiB", "@100k MiB", "end MiB");
+    eprintln!("  {:<20} {:>12} {:>10} {:>12} {:>10}", "process", "cpu s (sync)", "peak MiB", "@100k MiB", "end MiB");
     for p in &r.processes {
         eprintln!(
-            "  {:<16} {:>8.2} {:>10.1} {:>12} {:>10.1}",
+            "  {:<20} {:>12.2} {:>10.1} {:>12} {:>10.1}",
             p.process,
             p.cpu_seconds,
             p.peak_rss_mib,
@@ -211,6 +211,9 @@ async fn e2e(
             "raw relay: {} records ({} pages of {} B, records of {} B) in {:.1} s = {:.0} records/s",
             relay.records, relay.pages, relay.page_bytes, relay.record_bytes, relay.seconds, relay.records_per_sec
         );
+        if let (Some(broker), Some(own)) = (relay.broker_cpu_seconds, relay.relay_cpu_seconds) {
+            eprintln!("  cpu s: rabbitmq (beam.smp) {broker:.2}, relay process {own:.2}");
+        }
         eprintln!("ratio: pipeline ÷ raw relay = {:.1}% (target ≥ 60%)", result.ratio.unwrap_or(0.0) * 100.0);
     }
     if json {

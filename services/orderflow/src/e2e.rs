@@ -48,6 +48,8 @@ pub struct E2eOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessUsage {
     pub process: String,
+    /// CPU used while the orders were synced (from the start of the measurement to the last
+    /// write), so start-up work (jst-sim seeding its orders) is not counted.
     pub cpu_seconds: f64,
     pub peak_rss_mib: f64,
     /// Resident memory when 100,000 records had been written, and at the end.
@@ -63,6 +65,10 @@ pub struct RelayResult {
     pub record_bytes: usize,
     pub seconds: f64,
     pub records_per_sec: f64,
+    /// CPU of the broker (a local `beam.smp`, when one is found) and of the relay's own process
+    /// during the relay.
+    pub broker_cpu_seconds: Option<f64>,
+    pub relay_cpu_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +107,21 @@ fn proc_stat(pid: u32) -> Option<(f64, f64, f64)> {
             .unwrap_or(0.0)
     };
     Some((ticks / 100.0, kib("VmHWM:") / 1024.0, kib("VmRSS:") / 1024.0))
+}
+
+/// The local RabbitMQ's Erlang VM (`beam.smp`), when the broker runs on this machine and its
+/// process is visible: its CPU is part of what the benchmark measures.
+pub fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// CPU seconds used so far by a process (0 when it is gone).
+fn cpu_of(pid: Option<u32>) -> f64 {
+    pid.and_then(proc_stat).map(|(cpu, _, _)| cpu).unwrap_or(0.0)
 }
 
 fn process_name(role: Role, index: u32) -> String {
@@ -210,6 +231,10 @@ pub async fn pipeline(
 
 async fn measure(stack: &mut Stack, o: &E2eOptions) -> anyhow::Result<(E2eResult, Vec<String>)> {
     let started = Instant::now();
+    let cpu_at_start: HashMap<String, f64> =
+        stack.procs.iter().map(|p| (process_name(p.role, p.index), cpu_of(p.child.id()))).collect();
+    let broker = broker_pid();
+    let broker_cpu_at_start = cpu_of(broker);
     let mut lines = Vec::new();
     let confirmed = stack.confirmed_ids().await?.len() as u64;
     anyhow::ensure!(confirmed > 0, "jst-sim seeded no Confirmed order");
@@ -241,6 +266,7 @@ async fn measure(stack: &mut Stack, o: &E2eOptions) -> anyhow::Result<(E2eResult
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let seconds = started.elapsed().as_secs_f64();
+    let broker_cpu = cpu_of(broker) - broker_cpu_at_start;
     let mut processes = Vec::new();
     let mut texts = Vec::new();
     let mut fetcher_texts = Vec::new();
@@ -258,12 +284,21 @@ async fn measure(stack: &mut Stack, o: &E2eOptions) -> anyhow::Result<(E2eResult
         if let Some((cpu, peak, rss)) = p.child.id().and_then(proc_stat) {
             processes.push(ProcessUsage {
                 rss_at_100k_mib: rss_at_100k.get(&name).map(|v| round(*v, 1)),
+                cpu_seconds: round(cpu - cpu_at_start.get(&name).copied().unwrap_or(0.0), 2),
                 process: name,
-                cpu_seconds: round(cpu, 2),
                 peak_rss_mib: round(peak, 1),
                 rss_at_end_mib: round(rss, 1),
             });
         }
+    }
+    if let Some((_, peak, rss)) = broker.and_then(proc_stat) {
+        processes.push(ProcessUsage {
+            process: "rabbitmq (beam.smp)".into(),
+            cpu_seconds: round(broker_cpu, 2),
+            peak_rss_mib: round(peak, 1),
+            rss_at_100k_mib: None,
+            rss_at_end_mib: round(rss, 1),
+        });
     }
     let buckets = histogram_buckets(&texts, "orderflow_fetch_to_write_seconds");
     let pages = counter_sum(&fetcher_texts, "orderflow_fetch_pages_total") as u64;
@@ -419,6 +454,8 @@ pub async fn relay(
         });
         connections.push(conn);
     }
+    let broker = broker_pid();
+    let (broker_cpu_at_start, own_cpu_at_start) = (cpu_of(broker), cpu_of(Some(std::process::id())));
     let started = Instant::now();
     // Producer.
     let publish = admin.create_channel().await?;
@@ -458,6 +495,8 @@ pub async fn relay(
         anyhow::ensure!(Instant::now() < deadline, "the raw relay took over an hour");
     }
     let seconds = started.elapsed().as_secs_f64();
+    let broker_cpu = broker.map(|_| round(cpu_of(broker) - broker_cpu_at_start, 2));
+    let relay_cpu = round(cpu_of(Some(std::process::id())) - own_cpu_at_start, 2);
     producer.await??;
     tasks.abort_all();
     for c in connections {
@@ -475,6 +514,8 @@ pub async fn relay(
         record_bytes: record_body.len(),
         seconds: round(seconds, 2),
         records_per_sec: round(total_records as f64 / seconds, 0),
+        broker_cpu_seconds: broker_cpu,
+        relay_cpu_seconds: Some(relay_cpu),
     })
 }
 
