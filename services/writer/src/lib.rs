@@ -434,3 +434,39 @@ async fn handle_record(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason_of(body: &[u8]) -> (&'static str, String) {
+        match serde_json::from_slice::<RawRecord>(body) {
+            Ok(record) if record.schema == RECORD_SCHEMA => ("readable", String::new()),
+            parsed => unreadable(body, parsed),
+        }
+    }
+
+    #[test]
+    fn a_good_record_is_read_once_and_a_bad_one_gets_its_reason() {
+        let good = br#"{"schema":"orderflow.record.v1","account":"a","id":"1","version":"9","data":{"amount":150.75}}"#;
+        let record = serde_json::from_slice::<RawRecord>(good).expect("record");
+        assert_eq!(record.data.get(), r#"{"amount":150.75}"#, "data is posted as it arrived");
+        assert_eq!(reason_of(good).0, "readable");
+        assert_eq!(reason_of(b"not json").0, "poison_record");
+        assert_eq!(reason_of(br#"{"id":"1"}"#).0, "poison_record");
+        let (reason, detail) = reason_of(br#"{"schema":"orderflow.record.v9","id":"1"}"#);
+        assert_eq!(reason, "unknown_schema");
+        assert!(detail.contains("orderflow.record.v9"), "{detail}");
+        let (reason, detail) = reason_of(br#"{"schema":"orderflow.record.v1","account":"a","id":"1","version":"9"}"#);
+        assert_eq!(reason, "poison_record");
+        assert!(detail.contains("data"), "{detail}");
+    }
+
+    #[test]
+    fn the_payload_carries_the_data_verbatim() {
+        let data = serde_json::value::RawValue::from_string(r#"{"amount":150.75,"name":"张**"}"#.into()).expect("raw");
+        let payload = Payload { api: "空操作", method: "POST", id_check: true, data: &data };
+        let text = serde_json::to_string(&payload).expect("json");
+        assert_eq!(text, r#"{"api":"空操作","method":"POST","idCheck":true,"data":{"amount":150.75,"name":"张**"}}"#);
+    }
+}
