@@ -222,10 +222,11 @@ async fn session(
     }
     let publisher = Publisher::open(&connection).await?;
     let queue = shared.topology.pages_queue();
-    consume::run(channel, &queue, prefetch, &shutdown, &readiness, |delivery| {
+    let lost_acks = shared.metrics.lost_acks.clone();
+    consume::run(channel, &queue, prefetch, &shutdown, &readiness, &lost_acks, |delivery, acks| {
         let shared = shared.clone();
         let publisher = publisher.clone();
-        async move { handle_page(&shared, &publisher, delivery).await }
+        async move { handle_page(&shared, &publisher, &acks, delivery).await }
     })
     .await
 }
@@ -273,7 +274,12 @@ impl Drop for InFlight {
     }
 }
 
-async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery) -> anyhow::Result<()> {
+async fn handle_page(
+    shared: &Shared,
+    publisher: &Publisher,
+    acks: &consume::Acks,
+    delivery: Delivery,
+) -> anyhow::Result<()> {
     let _in_flight = InFlight::new(&shared.metrics.pages_in_flight);
     let timer = shared.metrics.page_seconds.start_timer();
     let received_nanos = orderflow_shared::otel::now_nanos();
@@ -306,7 +312,7 @@ async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery)
             page_dead_letter(reason, detail).publish(publisher, topology, &delivery.data, &delivery.properties).await?;
             metrics.pages.with_label_values(&["poison"]).inc();
             metrics.rejected.with_label_values(&[reason]).inc();
-            consume::ack(&delivery, &metrics.lost_acks).await?;
+            acks.ack(&delivery)?;
             timer.observe_duration();
             return Ok(());
         }
@@ -392,7 +398,7 @@ async fn handle_page(shared: &Shared, publisher: &Publisher, delivery: Delivery)
     metrics.dropped.inc_by(transformed.dropped as u64);
     metrics.duplicates.inc_by(transformed.duplicates as u64);
     metrics.pages.with_label_values(&["ok"]).inc();
-    consume::ack(&delivery, &metrics.lost_acks).await?;
+    acks.ack(&delivery)?;
     timer.observe_duration();
     Ok(())
 }

@@ -185,11 +185,12 @@ async fn session(
     let publisher = Publisher::open(&connection).await?;
     let queue = shared.topology.records_queue();
     let stop = shutdown.clone();
-    consume::run(channel, &queue, shared.config.concurrency, &shutdown, &readiness, |delivery| {
+    let lost_acks = shared.metrics.lost_acks.clone();
+    consume::run(channel, &queue, shared.config.concurrency, &shutdown, &readiness, &lost_acks, |delivery, acks| {
         let shared = shared.clone();
         let publisher = publisher.clone();
         let stop = stop.clone();
-        async move { handle_record(&shared, &publisher, &stop, delivery).await }
+        async move { handle_record(&shared, &publisher, &acks, &stop, delivery).await }
     })
     .await
 }
@@ -293,6 +294,7 @@ fn unreadable(body: &[u8], parsed: Result<RawRecord<'_>, serde_json::Error>) -> 
 async fn handle_record(
     shared: &Shared,
     publisher: &Publisher,
+    acks: &consume::Acks,
     shutdown: &CancellationToken,
     delivery: Delivery,
 ) -> anyhow::Result<()> {
@@ -309,7 +311,7 @@ async fn handle_record(
             .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
             .await?;
         metrics.dead_letters.with_label_values(&["permanent", "oversized"]).inc();
-        return consume::ack(&delivery, &metrics.lost_acks).await;
+        return acks.ack(&delivery);
     }
     // One parse for a good record; a bad one is looked at again to say why.
     let record = match serde_json::from_slice::<RawRecord>(&delivery.data) {
@@ -321,7 +323,7 @@ async fn handle_record(
                 .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
                 .await?;
             metrics.dead_letters.with_label_values(&["permanent", reason]).inc();
-            return consume::ack(&delivery, &metrics.lost_acks).await;
+            return acks.ack(&delivery);
         }
     };
     let attempts_before = get_i64(&delivery.properties, header::ATTEMPT).unwrap_or(0).max(0) as u32;
@@ -384,7 +386,7 @@ async fn handle_record(
                 if let Some(fetched) = get_i64(&delivery.properties, header::FETCHED_AT_MS) {
                     metrics.fetch_to_write_seconds.observe((now_ms() - fetched).max(0) as f64 / 1000.0);
                 }
-                return consume::ack(&delivery, &metrics.lost_acks).await;
+                return acks.ack(&delivery);
             }
             WriteOutcome::Permanent { detail } => {
                 tracing::warn!(message = "Target rejected the record; dead-lettered.", message_id = %message_id, o_id = %record.id, %detail);
@@ -397,7 +399,7 @@ async fn handle_record(
                 .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
                 .await?;
                 metrics.dead_letters.with_label_values(&["permanent", "target_rejected"]).inc();
-                return consume::ack(&delivery, &metrics.lost_acks).await;
+                return acks.ack(&delivery);
             }
             WriteOutcome::Transient { reason, detail, retry_after, .. } => {
                 if shared.breaker.state() != State::Closed {
@@ -417,7 +419,7 @@ async fn handle_record(
                     .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
                     .await?;
                     metrics.dead_letters.with_label_values(&["exhausted", "exhausted"]).inc();
-                    return consume::ack(&delivery, &metrics.lost_acks).await;
+                    return acks.ack(&delivery);
                 }
                 let Some(tier) = choose_tier(&shared.topology.retry_tiers, attempts, retry_after) else {
                     anyhow::bail!("no retry tiers configured");
@@ -429,7 +431,7 @@ async fn handle_record(
                 publisher.publish(&shared.topology.retry_exchange(), &label, &delivery.data, props).await?;
                 metrics.retries.with_label_values(&[&label]).inc();
                 tracing::debug!(message = "Write failed; retrying later.", message_id = %message_id, attempts, tier = %label, %detail);
-                return consume::ack(&delivery, &metrics.lost_acks).await;
+                return acks.ack(&delivery);
             }
         }
     }
