@@ -155,16 +155,7 @@ pub async fn teardown(mut stack: Stack) {
     stack.stop().await;
     let broker = broker_args(&stack.options.ns).await;
     if let Ok(connection) = orderflow_shared::amqp::connect(&broker, "orderflow-tests").await {
-        let topology = orderflow_shared::amqp::Topology::new(stack.options.ns.clone());
-        let accounts: Vec<String> = (1..=stack.options.accounts).map(|i| format!("m{i}")).collect();
-        let _ = orderflow_cli::broker::delete_namespace(&connection, &topology, &accounts).await;
-        // The stages' own retry tiers, when a test set RETRY_TIERS (the default tiers went above).
-        let custom =
-            stack.options.env.iter().find(|(k, _)| k == "RETRY_TIERS").and_then(|(_, v)| writer::parse_tiers(v).ok());
-        if let Some(tiers) = custom {
-            let _ =
-                orderflow_cli::broker::delete_namespace(&connection, &topology.with_retry_tiers(tiers.0), &[]).await;
-        }
+        let _ = orderflow_cli::stack::delete_stack_namespace(&connection, &stack.options).await;
         let _ = connection.close(200, "bye".into()).await;
     }
 }

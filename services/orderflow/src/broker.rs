@@ -37,6 +37,15 @@ async fn fresh(connection: &Connection, channel: Channel) -> anyhow::Result<Chan
     if channel.status().connected() { Ok(channel) } else { Ok(connection.create_channel().await?) }
 }
 
+/// Parses a `RETRY_TIERS` value (`1s,10s,1m`).
+pub fn parse_tiers(tiers: &str) -> anyhow::Result<Vec<std::time::Duration>> {
+    tiers
+        .split(',')
+        .map(|t| orderflow_shared::settings::parse_duration(t.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("RETRY_TIERS: {e}"))
+}
+
 /// Deletes every queue and exchange of a namespace (work, dead, retry, fetch queues of `accounts`).
 pub async fn delete_namespace(connection: &Connection, topology: &Topology, accounts: &[String]) -> anyhow::Result<()> {
     let mut queues = topology.queue_names();

@@ -17,7 +17,7 @@ use orderflow_shared::{
 use serde_json::json;
 
 use crate::{
-    broker::{delete_namespace, queue_state},
+    broker::queue_state,
     stack::{Stack, StackOptions},
 };
 
@@ -203,11 +203,7 @@ pub async fn run(args: DemoArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
     let stats = stack.target_stats().await.ok();
     stack.stop().await;
     if !args.keep {
-        let names: Vec<String> = (1..=args.accounts.max(1)).map(|i| format!("m{i}")).collect();
-        let _ = delete_namespace(&connection, &topology, &names).await;
-        // The stages' own retry tiers (RETRY_TIERS above) too.
-        let tiers = ["1s", "2s", "5s", "10s"].iter().filter_map(|t| orderflow_shared::settings::parse_duration(t).ok());
-        let _ = delete_namespace(&connection, &topology.clone().with_retry_tiers(tiers.collect()), &[]).await;
+        let _ = crate::stack::delete_stack_namespace(&connection, &stack.options).await;
     }
     let _ = connection.close(200, "bye".into()).await;
     let p = progress.unwrap_or(crate::stack::Progress { confirmed: 0, written_confirmed: 0, target_records: 0 });

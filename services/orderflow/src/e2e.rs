@@ -29,10 +29,7 @@ use orderflow_shared::{messages::PAGE_SCHEMA, settings::BrokerArgs};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::{
-    broker::delete_namespace,
-    stack::{Role, Stack, StackOptions},
-};
+use crate::stack::{Role, Stack, StackOptions, delete_stack_namespace};
 
 #[derive(Debug, Clone)]
 pub struct E2eOptions {
@@ -68,7 +65,7 @@ pub struct RelayResult {
     /// CPU of the broker (a local `beam.smp`, when one is found) and of the relay's own process
     /// during the relay.
     pub broker_cpu_seconds: Option<f64>,
-    pub relay_cpu_seconds: Option<f64>,
+    pub relay_cpu_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,7 +108,7 @@ fn proc_stat(pid: u32) -> Option<(f64, f64, f64)> {
 
 /// The local RabbitMQ's Erlang VM (`beam.smp`), when the broker runs on this machine and its
 /// process is visible: its CPU is part of what the benchmark measures.
-pub fn broker_pid() -> Option<u32> {
+fn broker_pid() -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
         let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
         let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
@@ -223,8 +220,7 @@ pub async fn pipeline(
     stack.stop().await;
     let connection =
         orderflow_shared::amqp::connect(&BrokerArgs { ns: ns.clone(), ..broker.clone() }, "orderflow-bench").await?;
-    let accounts: Vec<String> = (1..=o.accounts).map(|i| format!("m{i}")).collect();
-    delete_namespace(&connection, &orderflow_shared::amqp::Topology::new(ns), &accounts).await?;
+    delete_stack_namespace(&connection, &stack.options).await?;
     let _ = connection.close(200, "bye".into()).await;
     outcome
 }
@@ -515,7 +511,7 @@ pub async fn relay(
         seconds: round(seconds, 2),
         records_per_sec: round(total_records as f64 / seconds, 0),
         broker_cpu_seconds: broker_cpu,
-        relay_cpu_seconds: Some(relay_cpu),
+        relay_cpu_seconds: relay_cpu,
     })
 }
 
@@ -565,7 +561,7 @@ pub async fn source(bin_dir: &std::path::Path, broker: &BrokerArgs, seconds: u64
     if let Ok(connection) =
         orderflow_shared::amqp::connect(&BrokerArgs { ns: ns.clone(), ..broker.clone() }, "orderflow-bench").await
     {
-        let _ = delete_namespace(&connection, &orderflow_shared::amqp::Topology::new(ns), &["m1".to_string()]).await;
+        let _ = delete_stack_namespace(&connection, &stack.options).await;
         let _ = connection.close(200, "bye".into()).await;
     }
     outcome

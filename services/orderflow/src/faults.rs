@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
-    broker::{delete_namespace, queue_state, rabbitmqctl, rabbitmqctl_command},
+    broker::{queue_state, rabbitmqctl, rabbitmqctl_command},
     stack::{Role, Stack, StackOptions},
 };
 
@@ -195,13 +195,6 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
         _ => {}
     }
     o
-}
-
-/// The topology the scenario's stages use (its retry tiers are `RETRY_TIERS` above).
-fn scenario_topology(ns: &str) -> Topology {
-    Topology::new(ns.to_string()).with_retry_tiers(
-        ["200ms", "1s", "2s", "5s"].iter().filter_map(|t| orderflow_shared::settings::parse_duration(t).ok()).collect(),
-    )
 }
 
 async fn sleep_until(deadline: Instant) {
@@ -440,7 +433,7 @@ pub async fn run_scenario(
             stack.target_stats().await?["stats"]["duplicates_suppressed"].as_u64().unwrap_or(0);
         let broker = stack_broker(&stack);
         let connection = orderflow_shared::amqp::connect(&broker, "orderflow-fault-suite").await?;
-        let topology = scenario_topology(&stack.options.ns);
+        let topology = stack.options.stage_topology();
         let mut drained = false;
         for _ in 0..120 {
             let mut depth = 0;
@@ -486,10 +479,7 @@ pub async fn run_scenario(
     )
     .await
     {
-        let names: Vec<String> = (1..=stack.options.accounts).map(|i| format!("m{i}")).collect();
-        let _ = delete_namespace(&connection, &scenario_topology(&stack.options.ns), &names).await;
-        // The default tiers too: the suite's own connections declare the default topology.
-        let _ = delete_namespace(&connection, &Topology::new(stack.options.ns.clone()), &[]).await;
+        let _ = crate::stack::delete_stack_namespace(&connection, &stack.options).await;
         let _ = connection.close(200, "bye".into()).await;
     }
     Ok(result)

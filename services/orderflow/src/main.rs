@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use orderflow_cli::{bench, demo, dlq, faults, status, topology_cmd};
+use orderflow_cli::{bench, broker::parse_tiers, demo, dlq, faults, status, topology_cmd};
 use orderflow_shared::{
     amqp::Topology,
     settings::{BrokerArgs, LogArgs},
@@ -90,14 +90,6 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn parse_tiers(tiers: &str) -> anyhow::Result<Vec<std::time::Duration>> {
-    tiers
-        .split(',')
-        .map(|t| orderflow_shared::settings::parse_duration(t.trim()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("RETRY_TIERS: {e}"))
 }
 
 async fn connect(broker: &BrokerArgs, name: &str) -> anyhow::Result<lapin::Connection> {

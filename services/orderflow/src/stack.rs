@@ -17,6 +17,19 @@ use tokio::{
     process::{Child, Command},
 };
 
+/// Deletes everything a stack's processes declared on the broker: the stages' topology with
+/// the accounts' fetch queues, and the default retry tiers (which a harness's own connections
+/// declare) when the stages used others.
+pub async fn delete_stack_namespace(connection: &lapin::Connection, options: &StackOptions) -> anyhow::Result<()> {
+    let stage = options.stage_topology();
+    crate::broker::delete_namespace(connection, &stage, &options.account_names()).await?;
+    let default = orderflow_shared::amqp::Topology::new(options.ns.clone());
+    if default.retry_tiers != stage.retry_tiers {
+        crate::broker::delete_namespace(connection, &default, &[]).await?;
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     JstSim,
@@ -69,6 +82,21 @@ pub struct StackOptions {
 }
 
 impl StackOptions {
+    /// The source accounts jst-sim creates for this stack: `m1` … `mN`.
+    pub fn account_names(&self) -> Vec<String> {
+        (1..=self.accounts.max(1)).map(|i| format!("m{i}")).collect()
+    }
+
+    /// The topology the stages declare: the retry tiers `env` gives them in `RETRY_TIERS`, else
+    /// the default ones.
+    pub fn stage_topology(&self) -> orderflow_shared::amqp::Topology {
+        let topology = orderflow_shared::amqp::Topology::new(self.ns.clone());
+        match self.env.iter().find(|(k, _)| k == "RETRY_TIERS").and_then(|(_, v)| crate::broker::parse_tiers(v).ok()) {
+            Some(tiers) => topology.with_retry_tiers(tiers),
+            None => topology,
+        }
+    }
+
     pub fn new(amqp_url: &str, ns: &str, log_dir: &Path) -> Self {
         Self {
             bin_dir: default_bin_dir(),
