@@ -27,7 +27,7 @@ use tokio::process::Command;
 
 use crate::{
     broker::delete_namespace,
-    stack::{default_bin_dir, free_addr, spawn_logged, spawn_sim},
+    stack::{default_bin_dir, spawn_logged, spawn_sim},
 };
 
 #[derive(Debug, Clone, Args)]
@@ -300,7 +300,7 @@ async fn writer_bound(
     let mut cmd = Command::new(bin_dir.join("writer"));
     cmd.env("AMQP_URL", &broker.amqp_url)
         .env("ORDERFLOW_NS", &ns)
-        .env("ADMIN_ADDR", free_addr()?.to_string())
+        .env("ADMIN_ADDR", "127.0.0.1:0")
         .env("TARGET_URL", format!("{target_url}/data/write"))
         .env("WRITER_CONCURRENCY", concurrency.to_string())
         .env("LOG_FORMAT", "json");

@@ -146,10 +146,49 @@ pub struct Stack {
     http: reqwest::Client,
 }
 
-/// A free local port (bound then released; good enough for local runs and tests).
-pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
+/// The log line every service writes once its admin server listens (shared/src/admin.rs).
+const ADMIN_LISTENING: &str = "Admin server listening.";
+
+/// Waits until a stage replica started with `ADMIN_ADDR=127.0.0.1:0` logs the address its admin
+/// server bound. Letting the child pick its own port leaves no window in which another socket can
+/// take a port chosen for it (a released "free" port can be taken before the child binds it).
+async fn admin_addr_from_log(child: &mut Child, log: &Path) -> anyhow::Result<SocketAddr> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = tokio::fs::read_to_string(log).await.unwrap_or_default();
+        if let Some(addr) = text.lines().find_map(listening_addr) {
+            return Ok(addr);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("exited at start ({status}); see {}", log.display());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no admin server within 60 s; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    if v["message"] != ADMIN_LISTENING {
+        return None;
+    }
+    v["addr"].as_str()?.parse().ok()
+}
+
+/// `RUST_LOG` for stage replicas: the stack's own `RUST_LOG` setting, else `ORDERFLOW_CHILD_LOG`,
+/// else `info,lapin=off`; always keeping the admin server's start line, which
+/// [`admin_addr_from_log`] reads.
+fn child_log_filter(env: &[(String, String)]) -> String {
+    let base = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "RUST_LOG")
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var("ORDERFLOW_CHILD_LOG").ok())
+        .unwrap_or_else(|| "info,lapin=off".into());
+    format!("{base},orderflow_shared::admin=info")
 }
 
 pub async fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
@@ -265,7 +304,6 @@ impl Stack {
     /// Starts (or restarts) replica `index` of a stage.
     pub async fn spawn_stage(&mut self, role: Role, index: u32) -> anyhow::Result<()> {
         let o = &self.options;
-        let admin = free_addr()?;
         let log = o.log_dir.join(format!("{}-{index}.log", role.binary()));
         let log = if log.exists() {
             o.log_dir.join(format!("{}-{index}-{}.log", role.binary(), jiff::Timestamp::now().as_millisecond()))
@@ -275,9 +313,9 @@ impl Stack {
         let mut cmd = Command::new(o.bin_dir.join(role.binary()));
         cmd.env("AMQP_URL", &o.amqp_url)
             .env("ORDERFLOW_NS", &o.ns)
-            .env("ADMIN_ADDR", admin.to_string())
+            .env("ADMIN_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", std::env::var("ORDERFLOW_CHILD_LOG").unwrap_or_else(|_| "info,lapin=off".into()));
+            .env("RUST_LOG", child_log_filter(&o.env));
         match role {
             Role::Fetcher => {
                 cmd.env("ORDERFLOW_ACCOUNTS", &self.accounts_file).env("FETCH_LOCK_RETRY", "1s");
@@ -287,10 +325,12 @@ impl Stack {
             }
             _ => {}
         }
-        for (k, v) in &o.env {
+        for (k, v) in o.env.iter().filter(|(k, _)| k != "RUST_LOG") {
             cmd.env(k, v);
         }
-        let child = spawn_logged(&mut cmd, &log).await?;
+        let mut child = spawn_logged(&mut cmd, &log).await?;
+        let admin =
+            admin_addr_from_log(&mut child, &log).await.with_context(|| format!("{} #{index}", role.binary()))?;
         self.procs.retain(|p| !(p.role == role && p.index == index));
         self.procs.push(Proc { role, index, child, admin: Some(admin), log });
         Ok(())
@@ -407,5 +447,24 @@ pub struct Progress {
 impl Progress {
     pub fn synced(&self) -> bool {
         self.confirmed > 0 && self.written_confirmed == self.confirmed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_address_is_read_from_the_services_json_start_line() {
+        let line = r#"{"timestamp":"2026-11-28T15:00:00Z","level":"INFO","message":"Admin server listening.","addr":"127.0.0.1:40123","target":"orderflow_shared::admin"}"#;
+        assert_eq!(listening_addr(line), Some("127.0.0.1:40123".parse().unwrap()));
+        assert_eq!(listening_addr(r#"{"message":"Writer started.","admin":"127.0.0.1:40123"}"#), None);
+        assert_eq!(listening_addr("writer: ADMIN_ADDR 127.0.0.1:0: Address in use"), None);
+    }
+
+    #[test]
+    fn a_quiet_log_filter_still_lets_the_admin_start_line_through() {
+        let env = vec![("RUST_LOG".to_string(), "warn".to_string())];
+        assert_eq!(child_log_filter(&env), "warn,orderflow_shared::admin=info");
     }
 }
