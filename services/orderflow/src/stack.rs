@@ -457,7 +457,7 @@ mod tests {
     #[test]
     fn the_admin_address_is_read_from_the_services_json_start_line() {
         let line = r#"{"timestamp":"2026-11-28T15:00:00Z","level":"INFO","message":"Admin server listening.","addr":"127.0.0.1:40123","target":"orderflow_shared::admin"}"#;
-        assert_eq!(listening_addr(line), Some("127.0.0.1:40123".parse().unwrap()));
+        assert_eq!(listening_addr(line), Some("127.0.0.1:40123".parse().expect("an address")));
         assert_eq!(listening_addr(r#"{"message":"Writer started.","admin":"127.0.0.1:40123"}"#), None);
         assert_eq!(listening_addr("writer: ADMIN_ADDR 127.0.0.1:0: Address in use"), None);
     }
