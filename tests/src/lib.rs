@@ -153,11 +153,7 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
 /// Stops the stack and removes the namespace's queues.
 pub async fn teardown(mut stack: Stack) {
     stack.stop().await;
-    let broker = broker_args(&stack.options.ns).await;
-    if let Ok(connection) = orderflow_shared::amqp::connect(&broker, "orderflow-tests").await {
-        let _ = orderflow_cli::stack::delete_stack_namespace(&connection, &stack.options).await;
-        let _ = connection.close(200, "bye".into()).await;
-    }
+    let _ = stack.delete_namespace().await;
 }
 
 /// A message read back from a queue by a test.

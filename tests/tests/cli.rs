@@ -219,3 +219,33 @@ async fn the_demo_runs_the_whole_pipeline_and_reports_written_equal_confirmed() 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_whose_replica_cannot_start_names_it_and_leaves_no_queues_behind() -> anyhow::Result<()> {
+    let ns = unique_ns("stack-start-fails");
+    let broker = broker_args(&ns).await;
+    let topology = Topology::new(ns.clone());
+    // What the replicas started before the failing one declare.
+    let connection = orderflow_shared::amqp::connect(&broker, "test").await?;
+    topology.declare(&connection.create_channel().await?).await?;
+    let mut options = StackOptions::new(&broker.amqp_url, &ns, &log_dir(&ns));
+    options.orders = 10;
+    options.env = vec![("FETCH_INTERVAL".into(), "not-a-duration".into())];
+    let error = match Stack::start(options).await {
+        Ok(stack) => {
+            teardown(stack).await;
+            panic!("a fetcher with FETCH_INTERVAL=not-a-duration started");
+        }
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("fetcher #0") && error.contains("exited at start"), "{error}");
+    let mut left = Vec::new();
+    for name in topology.queue_names() {
+        if orderflow_cli::broker::queue_state(&connection, &name).await?.is_some() {
+            left.push(name);
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    assert!(left.is_empty(), "queues left behind: {left:?}");
+    Ok(())
+}

@@ -29,7 +29,7 @@ use orderflow_shared::{messages::PAGE_SCHEMA, settings::BrokerArgs};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::stack::{Role, Stack, StackOptions, delete_stack_namespace};
+use crate::stack::{Role, Stack, StackOptions};
 
 #[derive(Debug, Clone)]
 pub struct E2eOptions {
@@ -218,10 +218,7 @@ pub async fn pipeline(
     let mut stack = Stack::start(options).await?;
     let outcome = measure(&mut stack, o).await;
     stack.stop().await;
-    let connection =
-        orderflow_shared::amqp::connect(&BrokerArgs { ns: ns.clone(), ..broker.clone() }, "orderflow-bench").await?;
-    delete_stack_namespace(&connection, &stack.options).await?;
-    let _ = connection.close(200, "bye".into()).await;
+    stack.delete_namespace().await?;
     outcome
 }
 
@@ -558,12 +555,7 @@ pub async fn source(bin_dir: &std::path::Path, broker: &BrokerArgs, seconds: u64
     }
     .await;
     stack.stop().await;
-    if let Ok(connection) =
-        orderflow_shared::amqp::connect(&BrokerArgs { ns: ns.clone(), ..broker.clone() }, "orderflow-bench").await
-    {
-        let _ = delete_stack_namespace(&connection, &stack.options).await;
-        let _ = connection.close(200, "bye".into()).await;
-    }
+    let _ = stack.delete_namespace().await;
     outcome
 }
 

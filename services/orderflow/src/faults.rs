@@ -468,20 +468,7 @@ pub async fn run_scenario(
         && (result.injected_bad == 0 || result.dead_lettered >= result.injected_bad);
     result.seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
     stack.stop().await;
-    if let Ok(connection) = orderflow_shared::amqp::connect(
-        &orderflow_shared::settings::BrokerArgs {
-            amqp_url: amqp_url.to_string(),
-            amqp_ca_file: None,
-            ns: stack.options.ns.clone(),
-            declare_topology: true,
-        },
-        "orderflow-fault-suite",
-    )
-    .await
-    {
-        let _ = crate::stack::delete_stack_namespace(&connection, &stack.options).await;
-        let _ = connection.close(200, "bye".into()).await;
-    }
+    let _ = stack.delete_namespace().await;
     Ok(result)
 }
 

@@ -295,10 +295,31 @@ impl Stack {
             (Role::Fetcher, stack.options.fetchers),
         ] {
             for index in 0..count {
-                stack.spawn_stage(role, index).await?;
+                if let Err(error) = stack.spawn_stage(role, index).await {
+                    // Leave nothing behind: the replicas already started have declared queues.
+                    stack.stop().await;
+                    if let Err(cleanup) = stack.delete_namespace().await {
+                        tracing::warn!(message = "Could not delete the stack's queues.", error = %format!("{cleanup:#}"));
+                    }
+                    return Err(error);
+                }
             }
         }
         Ok(stack)
+    }
+
+    /// Deletes what the stack's processes declared on the broker (after [`Stack::stop`]).
+    pub async fn delete_namespace(&self) -> anyhow::Result<()> {
+        let broker = orderflow_shared::settings::BrokerArgs {
+            amqp_url: self.options.amqp_url.clone(),
+            amqp_ca_file: std::env::var_os("AMQP_CA_FILE").map(PathBuf::from),
+            ns: self.options.ns.clone(),
+            declare_topology: false,
+        };
+        let connection = orderflow_shared::amqp::connect(&broker, "orderflow-cleanup").await?;
+        let result = delete_stack_namespace(&connection, &self.options).await;
+        let _ = connection.close(200, "bye".into()).await;
+        result
     }
 
     /// Starts (or restarts) replica `index` of a stage.
