@@ -123,3 +123,69 @@ fn check_mapping_names_the_broken_rule() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fields[1]") && err.contains("amount"), "{err}");
 }
+
+/// Removes a broker policy when dropped, also when the test fails half-way.
+struct Policy(String);
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["clear_policy", &self.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_records_queue_holds_pages_back_without_dead_letters_or_reconnects() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("backpressure");
+    let topology = Topology::new(ns.clone());
+    // An operator's length cap on the records queue; with nobody writing, it fills and the
+    // broker refuses (nacks) further records (the queue's overflow is reject-publish).
+    let policy = Policy(format!("{ns}-records-cap"));
+    let pattern = format!("^{}$", topology.records_queue().replace('.', "\\."));
+    rabbitmqctl(&["set_policy", "--apply-to", "queues", &policy.0, &pattern, r#"{"max-length":100}"#])?;
+    let mut options = StackOptions::new(&broker_url().await, &ns, &log_dir(&ns));
+    options.orders = 1500;
+    options.writers = 0;
+    options.env = vec![("FETCH_INTERVAL".into(), "1s".into())];
+    let mut stack = Stack::start(options).await?;
+    let outcome = async {
+        let transformer = stack.replicas(Role::Transformer)[0].admin.expect("admin");
+        let retries = || metric(transformer, "orderflow_transform_publish_retries_total", None);
+        wait_for("the broker to refuse records", Duration::from_secs(60), Duration::from_millis(200), || async {
+            let n = retries().await?;
+            Ok(if n > 0.0 { Ok(()) } else { Err("no publish retried yet".to_string()) })
+        })
+        .await?;
+        // Held back for 15 s, far longer than a few quick retries: the pages wait unacked in the
+        // transformer; none is failed back to the broker (which would count towards its delivery
+        // limit and end as a dead letter) and the session is not torn down.
+        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        let dead = topology.dead_queue(Stage::Transformer);
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(15) {
+            let reconnects = metric(transformer, "orderflow_broker_reconnects_total", None).await?;
+            let dead_letters = orderflow_cli::broker::queue_state(&connection, &dead).await?.map_or(0, |q| q.messages);
+            anyhow::ensure!(
+                (reconnects, dead_letters) == (0.0, 0),
+                "while the records queue was full: {reconnects} reconnects, {dead_letters} dead letters"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let held = retries().await?;
+        // A writer drains the queue: every Confirmed order is written.
+        stack.spawn_stage(Role::Writer, 0).await?;
+        let progress = wait_synced(&stack, Duration::from_secs(180)).await?;
+        let reconnects = metric(transformer, "orderflow_broker_reconnects_total", None).await?;
+        let dead_letters = orderflow_cli::broker::queue_state(&connection, &dead).await?.map_or(0, |q| q.messages);
+        let _ = connection.close(200, "bye".into()).await;
+        anyhow::ensure!(
+            (reconnects, dead_letters) == (0.0, 0),
+            "after the queue drained: {reconnects} reconnects, {dead_letters} dead letters; {progress:?}"
+        );
+        anyhow::ensure!(held > 10.0, "only {held} retried publishes while the queue was full");
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}

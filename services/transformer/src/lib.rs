@@ -231,8 +231,14 @@ async fn session(
     .await
 }
 
-/// Publishes with a few retries on nack/return (the broker may be momentarily full); a channel
-/// error is returned at once (the session reconnects and the page is redelivered).
+/// Publishes a record, retrying with backoff (up to 5 s apart):
+/// - a nack (the broker refuses: typically a full queue with reject-publish) is backpressure, so it
+///   is retried for as long as it lasts. The page waits unacked, which holds the pipeline back
+///   without failing the page to the broker: a failed page counts towards its delivery limit and
+///   would end as a dead letter however healthy it is;
+/// - a return (unroutable) is retried a few times, then the session reconnects (re-declaring the
+///   topology) and the page is redelivered;
+/// - a channel error is returned at once (same).
 async fn publish_retrying(
     publisher: &Publisher,
     metrics: &Metrics,
@@ -246,9 +252,14 @@ async fn publish_retrying(
         match publisher.publish(exchange, routing_key, body, props.clone()).await {
             Ok(()) => return Ok(()),
             Err(error @ PublishError::Channel(_)) => return Err(error.into()),
-            Err(error) if backoff.attempts() < 5 => {
+            Err(error) if matches!(error, PublishError::Nacked) || backoff.attempts() < 5 => {
                 metrics.publish_retries.inc();
-                tracing::warn!(message = "Publish not confirmed; retrying.", %error, exchange);
+                // The first refusal, then every 12th retry (under a minute apart) while it lasts.
+                if backoff.attempts().is_multiple_of(12) {
+                    tracing::warn!(
+                        message = "Publish not confirmed; retrying.", %error, exchange, attempts = backoff.attempts() + 1
+                    );
+                }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(error) => {
