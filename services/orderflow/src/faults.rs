@@ -275,18 +275,9 @@ async fn broker_faults(ctl: &str, secs: u64) -> anyhow::Result<()> {
 }
 
 /// Broker settings for the stack's namespace.
-fn stack_broker(stack: &Stack) -> orderflow_shared::settings::BrokerArgs {
-    orderflow_shared::settings::BrokerArgs {
-        amqp_url: stack.options.amqp_url.clone(),
-        amqp_ca_file: None,
-        ns: stack.options.ns.clone(),
-        declare_topology: true,
-    }
-}
-
 /// Publishes malformed, oversized and unknown-schema messages; returns how many dead letters they must produce.
 async fn inject_bad(stack: &Stack) -> anyhow::Result<u64> {
-    let broker = stack_broker(stack);
+    let broker = stack.broker_args();
     let connection = orderflow_shared::amqp::connect(&broker, "orderflow-fault-suite").await?;
     let topology = Topology::new(stack.options.ns.clone());
     let publisher = Publisher::open(&connection).await?;
@@ -431,7 +422,7 @@ pub async fn run_scenario(
         result.lost = confirmed.iter().filter(|id| !written.contains(*id)).count();
         result.duplicates_suppressed =
             stack.target_stats().await?["stats"]["duplicates_suppressed"].as_u64().unwrap_or(0);
-        let broker = stack_broker(&stack);
+        let broker = stack.broker_args();
         let connection = orderflow_shared::amqp::connect(&broker, "orderflow-fault-suite").await?;
         let topology = stack.options.stage_topology();
         let mut drained = false;

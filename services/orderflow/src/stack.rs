@@ -308,15 +308,20 @@ impl Stack {
         Ok(stack)
     }
 
-    /// Deletes what the stack's processes declared on the broker (after [`Stack::stop`]).
-    pub async fn delete_namespace(&self) -> anyhow::Result<()> {
-        let broker = orderflow_shared::settings::BrokerArgs {
+    /// The broker settings of the stack's namespace, for a harness's own connections (the CA file,
+    /// like the replicas', comes from `AMQP_CA_FILE`).
+    pub fn broker_args(&self) -> orderflow_shared::settings::BrokerArgs {
+        orderflow_shared::settings::BrokerArgs {
             amqp_url: self.options.amqp_url.clone(),
             amqp_ca_file: std::env::var_os("AMQP_CA_FILE").map(PathBuf::from),
             ns: self.options.ns.clone(),
-            declare_topology: false,
-        };
-        let connection = orderflow_shared::amqp::connect(&broker, "orderflow-cleanup").await?;
+            declare_topology: true,
+        }
+    }
+
+    /// Deletes what the stack's processes declared on the broker (after [`Stack::stop`]).
+    pub async fn delete_namespace(&self) -> anyhow::Result<()> {
+        let connection = orderflow_shared::amqp::connect(&self.broker_args(), "orderflow-cleanup").await?;
         let result = delete_stack_namespace(&connection, &self.options).await;
         let _ = connection.close(200, "bye".into()).await;
         result
