@@ -27,6 +27,9 @@ pub mod header {
     pub const DEAD_AT_MS: &str = "x-orderflow-dead-at-ms";
     /// The record's source order id, for finding one order in logs and dead letters.
     pub const ORDER_ID: &str = "x-orderflow-order-id";
+    /// How often a record was parked: held (the target refusing everyone) for longer than
+    /// `HOLD_LIMIT`, then republished to a retry tier with its attempt count unchanged.
+    pub const PARKED: &str = "x-orderflow-parked";
 }
 
 /// A raw page of Jushuitan orders as fetched (`<ns>.pages`).

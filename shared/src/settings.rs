@@ -83,10 +83,8 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "d" => value * 86400.0,
         other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m, h or d)")),
     };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("{text:?} is not a valid duration"));
-    }
-    Ok(std::time::Duration::from_secs_f64(seconds))
+    // `try_from`: a huge value (1e30s) is an error naming the input, never a panic.
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a valid duration"))
 }
 
 #[cfg(test)]
@@ -117,5 +115,8 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("7 weeks").is_err());
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("1e400").is_err());
+        assert!(parse_duration("99999999999999999999999d").is_err(), "overflow is an error, not a panic");
+        assert!(parse_duration("-5s").is_err());
     }
 }

@@ -200,3 +200,125 @@ async fn a_record_that_keeps_failing_is_dead_lettered_as_exhausted_after_its_att
     teardown(stack).await;
     outcome
 }
+
+/// Platform APIs answer "busy" with HTTP 200 and `success:false`: the writer reads the answer and
+/// retries it. Under the old rule (any 2xx is written; `TARGET_SUCCESS=status` reproduces it)
+/// this test loses about a tenth of the orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_inside_an_http_200_are_retried_and_business_rejects_dead_lettered_with_the_targets_message()
+-> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-soft");
+    let mut options = pipeline(&ns, &broker_url().await, 3000);
+    options.target_args =
+        ["--soft-failure-rate", "0.1", "--failure-rate", "0.05", "--soft-reject-ids", "*7"].map(String::from).to_vec();
+    options.env.push(("WRITER_MAX_ATTEMPTS".into(), "12".into()));
+    options.env.push(("TARGET_PERMANENT_CODES".into(), "40001".into()));
+    if let Ok(rule) = std::env::var("ORDERFLOW_TEST_TARGET_SUCCESS") {
+        options.env.push(("TARGET_SUCCESS".into(), rule)); // `status`: the old classification, to see it fail
+    }
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        let confirmed = stack.confirmed_ids().await?;
+        let rejected = confirmed.iter().filter(|id| id.ends_with('7')).count();
+        let others: std::collections::HashSet<String> =
+            confirmed.iter().filter(|id| !id.ends_with('7')).cloned().collect();
+        wait_for(
+            "every other Confirmed order written",
+            Duration::from_secs(180),
+            Duration::from_millis(500),
+            || async {
+                let written = stack.written_ids().await?;
+                let missing = others.difference(&written).count();
+                Ok(if missing == 0 { Ok(()) } else { Err(format!("{missing} of {} not written", others.len())) })
+            },
+        )
+        .await?;
+        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        let dead =
+            take(&connection, &Topology::new(ns.clone()).dead_queue(Stage::Writer), rejected, Duration::from_secs(30))
+                .await?;
+        let _ = connection.close(200, "bye".into()).await;
+        anyhow::ensure!(dead.len() == rejected, "{} of {rejected} business rejects dead-lettered", dead.len());
+        for d in &dead {
+            let error = d.header(header::ERROR).unwrap_or_default();
+            anyhow::ensure!(
+                d.header(header::REASON).as_deref() == Some("target_rejected"),
+                "{:?}",
+                d.header(header::REASON)
+            );
+            anyhow::ensure!(
+                error.contains("code 40001") && error.contains("数据校验失败"),
+                "the target's code and message: {error}"
+            );
+            anyhow::ensure!(d.json()["id"].as_str().is_some_and(|id| id.ends_with('7')), "only the rejected ids");
+        }
+        anyhow::ensure!(dead_count(&ns, Stage::Writer).await? == 0, "nothing else dead-lettered");
+        let stats = stack.target_stats().await?;
+        let soft = stats["stats"]["soft_failures_injected"].as_u64().unwrap_or(0);
+        anyhow::ensure!(soft > 150, "the target hid failures in 200s: {stats}");
+        let writer = stack.replicas(Role::Writer)[0].admin.expect("admin");
+        anyhow::ensure!(metric(writer, "orderflow_write_requests_total", Some("soft_failure")).await? > 150.0);
+        eprintln!(
+            "soft failures: {soft} answered 200 + failure, all retried; {rejected} business rejects dead-lettered"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+/// Expired target credentials are the target's answer to everyone, not a verdict on each record:
+/// the breaker opens, `/readyz` says unauthorized, records wait (and are parked when held past
+/// HOLD_LIMIT), and writing resumes by itself when the target accepts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_60_second_401_window_dead_letters_nothing_and_writing_resumes_by_itself() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-auth");
+    let mut options = pipeline(&ns, &broker_url().await, 3000);
+    options.rate_per_sec = 5;
+    options.rate_per_min = 300;
+    options.env.push(("HOLD_LIMIT".into(), "20s".into()));
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        wait_for("the first writes", Duration::from_secs(60), Duration::from_millis(100), || async {
+            let n = stack.written_ids().await?.len();
+            Ok(if n >= 100 { Ok(()) } else { Err(format!("{n} written")) })
+        })
+        .await?;
+        stack.target_faults(&json!({"auth_failure_secs": 60})).await?;
+        let writer = stack.replicas(Role::Writer)[0].admin.expect("admin");
+        let why = wait_for(
+            "/readyz to say unauthorized",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || async move {
+                let answer = reqwest::get(format!("http://{writer}/readyz")).await?;
+                let status = answer.status().as_u16();
+                let body = answer.text().await?;
+                Ok(if status == 503 && body.contains("http_401") { Ok(body) } else { Err(format!("{status} {body}")) })
+            },
+        )
+        .await?;
+        anyhow::ensure!(why.contains("TARGET_AUTH_HEADER"), "it says what to do: {why}");
+        anyhow::ensure!(metric(writer, "orderflow_write_target_unauthorized", None).await? == 1.0);
+        anyhow::ensure!(metric(writer, "orderflow_write_breaker_state", None).await? >= 1.0, "the breaker is open");
+        let synced = wait_synced(&stack, Duration::from_secs(240)).await?;
+        anyhow::ensure!(dead_count(&ns, Stage::Writer).await? == 0, "no dead letters after a 401 window");
+        anyhow::ensure!(readyz(writer).await == 200, "ready again");
+        anyhow::ensure!(metric(writer, "orderflow_write_target_unauthorized", None).await? == 0.0);
+        let parked = metric(writer, "orderflow_write_parked_total", None).await?;
+        anyhow::ensure!(parked > 0.0, "records held past HOLD_LIMIT were parked");
+        let refusals = stack.target_stats().await?["stats"]["auth_refusals"].as_u64().unwrap_or(0);
+        anyhow::ensure!(
+            refusals < 500,
+            "the writer did not hammer a target that refuses it: {refusals} refused writes"
+        );
+        eprintln!("401 window: {} written, {refusals} writes refused, {parked} parked", synced.written_confirmed);
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}

@@ -150,6 +150,19 @@ impl Core {
         (self.state != before).then_some(self.state)
     }
 
+    /// A target-level failure (refused credentials, no such endpoint, TLS or DNS): every record
+    /// would get the same answer, so the breaker opens at once whatever the window says. A failed
+    /// probe reopens it with a longer wait; answers to writes sent before it opened change nothing.
+    pub fn trip(&mut self, probe: bool, now: Instant) -> Option<State> {
+        let before = self.state;
+        match (self.state, probe) {
+            (State::Closed, _) => self.open(now, false),
+            (_, true) => self.open(now, true),
+            (State::Open | State::HalfOpen, false) => {}
+        }
+        (self.state != before).then_some(self.state)
+    }
+
     fn open(&mut self, now: Instant, again: bool) {
         if again {
             self.backoff = (self.backoff * 2).min(self.settings.max_backoff);
@@ -215,6 +228,15 @@ impl Breaker {
 
     pub fn record(&self, ok: bool, connection_failure: bool, probe: bool, first_attempt: bool) -> Option<State> {
         let changed = self.lock().record(ok, connection_failure, probe, first_attempt, Instant::now());
+        if changed.is_some() {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// See [`Core::trip`].
+    pub fn trip(&self, probe: bool) -> Option<State> {
+        let changed = self.lock().trip(probe, Instant::now());
         if changed.is_some() {
             self.changed.notify_waiters();
         }
@@ -293,6 +315,26 @@ mod tests {
             b.record(false, false, false, true, now);
         }
         assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn a_target_level_failure_opens_it_at_once_and_a_failed_probe_waits_longer() {
+        let mut b = Core::new(settings());
+        let t0 = Instant::now();
+        b.record(true, false, false, true, t0);
+        assert_eq!(b.trip(false, t0), Some(State::Open), "one 401 is enough");
+        assert_eq!(b.trip(false, t0), None, "answers to writes sent earlier change nothing");
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(b.permit(t1), Permit::Probe);
+        assert_eq!(b.trip(false, t1), None, "a late answer while half-open is not the probe's");
+        assert_eq!(b.trip(true, t1), Some(State::Open));
+        match b.permit(t1) {
+            Permit::WaitUntil(at) => assert_eq!(at, t1 + Duration::from_secs(2)),
+            other => panic!("expected a wait, got {other:?}"),
+        }
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(b.permit(t2), Permit::Probe);
+        assert_eq!(b.record(true, false, true, true, t2), Some(State::Closed), "writing resumes by itself");
     }
 
     #[test]

@@ -7,7 +7,14 @@ pub mod breaker;
 pub mod classify;
 pub mod metrics;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use clap::Parser;
 use lapin::{Connection, message::Delivery};
@@ -26,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::{Breaker, State},
-    classify::{WriteOutcome, choose_tier, classify_status},
+    classify::{Rules, SuccessRule, WriteOutcome, choose_tier, classify, parse_codes},
     metrics::Metrics,
 };
 
@@ -68,6 +75,22 @@ pub struct Config {
     /// A record larger than this (bytes) is dead-lettered as `oversized` without being sent.
     #[arg(long, env = "WRITER_MAX_RECORD_BYTES", default_value_t = 1024 * 1024)]
     pub max_record_bytes: usize,
+    /// When a 2xx answer means written: `default` (`success!=false,code?=0|200|"0",errcode?=0|"0"`
+    /// on a JSON body), `status` (any 2xx, body unread), or conditions like `success=true,data.code=0`.
+    #[arg(long, env = "TARGET_SUCCESS", default_value = "default", value_parser = SuccessRule::parse)]
+    pub target_success: SuccessRule,
+    /// Business codes in a failed answer that mean the record will never be accepted (e.g. a
+    /// validation error): dead-lettered at once. Every other failed answer is retried.
+    #[arg(long, env = "TARGET_PERMANENT_CODES", default_value = "", value_parser = parse_codes)]
+    pub target_permanent_codes: std::collections::HashSet<String>,
+    /// The payload's `idCheck`: true (the target keeps the first version of each id and answers
+    /// later ones as duplicates), false (the target stores every write: upsert or insert).
+    #[arg(long, env = "TARGET_ID_CHECK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub target_id_check: bool,
+    /// A record held this long while the target refuses every write is parked: republished to
+    /// the longest retry tier with its attempts unchanged (below the broker's 30 min ack timeout).
+    #[arg(long, env = "HOLD_LIMIT", default_value = "20m", value_parser = parse_duration)]
+    pub hold_limit: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +111,8 @@ struct Target {
     url: String,
     api: String,
     auth: Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    rules: Rules,
+    id_check: bool,
 }
 
 struct Shared {
@@ -97,6 +122,9 @@ struct Shared {
     target: Target,
     breaker: Breaker,
     metrics: Metrics,
+    readiness: Readiness,
+    /// The last answer was target-level (auth, endpoint, TLS, DNS): `/readyz` says so.
+    target_down: AtomicBool,
 }
 
 impl Config {
@@ -126,6 +154,9 @@ impl Config {
         if self.concurrency == 0 {
             return Err("WRITER_CONCURRENCY must be at least 1".into());
         }
+        if self.hold_limit.is_zero() {
+            return Err("HOLD_LIMIT must be positive (e.g. 20m)".into());
+        }
         if self.max_attempts == 0 {
             return Err("WRITER_MAX_ATTEMPTS must be at least 1".into());
         }
@@ -137,7 +168,10 @@ impl Config {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
-        Ok(Target { http, url: url.to_string(), api: self.target_api.clone(), auth })
+        let rules =
+            Rules { success: self.target_success.clone(), permanent_codes: self.target_permanent_codes.clone() };
+        let api = self.target_api.clone();
+        Ok(Target { http, url: url.to_string(), api, auth, rules, id_check: self.target_id_check })
     }
 }
 
@@ -162,6 +196,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         target,
         breaker: Breaker::new(breaker::Settings::default()),
         metrics,
+        readiness: readiness.clone(),
+        target_down: AtomicBool::new(false),
         config: config.clone(),
     });
     let reconnects = shared.metrics.reconnects.clone();
@@ -205,9 +241,13 @@ struct Payload<'a> {
     data: &'a serde_json::value::RawValue,
 }
 
+/// The most of an answer's body the writer reads: enough for any status object, bounded so a
+/// target that streams a huge answer cannot exhaust memory.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// One POST of the record's payload.
 async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> WriteOutcome {
-    let payload = Payload { api: &target.api, method: "POST", id_check: true, data: record.data };
+    let payload = Payload { api: &target.api, method: "POST", id_check: target.id_check, data: record.data };
     let mut request = target.http.post(&target.url).header("Idempotency-Key", message_id).json(&payload);
     if let Some((name, value)) = &target.auth {
         request = request.header(name.clone(), value.clone());
@@ -217,31 +257,62 @@ async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> Wri
             let status = response.status().as_u16();
             let retry_after =
                 response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
-            let body =
-                if (200..300).contains(&status) { String::new() } else { response.text().await.unwrap_or_default() };
-            classify_status(status, retry_after.as_deref(), &orderflow_shared::amqp::headers::clip(&body, 300))
+            let wants_body = !(200..300).contains(&status) || target.rules.success.reads_body();
+            let body = if wants_body { read_bounded(response, MAX_ANSWER_BYTES).await } else { Ok(Vec::new()) };
+            match body {
+                Ok(body) => classify(&target.rules, status, retry_after.as_deref(), &body),
+                // A 2xx whose body was cut off cannot be judged: try again (idCheck absorbs a repeat).
+                Err(error) => {
+                    transport_outcome(false, false, format!("HTTP {status}, then the answer was cut off: {error}"))
+                }
+            }
         }
         Err(error) => {
-            let timeout = error.is_timeout();
-            let connect = error.is_connect();
-            let error = error.without_url();
-            let mut detail = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                detail.push_str(": ");
-                detail.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            let reason = if timeout {
-                "timeout"
-            } else if connect {
-                "connect"
-            } else {
-                "transport"
-            };
-            WriteOutcome::Transient { reason, detail, retry_after: None, connection: connect }
+            let (timeout, connect) = (error.is_timeout(), error.is_connect());
+            transport_outcome(timeout, connect, error_chain(&error.without_url()))
         }
     }
+}
+
+/// Reads at most `limit` bytes of the answer (the rest is not read).
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        let Some(chunk) = response.chunk().await? else { break };
+        body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())]);
+    }
+    Ok(body)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut detail = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        detail.push_str(": ");
+        detail.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    detail
+}
+
+/// A request that got no answer. A name that does not resolve or a TLS handshake that fails is
+/// the target's (or TARGET_URL's) fault for every record alike; anything else is transient.
+fn transport_outcome(timeout: bool, connect: bool, detail: String) -> WriteOutcome {
+    let lower = detail.to_lowercase();
+    if connect && (lower.contains("dns error") || lower.contains("failed to lookup address")) {
+        return WriteOutcome::TargetDown { reason: "dns", detail, unauthorized: false };
+    }
+    if connect && (lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")) {
+        return WriteOutcome::TargetDown { reason: "tls", detail, unauthorized: false };
+    }
+    let reason = if timeout {
+        "timeout"
+    } else if connect {
+        "connect"
+    } else {
+        "transport"
+    };
+    WriteOutcome::Transient { reason, detail, retry_after: None, connection: connect }
 }
 
 fn dead_letter(shared: &Shared, class: ErrorClass, reason: &str, error: String) -> DeadLetter {
@@ -274,6 +345,33 @@ fn note_breaker(shared: &Shared, changed: Option<State>) {
     }
 }
 
+/// The target-level state `/readyz` and `orderflow_write_target_unauthorized` show: set by a
+/// target-level failure, cleared by the next answer about a record.
+fn note_target(shared: &Shared, outcome: &WriteOutcome) {
+    match outcome {
+        WriteOutcome::TargetDown { reason, detail, unauthorized } => {
+            if !shared.target_down.swap(true, Ordering::Relaxed) {
+                let advice = if *unauthorized {
+                    "the target refuses our credentials: renew TARGET_AUTH_HEADER; records wait and writing resumes by itself"
+                } else {
+                    "the target or TARGET_URL is wrong: check it; records wait and writing resumes by itself"
+                };
+                tracing::error!(message = "Target refuses every write; holding records.", reason, %detail, advice);
+                shared.readiness.set_failing("target", format!("{reason}: {advice} ({detail})"));
+            }
+            shared.metrics.target_unauthorized.set(i64::from(*unauthorized));
+        }
+        WriteOutcome::Written | WriteOutcome::Permanent { .. } => {
+            if shared.target_down.swap(false, Ordering::Relaxed) {
+                tracing::info!(message = "Target accepts writes again.");
+                shared.readiness.set_ok("target");
+                shared.metrics.target_unauthorized.set(0);
+            }
+        }
+        WriteOutcome::Transient { .. } => {}
+    }
+}
+
 /// Why a body is not a record this writer reads: the dead letter's reason and detail.
 fn unreadable(body: &[u8], parsed: Result<RawRecord<'_>, serde_json::Error>) -> (&'static str, String) {
     let schema = match &parsed {
@@ -291,6 +389,56 @@ fn unreadable(body: &[u8], parsed: Result<RawRecord<'_>, serde_json::Error>) -> 
     }
 }
 
+/// What one delivery is, for the steps below.
+struct Work<'a> {
+    shared: &'a Shared,
+    publisher: &'a Publisher,
+    acks: &'a consume::Acks,
+    delivery: &'a Delivery,
+    message_id: String,
+}
+
+impl Work<'_> {
+    /// Dead-letters the delivery (confirmed), then acks it.
+    async fn dead_letter(&self, class: ErrorClass, reason: &str, error: String) -> anyhow::Result<()> {
+        let d = self.delivery;
+        dead_letter(self.shared, class, reason, error)
+            .publish(self.publisher, &self.shared.topology, &d.data, &d.properties)
+            .await?;
+        self.shared.metrics.dead_letters.with_label_values(&[class.as_str(), reason]).inc();
+        self.acks.ack(d)
+    }
+
+    /// Republishes the delivery (confirmed) to a retry tier with these attempt and parked counts,
+    /// then acks it.
+    async fn to_tier(&self, tier: Duration, attempts: u32, parked: Option<i64>) -> anyhow::Result<String> {
+        let mut headers = strip_broker_death_headers(&headers_of(&self.delivery.properties));
+        set_i64(&mut headers, header::ATTEMPT, i64::from(attempts));
+        if let Some(parked) = parked {
+            set_i64(&mut headers, header::PARKED, parked);
+        }
+        let props = self.delivery.properties.clone().with_headers(headers);
+        let label = tier_label(tier);
+        self.publisher.publish(&self.shared.topology.retry_exchange(), &label, &self.delivery.data, props).await?;
+        self.acks.ack(self.delivery)?;
+        Ok(label)
+    }
+
+    /// Held for `HOLD_LIMIT` while the target refused everyone: moved to the longest tier with
+    /// its attempts unchanged, so the broker's ack timeout never closes the channel on it and a
+    /// long outage never moves it toward the delivery limit.
+    async fn park(&self, attempts: u32) -> anyhow::Result<()> {
+        let Some(tier) = self.shared.topology.retry_tiers.last().copied() else {
+            anyhow::bail!("no retry tiers configured");
+        };
+        let parked = get_i64(&self.delivery.properties, header::PARKED).unwrap_or(0).saturating_add(1);
+        let label = self.to_tier(tier, attempts, Some(parked)).await?;
+        self.shared.metrics.parked.inc();
+        tracing::info!(message = "Record held too long while the target refuses writes; parked.", message_id = %self.message_id, tier = %label, parked);
+        Ok(())
+    }
+}
+
 async fn handle_record(
     shared: &Shared,
     publisher: &Publisher,
@@ -298,143 +446,148 @@ async fn handle_record(
     shutdown: &CancellationToken,
     delivery: Delivery,
 ) -> anyhow::Result<()> {
-    let metrics = &shared.metrics;
+    let hold_until = tokio::time::Instant::now() + shared.config.hold_limit;
     let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
+    let work = Work { shared, publisher, acks, delivery: &delivery, message_id };
     if delivery.data.len() > shared.config.max_record_bytes {
         let detail = format!(
             "the record is {} bytes; WRITER_MAX_RECORD_BYTES is {}",
             delivery.data.len(),
             shared.config.max_record_bytes
         );
-        tracing::warn!(message = "Oversized record dead-lettered.", message_id = %message_id, %detail);
-        dead_letter(shared, ErrorClass::Permanent, "oversized", detail)
-            .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
-            .await?;
-        metrics.dead_letters.with_label_values(&["permanent", "oversized"]).inc();
-        return acks.ack(&delivery);
+        tracing::warn!(message = "Oversized record dead-lettered.", message_id = %work.message_id, %detail);
+        return work.dead_letter(ErrorClass::Permanent, "oversized", detail).await;
     }
     // One parse for a good record; a bad one is looked at again to say why.
     let record = match serde_json::from_slice::<RawRecord>(&delivery.data) {
         Ok(record) if record.schema == RECORD_SCHEMA => record,
         parsed => {
             let (reason, detail) = unreadable(&delivery.data, parsed);
-            tracing::warn!(message = "Unreadable record dead-lettered.", message_id = %message_id, %detail);
-            dead_letter(shared, ErrorClass::Permanent, reason, detail)
-                .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
-                .await?;
-            metrics.dead_letters.with_label_values(&["permanent", reason]).inc();
-            return acks.ack(&delivery);
+            tracing::warn!(message = "Unreadable record dead-lettered.", message_id = %work.message_id, %detail);
+            return work.dead_letter(ErrorClass::Permanent, reason, detail).await;
         }
     };
-    let attempts_before = get_i64(&delivery.properties, header::ATTEMPT).unwrap_or(0).max(0) as u32;
+    let attempts_before = u32::try_from(get_i64(&delivery.properties, header::ATTEMPT).unwrap_or(0)).unwrap_or(0);
     loop {
         let probe = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()), // unacked: redelivered when the channel closes
+            _ = tokio::time::sleep_until(hold_until) => return work.park(attempts_before).await,
             probe = shared.breaker.acquire() => probe,
         };
-        metrics.inflight.inc();
-        let timer = metrics.write_seconds.start_timer();
-        let started_nanos = orderflow_shared::otel::now_nanos();
-        let outcome = write(&shared.target, &record, &message_id).await;
-        timer.observe_duration();
-        metrics.inflight.dec();
-        if shared.tracer.enabled() {
-            let parent = orderflow_shared::amqp::headers::get_str(&delivery.properties, header::TRACEPARENT);
-            if let Some((trace_id, parent_span)) = parent.as_deref().and_then(orderflow_shared::otel::ids) {
-                let span_id =
-                    orderflow_shared::otel::ids(&orderflow_shared::trace::child_traceparent(parent.as_deref()))
-                        .map(|(_, s)| s)
-                        .unwrap_or_default();
-                shared.tracer.record(orderflow_shared::otel::Span {
-                    trace_id,
-                    span_id,
-                    parent_span_id: Some(parent_span),
-                    name: "write record",
-                    kind: 3,
-                    start_unix_nanos: started_nanos,
-                    end_unix_nanos: orderflow_shared::otel::now_nanos(),
-                    attributes: vec![
-                        ("o_id", record.id.clone()),
-                        (
-                            "io_id",
-                            serde_json::from_str::<serde_json::Value>(record.data.get())
-                                .ok()
-                                .and_then(|d| d.get("io_id").and_then(orderflow_shared::json::scalar_text))
-                                .unwrap_or_default(),
-                        ),
-                        ("messaging.message_id", message_id.clone()),
-                        ("outcome", outcome.label().to_string()),
-                        ("attempt", (attempts_before + 1).to_string()),
-                    ],
-                    error: match &outcome {
-                        WriteOutcome::Written => None,
-                        WriteOutcome::Transient { detail, .. } | WriteOutcome::Permanent { detail } => {
-                            Some(detail.clone())
-                        }
-                    },
-                });
+        let outcome = attempt(&work, &record, attempts_before).await;
+        note_target(shared, &outcome);
+        let changed = match &outcome {
+            WriteOutcome::TargetDown { .. } => shared.breaker.trip(probe),
+            WriteOutcome::Written | WriteOutcome::Permanent { .. } => {
+                shared.breaker.record(true, false, probe, attempts_before == 0)
             }
-        }
-        metrics.writes.with_label_values(&[outcome.label()]).inc();
-        let (ok, connection) = match &outcome {
-            WriteOutcome::Written | WriteOutcome::Permanent { .. } => (true, false),
-            WriteOutcome::Transient { connection, .. } => (false, *connection),
+            WriteOutcome::Transient { connection, .. } => {
+                shared.breaker.record(false, *connection, probe, attempts_before == 0)
+            }
         };
-        note_breaker(shared, shared.breaker.record(ok, connection, probe, attempts_before == 0));
+        note_breaker(shared, changed);
         match outcome {
             WriteOutcome::Written => {
                 if let Some(fetched) = get_i64(&delivery.properties, header::FETCHED_AT_MS) {
-                    metrics.fetch_to_write_seconds.observe((now_ms() - fetched).max(0) as f64 / 1000.0);
+                    shared.metrics.fetch_to_write_seconds.observe((now_ms() - fetched).max(0) as f64 / 1000.0);
                 }
                 return acks.ack(&delivery);
             }
             WriteOutcome::Permanent { detail } => {
-                tracing::warn!(message = "Target rejected the record; dead-lettered.", message_id = %message_id, o_id = %record.id, %detail);
-                dead_letter(
-                    shared,
-                    ErrorClass::Permanent,
-                    "target_rejected",
-                    format!("target rejected the record: {detail}"),
-                )
-                .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
-                .await?;
-                metrics.dead_letters.with_label_values(&["permanent", "target_rejected"]).inc();
-                return acks.ack(&delivery);
+                tracing::warn!(message = "Target rejected the record; dead-lettered.", message_id = %work.message_id, o_id = %record.id, %detail);
+                let error = format!("target rejected the record: {detail}");
+                return work.dead_letter(ErrorClass::Permanent, "target_rejected", error).await;
+            }
+            WriteOutcome::TargetDown { .. } => {
+                // Not the record's fault: wait for the breaker, spending no attempt.
+                shared.metrics.held_during_outage.inc();
             }
             WriteOutcome::Transient { reason, detail, retry_after, .. } => {
                 if shared.breaker.state() != State::Closed {
                     // An outage: wait for the breaker instead of spending an attempt.
-                    metrics.held_during_outage.inc();
+                    shared.metrics.held_during_outage.inc();
                     continue;
                 }
-                let attempts = attempts_before + 1;
-                if attempts >= shared.config.max_attempts {
-                    tracing::warn!(message = "Record exhausted its attempts; dead-lettered.", message_id = %message_id, o_id = %record.id, attempts, %detail);
-                    dead_letter(
-                        shared,
-                        ErrorClass::Exhausted,
-                        "exhausted",
-                        format!("{attempts} attempts; last error ({reason}): {detail}"),
-                    )
-                    .publish(publisher, &shared.topology, &delivery.data, &delivery.properties)
-                    .await?;
-                    metrics.dead_letters.with_label_values(&["exhausted", "exhausted"]).inc();
-                    return acks.ack(&delivery);
-                }
-                let Some(tier) = choose_tier(&shared.topology.retry_tiers, attempts, retry_after) else {
-                    anyhow::bail!("no retry tiers configured");
-                };
-                let mut headers = strip_broker_death_headers(&headers_of(&delivery.properties));
-                set_i64(&mut headers, header::ATTEMPT, i64::from(attempts));
-                let props = delivery.properties.clone().with_headers(headers);
-                let label = tier_label(tier);
-                publisher.publish(&shared.topology.retry_exchange(), &label, &delivery.data, props).await?;
-                metrics.retries.with_label_values(&[&label]).inc();
-                tracing::debug!(message = "Write failed; retrying later.", message_id = %message_id, attempts, tier = %label, %detail);
-                return acks.ack(&delivery);
+                return retry_later(&work, &record, attempts_before + 1, reason, detail, retry_after).await;
             }
         }
     }
+}
+
+/// One write of the record, measured and traced.
+async fn attempt(work: &Work<'_>, record: &RawRecord<'_>, attempts_before: u32) -> WriteOutcome {
+    let shared = work.shared;
+    let metrics = &shared.metrics;
+    metrics.inflight.inc();
+    let timer = metrics.write_seconds.start_timer();
+    let started_nanos = orderflow_shared::otel::now_nanos();
+    let outcome = write(&shared.target, record, &work.message_id).await;
+    timer.observe_duration();
+    metrics.inflight.dec();
+    metrics.writes.with_label_values(&[outcome.label()]).inc();
+    if shared.tracer.enabled() {
+        trace_attempt(work, record, attempts_before, started_nanos, &outcome);
+    }
+    outcome
+}
+
+fn trace_attempt(
+    work: &Work<'_>,
+    record: &RawRecord<'_>,
+    attempts_before: u32,
+    started_nanos: u128,
+    outcome: &WriteOutcome,
+) {
+    let parent = orderflow_shared::amqp::headers::get_str(&work.delivery.properties, header::TRACEPARENT);
+    let Some((trace_id, parent_span)) = parent.as_deref().and_then(orderflow_shared::otel::ids) else { return };
+    let span_id = orderflow_shared::otel::ids(&orderflow_shared::trace::child_traceparent(parent.as_deref()))
+        .map(|(_, s)| s)
+        .unwrap_or_default();
+    let io_id = serde_json::from_str::<serde_json::Value>(record.data.get())
+        .ok()
+        .and_then(|d| d.get("io_id").and_then(orderflow_shared::json::scalar_text))
+        .unwrap_or_default();
+    work.shared.tracer.record(orderflow_shared::otel::Span {
+        trace_id,
+        span_id,
+        parent_span_id: Some(parent_span),
+        name: "write record",
+        kind: 3,
+        start_unix_nanos: started_nanos,
+        end_unix_nanos: orderflow_shared::otel::now_nanos(),
+        attributes: vec![
+            ("o_id", record.id.clone()),
+            ("io_id", io_id),
+            ("messaging.message_id", work.message_id.clone()),
+            ("outcome", outcome.label().to_string()),
+            ("attempt", (attempts_before + 1).to_string()),
+        ],
+        error: outcome.error().map(str::to_string),
+    });
+}
+
+/// A transient failure: into the retry tier for this attempt, or dead-lettered as exhausted.
+async fn retry_later(
+    work: &Work<'_>,
+    record: &RawRecord<'_>,
+    attempts: u32,
+    reason: &str,
+    detail: String,
+    retry_after: Option<Duration>,
+) -> anyhow::Result<()> {
+    let shared = work.shared;
+    if attempts >= shared.config.max_attempts {
+        tracing::warn!(message = "Record exhausted its attempts; dead-lettered.", message_id = %work.message_id, o_id = %record.id, attempts, %detail);
+        let error = format!("{attempts} attempts; last error ({reason}): {detail}");
+        return work.dead_letter(ErrorClass::Exhausted, "exhausted", error).await;
+    }
+    let Some(tier) = choose_tier(&shared.topology.retry_tiers, attempts, retry_after) else {
+        anyhow::bail!("no retry tiers configured");
+    };
+    let label = work.to_tier(tier, attempts, None).await?;
+    shared.metrics.retries.with_label_values(&[&label]).inc();
+    tracing::debug!(message = "Write failed; retrying later.", message_id = %work.message_id, attempts, tier = %label, %detail);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Write attempts by outcome: written, http_5xx, http_429, http_408, timeout, connect, transport, rejected.
+    /// Write attempts by outcome: written, soft_failure, http_5xx, http_429, http_408, timeout, connect,
+    /// transport, rejected, and target-level http_401/403/404/407, tls, dns.
     pub writes: IntCounterVec,
     pub write_seconds: Histogram,
     /// From the fetcher's publish of the page to the target's 2xx.
@@ -17,6 +18,10 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// Transient failures retried in place while the breaker was open (no attempt spent).
     pub held_during_outage: IntCounter,
+    /// 1 while the target refuses our credentials (401/403/407): every write waits.
+    pub target_unauthorized: IntGauge,
+    /// Records held past `HOLD_LIMIT` and parked in a retry tier.
+    pub parked: IntCounter,
     pub reconnects: IntCounter,
     pub lost_acks: IntCounter,
 }
@@ -74,6 +79,18 @@ impl Metrics {
         )
         .expect("metric");
         reg(Box::new(held_during_outage.clone()));
+        let target_unauthorized = IntGauge::new(
+            "orderflow_write_target_unauthorized",
+            "1 while the target refuses the writer's credentials (401/403/407); records wait.",
+        )
+        .expect("metric");
+        reg(Box::new(target_unauthorized.clone()));
+        let parked = IntCounter::new(
+            "orderflow_write_parked_total",
+            "Records held past HOLD_LIMIT while the target refused writes, parked in a retry tier.",
+        )
+        .expect("metric");
+        reg(Box::new(parked.clone()));
         let reconnects =
             IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
                 .expect("metric");
@@ -100,6 +117,8 @@ impl Metrics {
             breaker_transitions,
             inflight,
             held_during_outage,
+            target_unauthorized,
+            parked,
             reconnects,
             lost_acks,
         }

@@ -19,7 +19,17 @@ pub struct Faults {
     /// Glob of record ids that always fail with 503 (a record that can never be written).
     pub fail_ids: Option<String>,
     pub outage_until: Option<Instant>,
+    /// Share of writes answered HTTP 200 with a business failure (`success:false`), not stored:
+    /// what platform APIs do when they are busy.
+    pub soft_failure_rate: f64,
+    /// Glob of record ids answered HTTP 200 with the permanent business code [`SOFT_REJECT_CODE`].
+    pub soft_reject_ids: Option<String>,
+    /// Until then every write is answered 401 (expired credentials).
+    pub auth_failure_until: Option<Instant>,
 }
+
+/// The business code of a soft reject ("this record will never be accepted").
+pub const SOFT_REJECT_CODE: u32 = 40001;
 
 /// A partial update: only the fields given change.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -36,19 +46,32 @@ pub struct FaultsUpdate {
     pub fail_ids: Option<String>,
     /// Starts an outage of this many seconds now (0 ends a running one).
     pub outage_secs: Option<f64>,
+    pub soft_failure_rate: Option<f64>,
+    /// A glob, or `""` to lift the rule.
+    pub soft_reject_ids: Option<String>,
+    /// Answers every write 401 for this many seconds from now (0 ends it).
+    pub auth_failure_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Pass,
     Outage,
+    Unauthorized,
+    /// HTTP 200 with `success:false`; shape picks one of the answer forms platforms use.
+    SoftFailure(u8),
     Fail(u16),
     Throttle(u64),
 }
 
 impl Faults {
     pub fn validate(&self) -> Result<(), String> {
-        for (name, rate) in [("failure_rate", self.failure_rate), ("throttle_rate", self.throttle_rate)] {
+        let rates = [
+            ("failure_rate", self.failure_rate),
+            ("throttle_rate", self.throttle_rate),
+            ("soft_failure_rate", self.soft_failure_rate),
+        ];
+        for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(format!("{name} must be between 0 and 1, got {rate}"));
             }
@@ -86,7 +109,16 @@ impl Faults {
             self.fail_ids = (!v.is_empty()).then_some(v);
         }
         if let Some(secs) = u.outage_secs {
-            self.outage_until = (secs > 0.0).then(|| now + Duration::from_secs_f64(secs));
+            self.outage_until = window(secs, now);
+        }
+        if let Some(v) = u.soft_failure_rate {
+            self.soft_failure_rate = v;
+        }
+        if let Some(v) = u.soft_reject_ids {
+            self.soft_reject_ids = (!v.is_empty()).then_some(v);
+        }
+        if let Some(secs) = u.auth_failure_secs {
+            self.auth_failure_until = window(secs, now);
         }
     }
 
@@ -100,6 +132,12 @@ impl Faults {
         if self.outage_until.is_some_and(|until| now < until) {
             return (Duration::ZERO, Decision::Outage);
         }
+        if self.auth_failure_until.is_some_and(|until| now < until) {
+            return (Duration::ZERO, Decision::Unauthorized);
+        }
+        if rng.chance(self.soft_failure_rate) {
+            return (delay, Decision::SoftFailure(*rng.pick(&[0u8, 1, 2])));
+        }
         if rng.chance(self.failure_rate) {
             return (delay, Decision::Fail(*rng.pick(&[500u16, 502, 503])));
         }
@@ -111,6 +149,10 @@ impl Faults {
 
     pub fn rejects(&self, id: &str) -> bool {
         self.reject_ids.as_deref().is_some_and(|pattern| glob_match(pattern, id))
+    }
+
+    pub fn soft_rejects(&self, id: &str) -> bool {
+        self.soft_reject_ids.as_deref().is_some_and(|pattern| glob_match(pattern, id))
     }
 
     pub fn always_fails(&self, id: &str) -> bool {
@@ -126,9 +168,23 @@ impl Faults {
             "retry_after_secs": self.retry_after_secs,
             "reject_ids": self.reject_ids,
             "fail_ids": self.fail_ids,
-            "outage_remaining_secs": self.outage_until.map(|u| u.saturating_duration_since(now).as_secs_f64()).unwrap_or(0.0),
+            "outage_remaining_secs": remaining(self.outage_until, now),
+            "soft_failure_rate": self.soft_failure_rate,
+            "soft_reject_ids": self.soft_reject_ids,
+            "auth_failure_remaining_secs": remaining(self.auth_failure_until, now),
         })
     }
+}
+
+/// A window of `secs` from now; 0 (or less, or not a number) ends a running one. Huge values
+/// are capped at a year rather than overflowing.
+fn window(secs: f64, now: Instant) -> Option<Instant> {
+    let secs = if secs.is_finite() { secs.min(365.0 * 86400.0) } else { 0.0 };
+    (secs > 0.0).then(|| now + Duration::from_secs_f64(secs))
+}
+
+fn remaining(until: Option<Instant>, now: Instant) -> f64 {
+    until.map(|u| u.saturating_duration_since(now).as_secs_f64()).unwrap_or(0.0)
 }
 
 /// `*` matches any run of characters; everything else matches itself.
@@ -174,6 +230,23 @@ mod tests {
         let mut rng = Rng::new(1);
         assert_eq!(f.decide(&mut rng, now + Duration::from_secs(59)).1, Decision::Outage);
         assert_eq!(f.decide(&mut rng, now + Duration::from_secs(61)).1, Decision::Pass);
+    }
+
+    #[test]
+    fn an_auth_failure_window_refuses_until_it_ends_and_soft_failures_come_at_their_rate() {
+        let mut f = Faults::default();
+        let now = Instant::now();
+        f.apply(FaultsUpdate { auth_failure_secs: Some(10.0), ..FaultsUpdate::default() }, now);
+        let mut rng = Rng::new(7);
+        assert_eq!(f.decide(&mut rng, now + Duration::from_secs(9)).1, Decision::Unauthorized);
+        assert_eq!(f.decide(&mut rng, now + Duration::from_secs(11)).1, Decision::Pass);
+        f.apply(FaultsUpdate { soft_failure_rate: Some(0.1), ..FaultsUpdate::default() }, now);
+        let soft = (0..10_000)
+            .filter(|_| matches!(f.decide(&mut rng, now + Duration::from_secs(11)).1, Decision::SoftFailure(_)))
+            .count();
+        assert!((800..1200).contains(&soft), "{soft} of 10000");
+        f.apply(FaultsUpdate { outage_secs: Some(f64::INFINITY), ..FaultsUpdate::default() }, now);
+        assert!(f.outage_until.is_none(), "a value that is not a number of seconds is no window, and panics nowhere");
     }
 
     #[test]

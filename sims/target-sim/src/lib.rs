@@ -1,6 +1,8 @@
 //! `target-sim`: the Qingyiyun-style write API (`{"api","method","idCheck","data"}`) with `idCheck`
 //! dedupe by `data.id`, and fault injection switchable at runtime: failure rate, 429 with
-//! `Retry-After`, latency, outage windows, permanent rejects for an id pattern.
+//! `Retry-After`, latency, outage windows, permanent rejects for an id pattern, and the ways real
+//! platform APIs fail inside an HTTP 200 (`success:false`, business codes) or refuse expired
+//! credentials (401 windows).
 
 pub mod faults;
 
@@ -57,6 +59,14 @@ pub struct Config {
     /// Fail (HTTP 503, transient) every write of a record whose id matches this glob.
     #[arg(long)]
     pub fail_ids: Option<String>,
+    /// Share of writes answered HTTP 200 with a business failure (`success:false` or a failing
+    /// code, in one of several shapes), nothing stored.
+    #[arg(long, default_value_t = 0.0)]
+    pub soft_failure_rate: f64,
+    /// Answer HTTP 200 with the permanent business code 40001 (a validation error) for every record
+    /// whose id matches this glob, nothing stored.
+    #[arg(long)]
+    pub soft_reject_ids: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -88,6 +98,12 @@ pub struct Stats {
     pub throttled: u64,
     /// Requests refused during an outage window (HTTP 503).
     pub outage_refusals: u64,
+    /// Answered 200 with a business failure, not stored.
+    pub soft_failures_injected: u64,
+    /// Answered 200 with the permanent business code, not stored.
+    pub soft_rejected_by_rule: u64,
+    /// Answered 401 during an auth-failure window.
+    pub auth_refusals: u64,
 }
 
 pub struct State_ {
@@ -113,6 +129,9 @@ impl TargetSim {
             reject_ids: config.reject_ids.clone(),
             fail_ids: config.fail_ids.clone(),
             outage_until: None,
+            soft_failure_rate: config.soft_failure_rate,
+            soft_reject_ids: config.soft_reject_ids.clone(),
+            auth_failure_until: None,
         };
         faults.validate()?;
         Ok(Arc::new(Self {
@@ -142,6 +161,15 @@ struct WriteRequest {
 
 fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
+}
+
+/// A business failure inside an HTTP 200, in the shapes platform APIs use.
+fn soft_failure(shape: u8) -> Value {
+    match shape {
+        0 => json!({ "success": false, "code": 50001, "message": "系统繁忙，请稍后再试 (injected)" }),
+        1 => json!({ "code": "50002", "msg": "数据库连接超时 (injected)", "data": null }),
+        _ => json!({ "errcode": 50003, "errmsg": "服务暂不可用 (injected)" }),
+    }
 }
 
 fn failure(status: StatusCode, message: String) -> Response {
@@ -179,6 +207,14 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
             }
             return response;
         }
+        Decision::Unauthorized => {
+            sim.lock().stats.auth_refusals += 1;
+            return failure(StatusCode::UNAUTHORIZED, "access token expired (injected)".into());
+        }
+        Decision::SoftFailure(shape) => {
+            sim.lock().stats.soft_failures_injected += 1;
+            return reply(StatusCode::OK, soft_failure(shape));
+        }
         Decision::Pass => {}
     }
     let request: WriteRequest = match serde_json::from_slice(&body) {
@@ -198,6 +234,14 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
     if state.faults.always_fails(&id) {
         state.stats.failures_injected += 1;
         return failure(StatusCode::SERVICE_UNAVAILABLE, format!("record id {id} cannot be written now (injected)"));
+    }
+    if state.faults.soft_rejects(&id) {
+        state.stats.soft_rejected_by_rule += 1;
+        let message = format!("数据校验失败: record {id} is rejected by the target's business rule");
+        return reply(
+            StatusCode::OK,
+            json!({ "success": false, "code": faults::SOFT_REJECT_CODE, "message": message }),
+        );
     }
     if state.faults.rejects(&id) {
         state.stats.rejected_by_rule += 1;
