@@ -92,6 +92,18 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     (status, Json(serde_json::json!({ "ready": ready, "checks": state.readiness.report() })))
 }
 
+/// Adds `orderflow_replica_info{replica="<name>"} 1`, so a scraped replica (known to Prometheus
+/// only by its address) can be told by the name it has everywhere else ([`crate::replica::name`]).
+fn register_replica_info(registry: &Registry) {
+    let opts = prometheus::Opts::new("orderflow_replica_info", "Always 1; the replica label names this replica.")
+        .const_label("replica", crate::replica::name());
+    if let Ok(gauge) = prometheus::IntGauge::with_opts(opts) {
+        gauge.set(1);
+        // Registered once per registry; a second admin server on the same registry reuses it.
+        let _ = registry.register(Box::new(gauge));
+    }
+}
+
 /// Binds `addr` and serves the admin routes until `shutdown` is cancelled. Returns the bound
 /// address (useful with port 0) once listening.
 pub async fn spawn(
@@ -100,6 +112,7 @@ pub async fn spawn(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    register_replica_info(&registry);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(message = "Admin server listening.", addr = %bound);

@@ -9,6 +9,7 @@ pub mod json;
 pub mod jst;
 pub mod messages;
 pub mod otel;
+pub mod replica;
 pub mod rng;
 pub mod settings;
 pub mod shutdown;

@@ -112,7 +112,10 @@ fn otlp_span(s: &Span) -> Value {
 pub fn export_body(service: &str, spans: &[Span]) -> Value {
     json!({
         "resourceSpans": [{
-            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+            "resource": {"attributes": [
+                {"key": "service.name", "value": {"stringValue": service}},
+                {"key": "service.instance.id", "value": {"stringValue": crate::replica::name()}},
+            ]},
             "scopeSpans": [{"scope": {"name": "orderflow"}, "spans": spans.iter().map(otlp_span).collect::<Vec<_>>()}]
         }]
     })

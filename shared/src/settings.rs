@@ -15,6 +15,12 @@ pub struct BrokerArgs {
           hide_default_value = true)]
     pub amqp_url: String,
 
+    /// Password for the user in AMQP_URL, used instead of the URL's: any characters, no
+    /// percent-encoding (in AMQP_URL itself `/ ? # @ %` and the like must be percent-encoded).
+    /// Prefer the environment variable: a flag's value shows in the process list.
+    #[arg(long, env = "AMQP_PASSWORD", hide_env_values = true)]
+    pub amqp_password: Option<String>,
+
     /// PEM file with extra CA certificates for `amqps://` (a private broker CA).
     #[arg(long, env = "AMQP_CA_FILE")]
     pub amqp_ca_file: Option<PathBuf>,

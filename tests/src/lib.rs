@@ -89,7 +89,13 @@ pub fn unique_ns(test: &str) -> String {
 }
 
 pub async fn broker_args(ns: &str) -> BrokerArgs {
-    BrokerArgs { amqp_url: broker_url().await, amqp_ca_file: None, ns: ns.to_string(), declare_topology: true }
+    BrokerArgs {
+        amqp_url: broker_url().await,
+        amqp_password: None,
+        amqp_ca_file: None,
+        ns: ns.to_string(),
+        declare_topology: true,
+    }
 }
 
 /// A fresh log directory for one test.

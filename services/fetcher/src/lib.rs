@@ -443,7 +443,7 @@ impl AccountWorker {
     /// Publishes the account's status for `orderflow status` (best effort: a failure is logged).
     async fn report(&self, mut status: serde_json::Value) {
         status["updated_at"] = json!(orderflow_shared::time::rfc3339_china(Timestamp::now()));
-        status["replica"] = json!(std::process::id());
+        status["replica"] = json!(orderflow_shared::replica::name());
         let body = status.to_string().into_bytes();
         let queue = self.shared.topology.fetch_status_queue();
         let id = format!("status:{}:{}", self.runtime.account.name, status["seq"]);

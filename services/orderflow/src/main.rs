@@ -239,7 +239,9 @@ async fn topology(broker: &BrokerArgs, declare: bool, json: bool, tiers: &str) -
 }
 
 async fn probe(url: &str) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?;
+    // A healthcheck asks its own container: HTTP(S)_PROXY/ALL_PROXY set for the service's outbound
+    // calls must not send the probe to a proxy.
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).no_proxy().build()?;
     let status = client.get(url).send().await?.status();
     Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

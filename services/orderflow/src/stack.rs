@@ -313,6 +313,7 @@ impl Stack {
     pub fn broker_args(&self) -> orderflow_shared::settings::BrokerArgs {
         orderflow_shared::settings::BrokerArgs {
             amqp_url: self.options.amqp_url.clone(),
+            amqp_password: None,
             amqp_ca_file: std::env::var_os("AMQP_CA_FILE").map(PathBuf::from),
             ns: self.options.ns.clone(),
             declare_topology: true,

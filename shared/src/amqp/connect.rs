@@ -31,8 +31,17 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, ConnectError> {
     Ok(uri)
 }
 
+/// The URL with `AMQP_PASSWORD`, when set, in place of its password.
+pub fn broker_uri(args: &BrokerArgs) -> Result<AMQPUri, ConnectError> {
+    let mut uri = parse_url(&args.amqp_url)?;
+    if let Some(password) = args.amqp_password.as_ref().filter(|p| !p.is_empty()) {
+        uri.authority.userinfo.password = password.clone();
+    }
+    Ok(uri)
+}
+
 pub async fn connect(args: &BrokerArgs, connection_name: &str) -> Result<Connection, ConnectError> {
-    let uri = parse_url(&args.amqp_url)?;
+    let uri = broker_uri(args)?;
     let mut tls = OwnedTLSConfig::default();
     if let Some(path) = &args.amqp_ca_file {
         let pem = std::fs::read_to_string(path)
@@ -66,6 +75,7 @@ mod tests {
     async fn a_missing_ca_file_is_named_before_any_connection_attempt() {
         let args = BrokerArgs {
             amqp_url: "amqps://u:secret@broker.invalid:5671/%2f".into(),
+            amqp_password: None,
             amqp_ca_file: Some("/nonexistent/ca.pem".into()),
             ns: "t".into(),
             declare_topology: true,
@@ -81,6 +91,26 @@ mod tests {
         let uri = parse_url("amqps://u:p@broker:5671/prod").expect("valid");
         assert_eq!(uri.authority.port, 5671);
         assert_eq!(uri.vhost, "prod");
+    }
+
+    #[test]
+    fn a_percent_encoded_password_in_the_url_is_decoded() {
+        let uri = parse_url("amqp://writer:p%2F%3F%23%40%25%22%5C%24@rabbitmq:5672/%2f").expect("valid");
+        assert_eq!(uri.authority.userinfo.password, r#"p/?#@%"\$"#);
+    }
+
+    #[test]
+    fn amqp_password_replaces_the_urls_password_verbatim() {
+        let args = BrokerArgs {
+            amqp_url: "amqp://writer@rabbitmq:5672/%2f".into(),
+            amqp_password: Some(r#"p/?#@%"\$ x"#.into()),
+            amqp_ca_file: None,
+            ns: "t".into(),
+            declare_topology: true,
+        };
+        let uri = broker_uri(&args).expect("valid");
+        assert_eq!(uri.authority.userinfo.username, "writer");
+        assert_eq!(uri.authority.userinfo.password, r#"p/?#@%"\$ x"#);
     }
 
     #[test]

@@ -19,9 +19,9 @@ pub struct Fatal(pub String);
 pub const BROKER_CHECK: &str = "broker";
 
 /// The name a service's connection shows in the broker (management UI, `rabbitmqctl
-/// list_connections`): `orderflow-<service>@<ns>#<pid>`, so an operator can tell replicas apart.
+/// list_connections`): `orderflow-<service>@<ns>#<replica>`, so an operator can tell replicas apart.
 pub fn connection_name(service: &str, ns: &str) -> String {
-    format!("orderflow-{service}@{ns}#{}", std::process::id())
+    format!("orderflow-{service}@{ns}#{}", crate::replica::name())
 }
 
 /// Runs `session` on fresh connections until `shutdown` is cancelled. Returns `Err` only for a
