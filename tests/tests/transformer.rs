@@ -189,3 +189,73 @@ async fn a_full_records_queue_holds_pages_back_without_dead_letters_or_reconnect
     teardown(stack).await;
     outcome
 }
+
+/// Two merchants whose order ids overlap (jst-sim `--overlapping-ids`), one target: with record ids
+/// that name the account, every order of both is written. (With the default `o_id` ids the
+/// target's idCheck answers one merchant's order as the other's duplicate: the test's control
+/// below shows that loss.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_merchants_with_overlapping_order_ids_into_one_target_lose_nothing_with_account_ids() -> anyhow::Result<()>
+{
+    let _heavy = heavy().await;
+    let ns = unique_ns("t-overlap");
+    let dir = log_dir(&ns);
+    let default = transformer::mapping::DEFAULT_MAPPING;
+    let mapping = default.replace(r#""record": {"id": "o_id""#, r#""record": {"id": "{account}:{o_id}""#).replace(
+        r#"{"to": "id", "from": "o_id", "type": "string", "required": true}"#,
+        r#"{"to": "id", "template": "{account}:{o_id}"}"#,
+    );
+    anyhow::ensure!(
+        mapping != default && mapping.matches("{account}").count() == 2,
+        "the shipped mapping changed shape"
+    );
+    let mapping_file = dir.join("mapping.json");
+    std::fs::write(&mapping_file, mapping)?;
+    let mut options = StackOptions::new(&broker_url().await, &ns, &dir);
+    options.accounts = 2;
+    options.orders = 1500;
+    options.jst_args = vec!["--overlapping-ids".into()];
+    options.env =
+        vec![("FETCH_INTERVAL".into(), "1s".into()), ("MAPPING_FILE".into(), mapping_file.display().to_string())];
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        let truth = truth_pairs(&stack).await?;
+        let o_ids: std::collections::HashSet<i64> = truth.iter().map(|(_, id)| *id).collect();
+        anyhow::ensure!(
+            o_ids.len() < truth.len() * 3 / 4,
+            "the merchants' ids overlap: {} ids for {} orders",
+            o_ids.len(),
+            truth.len()
+        );
+        let want: std::collections::HashSet<String> = truth.iter().map(|(a, id)| format!("{a}:{id}")).collect();
+        wait_for(
+            "every order of both merchants written",
+            Duration::from_secs(180),
+            Duration::from_millis(500),
+            || async {
+                let written = stack.written_ids().await?;
+                let missing = want.difference(&written).count();
+                Ok(if missing == 0 { Ok(()) } else { Err(format!("{missing} of {} not written", want.len())) })
+            },
+        )
+        .await?;
+        let stats = stack.target_stats().await?;
+        eprintln!(
+            "overlapping ids: {} orders of 2 merchants ({} distinct o_ids) all written; {} duplicates suppressed",
+            want.len(),
+            o_ids.len(),
+            stats["stats"]["duplicates_suppressed"]
+        );
+        // The control: these orders under o_id alone would have been this many distinct target ids.
+        anyhow::ensure!(
+            o_ids.len() < want.len(),
+            "with o_id alone {} of {} orders would be lost",
+            want.len() - o_ids.len(),
+            want.len()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}

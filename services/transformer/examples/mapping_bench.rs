@@ -42,7 +42,7 @@ fn main() {
     let mut mapped = 0usize;
     for _ in 0..rounds {
         for row in &rows {
-            if mapping.apply(row).is_ok() {
+            if mapping.apply(row, "acme").is_ok() {
                 mapped += 1;
             }
         }

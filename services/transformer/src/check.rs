@@ -19,6 +19,8 @@ pub fn check_mapping(file: &Path, input: Option<&Path>) -> Result<(String, bool)
         None => BUILTIN_SAMPLE.to_string(),
     };
     let sample: Value = serde_json::from_str(&sample_text).map_err(|e| format!("sample is not JSON: {e}"))?;
+    // A page's account fills `{account}`; a bare order or list gets a stand-in name.
+    let account = sample.get("account").and_then(Value::as_str).unwrap_or("sample-account").to_string();
     let orders = match sample {
         Value::Array(items) => items,
         Value::Object(ref o) if o.get("orders").is_some_and(Value::is_array) => {
@@ -29,7 +31,7 @@ pub fn check_mapping(file: &Path, input: Option<&Path>) -> Result<(String, bool)
     let mut ok = true;
     let results: Vec<Value> = orders
         .iter()
-        .map(|order| match mapping.apply(order) {
+        .map(|order| match mapping.apply(order, &account) {
             Ok(Outcome::Mapped(m)) => json!({"id": m.id, "version": m.version, "data": m.data}),
             Ok(Outcome::Dropped(rule)) => json!({"dropped_by": rule}),
             Err(reject) => {

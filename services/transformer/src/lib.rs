@@ -183,6 +183,36 @@ struct Shared {
     mapping: Mapping,
     topology: Topology,
     metrics: Metrics,
+    /// The first account seen, until a second one shows whether ids can collide (warned once).
+    id_check: std::sync::Mutex<AccountIds>,
+}
+
+/// Records of several merchants written with ids from the order alone (`o_id`) collide when the
+/// merchants' numbering overlaps, and the target's idCheck then answers one merchant's order as
+/// the other's duplicate: a silent loss. Warned once, when a second account's page arrives.
+#[derive(Default)]
+struct AccountIds {
+    first: Option<String>,
+    warned: bool,
+}
+
+impl AccountIds {
+    fn see(&mut self, mapping: &Mapping, account: &str) {
+        if self.warned || mapping.id.uses_account() {
+            return;
+        }
+        match &self.first {
+            None => self.first = Some(account.to_string()),
+            Some(first) if first != account => {
+                self.warned = true;
+                tracing::warn!(
+                    message = "Pages from several accounts, and record ids that do not name the account: if the merchants' order ids can overlap, the target's idCheck will drop one merchant's order as the other's duplicate. Use a record id like \"{account}:{o_id}\" in the mapping (record.id and the id field).",
+                    id = %mapping.id.text, accounts = ?[first.as_str(), account]
+                );
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -200,6 +230,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         mapping,
         topology: Topology::new(config.broker.ns.clone()),
         metrics,
+        id_check: std::sync::Mutex::new(AccountIds::default()),
     });
     let reconnects = shared.metrics.reconnects.clone();
     let name = orderflow_shared::amqp::connection_name("transformer", &config.broker.ns);
@@ -329,6 +360,7 @@ async fn handle_page(
         }
         PageOutcome::Transformed(t) => t,
     };
+    shared.id_check.lock().unwrap_or_else(|e| e.into_inner()).see(&shared.mapping, &transformed.account);
     let parent_trace = get_str(&delivery.properties, header::TRACEPARENT);
     let fetched_at = orderflow_shared::amqp::headers::get_i64(&delivery.properties, header::FETCHED_AT_MS);
     let records_exchange = topology.records_exchange();

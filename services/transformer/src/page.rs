@@ -52,7 +52,7 @@ pub fn transform_page(mapping: &Mapping, body: &[u8]) -> PageOutcome {
     let mut out = Transformed { account: page.account.clone(), cursor: page.cursor.clone(), ..Transformed::default() };
     let mut by_id: HashMap<String, usize> = HashMap::with_capacity(page.orders.len());
     for (index, order) in page.orders.into_iter().enumerate() {
-        match mapping.apply(&order) {
+        match mapping.apply(&order, &page.account) {
             Ok(Outcome::Mapped(m)) => {
                 let record = Record {
                     schema: RECORD_SCHEMA.to_string(),

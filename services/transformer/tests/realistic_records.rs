@@ -27,7 +27,7 @@ fn every_seeded_order_maps_with_exact_amounts_and_china_dates() {
     let mapping = Mapping::default_jushuitan();
     let mut masked = 0;
     for row in &rows {
-        let Ok(Outcome::Mapped(record)) = mapping.apply(row) else { panic!("maps: {row}") };
+        let Ok(Outcome::Mapped(record)) = mapping.apply(row, "acme") else { panic!("maps: {row}") };
         let data = &record.data;
         assert_eq!(record.id, row["o_id"].to_string());
         assert_eq!(record.version, row["ts"].to_string());
@@ -54,6 +54,6 @@ fn the_simulators_pay_amount_passes_the_amount_check() {
     doc["amount_check"] = json!({"field": "amount", "against": "pay_amount", "plus": ["freight"], "minus": ["free_amount"], "tolerance": "0.00"});
     let mapping = Mapping::compile(&doc).expect("compiles");
     for row in seeded_rows(500) {
-        assert!(matches!(mapping.apply(&row), Ok(Outcome::Mapped(_))), "{row}");
+        assert!(matches!(mapping.apply(&row, "acme"), Ok(Outcome::Mapped(_))), "{row}");
     }
 }

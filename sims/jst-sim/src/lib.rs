@@ -122,6 +122,10 @@ pub struct Config {
     /// Fault: share of API calls answered with business code 150.
     #[arg(long, default_value_t = 0.0)]
     pub fault_code150_rate: f64,
+    /// Every merchant numbers its orders (o_id, io_id) from the same start, so ids overlap
+    /// across merchants as real merchants' may.
+    #[arg(long)]
+    pub overlapping_ids: bool,
 }
 
 /// Counters per merchant for `GET /admin/stats`.
@@ -215,7 +219,9 @@ impl Sim {
             };
             let count = if index == 0 { config.orders } else { config.orders_per_account.unwrap_or(config.orders) };
             let name = format!("m{}", index + 1);
-            let merchant = Merchant::seed(name.clone(), index, creds.clone(), count, config.seed, now, history);
+            let id_base = if config.overlapping_ids { 100_000_000 } else { (i64::from(index) + 1) * 100_000_000 };
+            let merchant =
+                Merchant::seed_numbered(name.clone(), index, creds.clone(), count, config.seed, now, history, id_base);
             sim.by_app_key.insert(creds.app_key.clone(), index as usize);
             sim.by_partner.insert(creds.partner_id.clone(), index as usize);
             sim.by_name.insert(name, index as usize);

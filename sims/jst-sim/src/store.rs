@@ -96,7 +96,8 @@ pub struct Merchant {
 }
 
 impl Merchant {
-    /// Seeds `count` orders with `modified` spread over `[now - history, now - 1 min]`.
+    /// Seeds `count` orders with `modified` spread over `[now - history, now - 1 min]`; every
+    /// merchant numbers its orders from its own base, so ids never collide across merchants.
     pub fn seed(
         name: String,
         index: u32,
@@ -105,6 +106,23 @@ impl Merchant {
         seed: u64,
         now: Timestamp,
         history: SignedDuration,
+    ) -> Self {
+        let id_base = (i64::from(index) + 1) * 100_000_000;
+        Self::seed_numbered(name, index, creds, count, seed, now, history, id_base)
+    }
+
+    /// [`Merchant::seed`] numbering orders from `id_base` (the same base for several merchants
+    /// makes their `o_id`s overlap, as real merchants' may).
+    #[allow(clippy::too_many_arguments)]
+    pub fn seed_numbered(
+        name: String,
+        index: u32,
+        creds: Credentials,
+        count: u64,
+        seed: u64,
+        now: Timestamp,
+        history: SignedDuration,
+        id_base: i64,
     ) -> Self {
         let mut rng = Rng::new(seed ^ (u64::from(index) + 1).wrapping_mul(0x9E37_79B9));
         let co_id = 10_000 + i64::from(index);
@@ -118,7 +136,7 @@ impl Merchant {
             creds,
             co_id,
             shops,
-            id_base: (i64::from(index) + 1) * 100_000_000,
+            id_base,
             orders: Vec::with_capacity(count as usize),
             rendered: Vec::with_capacity(count as usize),
             by_io: HashMap::with_capacity(count as usize),

@@ -5,7 +5,7 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 use super::{
-    AmountCheck, Condition, DropRule, Mapping, Rule, Source,
+    AmountCheck, Condition, DropRule, Mapping, Part, Rule, Source, Template,
     values::{self, decimal, decimal_value, get, is_missing, set, show},
 };
 
@@ -54,24 +54,21 @@ fn path_text(path: &[String]) -> String {
 }
 
 impl Mapping {
-    pub fn apply(&self, order: &Value) -> Result<Outcome, Reject> {
+    /// Maps one order of `account` (the source account, for `{account}` in templates).
+    pub fn apply(&self, order: &Value, account: &str) -> Result<Outcome, Reject> {
         if !order.is_object() {
             return Err(invalid(format!("the order is not a JSON object: {}", show(order))));
         }
         if let Some(rule) = self.drop_if.iter().find(|r| drop_matches(r, order)) {
             return Ok(Outcome::Dropped(rule.text.clone()));
         }
-        let id = match get(order, &self.id) {
-            Some(v) if !is_missing(Some(v)) => orderflow_shared::json::scalar_text(v)
-                .ok_or_else(|| invalid(format!("record id field {}: {} is not an id", self.id_text, show(v))))?,
-            _ => return Err(invalid(format!("record id field {} is missing", self.id_text))),
-        };
+        let id = render(&self.id, order, account).map_err(|e| invalid(format!("record id {}: {e}", self.id.text)))?;
         let version = self
             .version
             .iter()
             .find_map(|p| get(order, p).filter(|v| !is_missing(Some(v))).and_then(orderflow_shared::json::scalar_text))
             .unwrap_or_else(|| "0".to_string());
-        let data = eval_fields(&self.fields, order, "")?;
+        let data = eval_fields(&self.fields, order, "", account)?;
         if let Some(check) = &self.amount_check {
             check_amount(check, &data, order)?;
         }
@@ -112,10 +109,29 @@ fn loose_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn eval_fields(rules: &[Rule], scope: &Value, prefix: &str) -> Result<Map<String, Value>, Reject> {
+/// The template's text for this order; an error names the field that is missing or not a scalar.
+fn render(template: &Template, order: &Value, account: &str) -> Result<String, String> {
+    let mut out = String::new();
+    for part in &template.parts {
+        match part {
+            Part::Lit(text) => out.push_str(text),
+            Part::Account => out.push_str(account),
+            Part::Field(path) => match get(order, path) {
+                Some(v) if !is_missing(Some(v)) => out.push_str(
+                    &orderflow_shared::json::scalar_text(v)
+                        .ok_or_else(|| format!("{} = {} is not a scalar", path_text(path), show(v)))?,
+                ),
+                _ => return Err(format!("{} is missing", path_text(path))),
+            },
+        }
+    }
+    Ok(out)
+}
+
+fn eval_fields(rules: &[Rule], scope: &Value, prefix: &str, account: &str) -> Result<Map<String, Value>, Reject> {
     let mut out = Map::with_capacity(rules.len());
     for rule in rules {
-        if let Some(value) = eval_rule(rule, scope, prefix)? {
+        if let Some(value) = eval_rule(rule, scope, prefix, account)? {
             set(&mut out, &rule.to, value);
         }
     }
@@ -129,15 +145,19 @@ fn source_text(rule: &Rule, prefix: &str) -> String {
         Source::SumProduct { over, .. } => format!("sum over {}", path_text(over)),
         Source::SumOf(_) => "sum".into(),
         Source::Each { over, .. } => path_text(over),
+        Source::Template(t) => format!("template {:?}", t.text),
     };
     format!("{prefix}{name}")
 }
 
-fn eval_rule(rule: &Rule, scope: &Value, prefix: &str) -> Result<Option<Value>, Reject> {
+fn eval_rule(rule: &Rule, scope: &Value, prefix: &str, account: &str) -> Result<Option<Value>, Reject> {
     let whence = || format!("{} ← {}", rule.to_text, source_text(rule, prefix));
     let raw: Option<Value> = match &rule.source {
         Source::From(path) => get(scope, path).cloned(),
         Source::Const(value) => Some(value.clone()),
+        Source::Template(t) => {
+            Some(Value::String(render(t, scope, account).map_err(|e| invalid(format!("{}: {e}", rule.to_text)))?))
+        }
         Source::SumProduct { over, product } => match get(scope, over) {
             None | Some(Value::Null) => None,
             Some(Value::Array(items)) => {
@@ -188,7 +208,7 @@ fn eval_rule(rule: &Rule, scope: &Value, prefix: &str) -> Result<Option<Value>, 
                 let mut mapped = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
                     let element_prefix = format!("{prefix}{}[{i}].", path_text(over));
-                    mapped.push(Value::Object(eval_fields(fields, item, &element_prefix)?));
+                    mapped.push(Value::Object(eval_fields(fields, item, &element_prefix, account)?));
                 }
                 Some(Value::Array(mapped))
             }

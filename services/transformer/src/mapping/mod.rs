@@ -5,7 +5,7 @@
 //! ```json
 //! {
 //!   "schema": "orderflow.mapping.v1",
-//!   "record": {"id": "o_id", "version": ["ts", "modified"]},
+//!   "record": {"id": "o_id", "version": ["ts", "modified"]},   // or "id": "{account}:{o_id}"
 //!   "drop_if": [{"field": "status", "in": ["Cancelled", "Delete"]}],
 //!   "fields": [
 //!     {"to": "id", "from": "o_id", "type": "string", "required": true},
@@ -55,6 +55,63 @@ pub enum Source {
         over: Vec<String>,
         fields: Vec<Rule>,
     },
+    /// Text built from the source account and order fields, e.g. `{account}:{o_id}`.
+    Template(Template),
+}
+
+/// `{account}` (the source account's name) and `{field.path}` placeholders between literal text.
+/// A plain path (no braces) is the template of that one field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    pub text: String,
+    pub parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Lit(String),
+    Account,
+    Field(Vec<String>),
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Template, String> {
+        if text.trim().is_empty() {
+            return Err("is empty".into());
+        }
+        if !text.contains(['{', '}']) {
+            return Ok(Template { text: text.to_string(), parts: vec![Part::Field(split_path(text))] });
+        }
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if rest[..open].contains('}') {
+                return Err(format!("{text:?} has a '}}' without its '{{'"));
+            }
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let close = rest[open..].find('}').ok_or_else(|| format!("{text:?} has a '{{' without its '}}'"))? + open;
+            let name = rest[open + 1..close].trim();
+            if name.is_empty() || name.contains('{') {
+                return Err(format!("{text:?} has an empty or nested placeholder"));
+            }
+            parts.push(if name == "account" { Part::Account } else { Part::Field(split_path(name)) });
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("{text:?} has a '}}' without its '{{'"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Template { text: text.to_string(), parts })
+    }
+
+    /// Whether the text names the source account (ids unique across merchants).
+    pub fn uses_account(&self) -> bool {
+        self.parts.contains(&Part::Account)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,8 +166,7 @@ pub struct AmountCheck {
 
 #[derive(Debug, Clone)]
 pub struct Mapping {
-    pub id: Vec<String>,
-    pub id_text: String,
+    pub id: Template,
     pub version: Vec<Vec<String>>,
     pub drop_if: Vec<DropRule>,
     pub fields: Vec<Rule>,
@@ -170,7 +226,8 @@ impl Mapping {
             .ok_or_else(|| err("fields", "is required: a list of field rules"))?;
         let fields = compile_rules(fields, "fields")?;
         let amount_check = obj.get("amount_check").map(compile_amount_check).transpose()?;
-        Ok(Mapping { id: split_path(&id_text), id_text, version, drop_if, fields, amount_check })
+        let id = Template::parse(&id_text).map_err(|e| err("record.id", e))?;
+        Ok(Mapping { id, version, drop_if, fields, amount_check })
     }
 }
 
@@ -198,16 +255,16 @@ fn compile_rule(value: &Value, at: &str) -> Result<Rule, MappingError> {
     let rule = format!("{at} (to {to_text:?})");
     for key in obj.keys() {
         const KNOWN: &[&str] = &[
-            "to", "from", "const", "sum", "each", "fields", "date", "scale", "rounding", "type", "default", "required",
-            "label", "about",
+            "to", "from", "const", "sum", "each", "template", "fields", "date", "scale", "rounding", "type", "default",
+            "required", "label", "about",
         ];
         if !KNOWN.contains(&key.as_str()) {
             return Err(err(&rule, format!("unknown key {key:?}")));
         }
     }
-    let kinds = ["from", "const", "sum", "each"].iter().filter(|k| obj.contains_key(**k)).count();
+    let kinds = ["from", "const", "sum", "each", "template"].iter().filter(|k| obj.contains_key(**k)).count();
     if kinds != 1 {
-        return Err(err(&rule, "needs exactly one of \"from\", \"const\", \"sum\", \"each\""));
+        return Err(err(&rule, "needs exactly one of \"from\", \"const\", \"sum\", \"each\", \"template\""));
     }
     let source = if let Some(from) = obj.get("from") {
         Source::From(split_path(
@@ -215,6 +272,9 @@ fn compile_rule(value: &Value, at: &str) -> Result<Rule, MappingError> {
         ))
     } else if let Some(c) = obj.get("const") {
         Source::Const(c.clone())
+    } else if let Some(t) = obj.get("template") {
+        let text = t.as_str().ok_or_else(|| err(&rule, "\"template\" must be text like \"{account}:{o_id}\""))?;
+        Source::Template(Template::parse(text).map_err(|e| err(&rule, format!("template {e}")))?)
     } else if let Some(sum) = obj.get("sum") {
         match (sum.get("over"), sum.get("product"), sum.get("of")) {
             (Some(over), Some(product), None) => Source::SumProduct {

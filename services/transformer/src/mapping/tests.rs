@@ -12,14 +12,14 @@ fn compile(doc: Value) -> Mapping {
 }
 
 fn mapped(m: &Mapping, order: Value) -> Value {
-    match m.apply(&order) {
+    match m.apply(&order, "acme") {
         Ok(Outcome::Mapped(r)) => r.data,
         other => panic!("expected a mapped record, got {other:?}"),
     }
 }
 
 fn rejected(m: &Mapping, order: Value) -> (RejectReason, String) {
-    match m.apply(&order) {
+    match m.apply(&order, "acme") {
         Err(r) => (r.reason, r.detail),
         other => panic!("expected a rejection, got {other:?}"),
     }
@@ -125,12 +125,18 @@ fn drop_rules_filter_records_without_rejecting_them() {
         "drop_if": [{"field": "status", "in": ["Cancelled", "Delete"]}, {"field": "pay_amount", "lt": 0.01}],
         "fields": [{"to": "id", "from": "o_id"}]
     }));
-    assert!(matches!(m.apply(&json!({"o_id": 1, "status": "Cancelled", "pay_amount": 5})), Ok(Outcome::Dropped(_))));
     assert!(matches!(
-        m.apply(&json!({"o_id": 1, "status": "Confirmed", "pay_amount": "0.00"})),
+        m.apply(&json!({"o_id": 1, "status": "Cancelled", "pay_amount": 5}), "acme"),
         Ok(Outcome::Dropped(_))
     ));
-    assert!(matches!(m.apply(&json!({"o_id": 1, "status": "Confirmed", "pay_amount": 5})), Ok(Outcome::Mapped(_))));
+    assert!(matches!(
+        m.apply(&json!({"o_id": 1, "status": "Confirmed", "pay_amount": "0.00"}), "acme"),
+        Ok(Outcome::Dropped(_))
+    ));
+    assert!(matches!(
+        m.apply(&json!({"o_id": 1, "status": "Confirmed", "pay_amount": 5}), "acme"),
+        Ok(Outcome::Mapped(_))
+    ));
 }
 
 #[test]
@@ -148,7 +154,7 @@ fn the_amount_check_rejects_a_mismatch_beyond_tolerance() {
         "amount_check": {"field": "amount", "against": "pay_amount", "plus": ["freight"], "minus": ["free_amount"], "tolerance": "0.01"}
     }));
     let ok = json!({"o_id": 1, "items": [{"qty": 2, "sale_price": 50.25}], "freight": 10, "free_amount": 0.5, "pay_amount": 110.00});
-    assert!(matches!(m.apply(&ok), Ok(Outcome::Mapped(_))));
+    assert!(matches!(m.apply(&ok, "acme"), Ok(Outcome::Mapped(_))));
     let bad = json!({"o_id": 1, "items": [{"qty": 2, "sale_price": 50.25}], "freight": 10, "free_amount": 0.5, "pay_amount": 120.00});
     let (reason, detail) = rejected(&m, bad);
     assert_eq!(reason, RejectReason::AmountMismatch);
@@ -160,9 +166,11 @@ fn the_record_id_and_version_come_from_the_source() {
     let m = compile(
         json!({"record": {"id": "o_id", "version": ["ts", "modified"]}, "fields": [{"to": "id", "from": "o_id"}]}),
     );
-    let Ok(Outcome::Mapped(r)) = m.apply(&json!({"o_id": 42, "ts": 1001, "modified": "x"})) else { panic!("maps") };
+    let Ok(Outcome::Mapped(r)) = m.apply(&json!({"o_id": 42, "ts": 1001, "modified": "x"}), "acme") else {
+        panic!("maps")
+    };
     assert_eq!((r.id.as_str(), r.version.as_str()), ("42", "1001"));
-    let Ok(Outcome::Mapped(r)) = m.apply(&json!({"o_id": "42", "modified": "2024-01-01 00:00:00"})) else {
+    let Ok(Outcome::Mapped(r)) = m.apply(&json!({"o_id": "42", "modified": "2024-01-01 00:00:00"}), "acme") else {
         panic!("maps")
     };
     assert_eq!(r.version, "2024-01-01 00:00:00");
@@ -195,7 +203,7 @@ fn the_default_mapping_maps_a_jushuitan_order() {
         "io_date": "2023-10-01 09:30:00", "modified": "2023-10-01 09:30:00.123", "ts": 1000001,
         "items": [{"sku_id": "SKU1", "qty": 2, "sale_price": 50.25}, {"sku_id": "SKU2", "qty": 1, "sale_price": 50.25}]
     });
-    let Ok(Outcome::Mapped(r)) = m.apply(&order) else { panic!("maps") };
+    let Ok(Outcome::Mapped(r)) = m.apply(&order, "acme") else { panic!("maps") };
     assert_eq!(r.id, "100000001");
     assert_eq!(r.version, "1000001");
     assert_eq!(
@@ -206,4 +214,26 @@ fn the_default_mapping_maps_a_jushuitan_order() {
             "shop_id": "100001", "so_id": "SO10000000001", "io_id": "100000001", "modified": "2023-10-01T09:30:00.123+08:00"
         })
     );
+}
+
+#[test]
+fn ids_can_carry_the_account_so_merchants_with_overlapping_order_ids_stay_apart() {
+    let m = Mapping::compile(&json!({
+        "record": {"id": "{account}:{o_id}"},
+        "fields": [{"to": "id", "template": "{account}:{o_id}"}, {"to": "ref", "template": "SO-{so_id}/{shop.id}"}]
+    }))
+    .expect("compiles");
+    assert!(m.id.uses_account());
+    let order = json!({"o_id": 7, "so_id": "A1", "shop": {"id": 3}, "ts": 9});
+    let Ok(Outcome::Mapped(a)) = m.apply(&order, "m1") else { panic!("maps") };
+    let Ok(Outcome::Mapped(b)) = m.apply(&order, "m2") else { panic!("maps") };
+    assert_eq!((a.id.as_str(), b.id.as_str()), ("m1:7", "m2:7"));
+    assert_eq!(a.data, json!({"id": "m1:7", "ref": "SO-A1/3"}));
+    let Err(reject) = m.apply(&json!({"so_id": "A1"}), "m1") else { panic!("rejects") };
+    assert!(reject.detail.contains("o_id is missing"), "{}", reject.detail);
+    assert!(!Mapping::default_jushuitan().id.uses_account(), "the shipped default keeps o_id (existing targets' ids)");
+    for bad_template in ["{account", "x}", "{}", "{a{b}}"] {
+        let doc = json!({"record": {"id": bad_template}, "fields": []});
+        assert!(Mapping::compile(&doc).is_err(), "{bad_template}");
+    }
 }
