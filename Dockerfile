@@ -1,5 +1,7 @@
 # One small image with every orderflow binary (fetcher, transformer, writer, orderflow, jst-sim,
 # target-sim); docker-compose.yml picks the binary with `command`.
+# Needs BuildKit (`RUN --mount=type=cache`): the default builder since Docker 23 and in Compose v2;
+# with docker-compose 1.x run `DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1 docker-compose build`.
 # Build stage: the Rust toolchain; TLS is rustls on ring, so no OpenSSL and no cmake are needed.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

@@ -10,6 +10,8 @@ use std::{
 };
 
 use orderflow_shared::settings::BrokerArgs;
+
+pub mod docker;
 use tokio::sync::OnceCell;
 
 pub use orderflow_cli::stack::{Progress, Role, Stack, StackOptions};

@@ -80,8 +80,12 @@ fn the_compose_stack_is_operable_and_scalable() {
         assert_eq!(s["depends_on"]["rabbitmq"]["condition"], "service_healthy", "{stage} waits for a healthy broker");
         let url = s["environment"]["AMQP_URL"].as_str().unwrap_or("");
         assert!(
-            url.starts_with(&format!("amqp://{stage}:")),
+            url.starts_with(&format!("amqp://{stage}@")),
             "{stage} connects as its own least-privilege user: {url}"
+        );
+        assert!(
+            s["environment"]["AMQP_PASSWORD"].as_str().is_some_and(|p| p.contains("_AMQP_PASSWORD")),
+            "{stage}'s password is passed verbatim in AMQP_PASSWORD, not inside the URL"
         );
         assert_eq!(s["environment"]["ORDERFLOW_DECLARE_TOPOLOGY"], "false");
     }
@@ -94,7 +98,6 @@ fn the_compose_stack_is_operable_and_scalable() {
     assert_eq!(services["jaeger"]["profiles"], json!(["tracing"]));
     for file in [
         "deploy/rabbitmq/setup.sh",
-        "deploy/rabbitmq/definitions.json",
         "deploy/prometheus/prometheus.yml",
         "deploy/grafana/dashboards/orderflow.json",
         ".env.example",

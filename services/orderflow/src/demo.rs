@@ -8,7 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use clap::Args;
 use orderflow_shared::{
     amqp::{Stage, Topology},
@@ -58,18 +57,30 @@ pub struct DemoArgs {
     pub bin_dir: Option<PathBuf>,
 }
 
-pub async fn run(args: DemoArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
+pub async fn run(args: DemoArgs, mut broker: BrokerArgs) -> anyhow::Result<bool> {
     let ns = if broker.ns == "orderflow" {
         format!("demo-{}", jiff::Timestamp::now().as_second())
     } else {
         broker.ns.clone()
     };
-    let connection = orderflow_shared::amqp::connect(&broker, "orderflow-demo").await.with_context(|| {
-        format!(
-            "RabbitMQ is needed at {} (start it with `rabbitmq-server -detached`, or set AMQP_URL)",
-            redact_url(&broker.amqp_url)
-        )
-    })?;
+    // No broker at a local URL: start one in Docker (kept until the demo ends), or say how to get one.
+    let mut _demo_broker = None;
+    let connection = match orderflow_shared::amqp::connect(&broker, "orderflow-demo").await {
+        Ok(connection) => connection,
+        Err(_) if crate::demo_broker::is_local(&broker.amqp_url) => {
+            let started = crate::demo_broker::start(&broker)
+                .await
+                .map_err(|why| anyhow::anyhow!(crate::demo_broker::no_broker_message(&broker, &why)))?;
+            let connection = orderflow_shared::amqp::connect(&started.broker, "orderflow-demo").await?;
+            broker = started.broker.clone();
+            _demo_broker = Some(started);
+            connection
+        }
+        Err(error) => {
+            return Err(anyhow::Error::from(error)
+                .context(format!("RabbitMQ is needed at {} (or set AMQP_URL)", redact_url(&broker.amqp_url))));
+        }
+    };
     let log_dir = std::env::temp_dir().join(format!("orderflow-{ns}"));
     let mut options = StackOptions::new(&broker.amqp_url, &ns, &log_dir);
     if let Some(dir) = &args.bin_dir {

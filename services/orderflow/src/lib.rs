@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod broker;
 pub mod demo;
+pub mod demo_broker;
 pub mod dlq;
 pub mod e2e;
 pub mod faults;
