@@ -55,7 +55,9 @@ impl Docker {
         orderflow_shared::init_process(); // the TLS provider reqwest needs, before any HTTP client
         match run("docker", &["info", "--format", "{{.ServerVersion}}"], Duration::from_secs(20)).await {
             Ok(out) if out.status.success() => {}
-            Ok(out) => return Err(format!("no Docker engine answers: {}", String::from_utf8_lossy(&out.stderr).trim())),
+            Ok(out) => {
+                return Err(format!("no Docker engine answers: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            }
             Err(e) => return Err(format!("no Docker engine answers: {e:#}")),
         }
         let v2 = run("docker", &["compose", "version"], Duration::from_secs(20)).await;
@@ -277,8 +279,9 @@ impl Project {
     pub async fn containers(&self, service: &str) -> anyhow::Result<Vec<String>> {
         let project = format!("label=com.docker.compose.project={}", self.name);
         let svc = format!("label=com.docker.compose.service={service}");
-        let out = run_ok("docker", &["ps", "-a", "-q", "--filter", &project, "--filter", &svc], Duration::from_secs(30))
-            .await?;
+        let out =
+            run_ok("docker", &["ps", "-a", "-q", "--filter", &project, "--filter", &svc], Duration::from_secs(30))
+                .await?;
         Ok(out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect())
     }
 
@@ -291,7 +294,8 @@ impl Project {
 
     /// The host address (127.0.0.1:port) a container port of the service's first container is published on.
     pub async fn published(&self, service: &str, port: u16) -> anyhow::Result<String> {
-        let id = self.containers(service).await?.into_iter().next().with_context(|| format!("no {service} container"))?;
+        let id =
+            self.containers(service).await?.into_iter().next().with_context(|| format!("no {service} container"))?;
         let info = self.inspect(&id).await?;
         let binding = &info["NetworkSettings"]["Ports"][format!("{port}/tcp")][0];
         let host_port = binding["HostPort"].as_str().with_context(|| format!("{service}:{port} is not published"))?;
@@ -372,14 +376,18 @@ fn remove_project(name: &str) {
 /// Removes what an earlier, killed test run left behind (projects named `oftest-*`).
 fn remove_leftovers() {
     let out = std::process::Command::new("docker")
-        .args(["ps", "-a", "--filter", "label=com.docker.compose.project", "--format", "{{.Label \"com.docker.compose.project\"}}"])
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            "label=com.docker.compose.project",
+            "--format",
+            "{{.Label \"com.docker.compose.project\"}}",
+        ])
         .output();
     let Ok(out) = out else { return };
-    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("oftest-"))
-        .map(str::to_string)
-        .collect();
+    let mut names: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("oftest-")).map(str::to_string).collect();
     names.sort();
     names.dedup();
     for name in names {

@@ -22,8 +22,9 @@ const NODES: [&str; 3] = ["rabbit-1", "rabbit-2", "rabbit-3"];
 
 /// The records queue as a node's management API sees it: (leader, members, online members).
 async fn records_queue(management: &str, ns: &str) -> anyhow::Result<(String, Vec<String>, Vec<String>)> {
-    let q = docker::get_json(&format!("http://{management}/api/queues/%2F/{ns}.records"), Some(("orderflow", PASSWORD)))
-        .await?;
+    let q =
+        docker::get_json(&format!("http://{management}/api/queues/%2F/{ns}.records"), Some(("orderflow", PASSWORD)))
+            .await?;
     let list = |v: &Value| -> Vec<String> {
         let mut l: Vec<String> =
             v.as_array().map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_string)).collect()).unwrap_or_default();
@@ -57,7 +58,10 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
     project.add_generated("docker-compose.yml", &docker::test_variant(&user, &images, stand_in, &[])?)?;
     std::fs::write(
         &project.env_file,
-        format!("RABBITMQ_ERLANG_COOKIE=orderflow-cluster-test-cookie-{}\nRABBITMQ_PASSWORD={PASSWORD}\n", std::process::id()),
+        format!(
+            "RABBITMQ_ERLANG_COOKIE=orderflow-cluster-test-cookie-{}\nRABBITMQ_PASSWORD={PASSWORD}\n",
+            std::process::id()
+        ),
     )?;
 
     let t = Instant::now();
@@ -70,7 +74,8 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
         management.push((node, project.published(node, 15672).await?));
     }
     wait_for("three running nodes in one cluster", Duration::from_secs(120), Duration::from_secs(1), || async {
-        let nodes = docker::get_json(&format!("http://{}/api/nodes", management[0].1), Some(("orderflow", PASSWORD))).await?;
+        let nodes =
+            docker::get_json(&format!("http://{}/api/nodes", management[0].1), Some(("orderflow", PASSWORD))).await?;
         let running = nodes.as_array().context("nodes")?.iter().filter(|n| n["running"] == true).count();
         Ok(if running == 3 { Ok(()) } else { Err(format!("{running} running")) })
     })
@@ -90,19 +95,21 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
     options.rate_per_sec = 20;
     options.rate_per_min = 1200;
     options.env = vec![("FETCH_INTERVAL".into(), "1s".into()), ("FETCH_PASS_TIME".into(), "5s".into())];
-    options.jst_args = ["--churn-modify", "3", "--churn-confirm", "3", "--churn-new", "3", "--churn-late", "1", "--late-max", "5s"]
-        .map(String::from)
-        .to_vec();
+    options.jst_args =
+        ["--churn-modify", "3", "--churn-confirm", "3", "--churn-new", "3", "--churn-late", "1", "--late-max", "5s"]
+            .map(String::from)
+            .to_vec();
     let mut stack = orderflow_tests::Stack::start(options).await?;
     let outcome = async {
-        let (leader, members, _) = wait_for("the records queue", Duration::from_secs(60), Duration::from_millis(500), || async {
-            Ok(match records_queue(&management[0].1, &ns).await {
-                Ok((leader, members, online)) if !leader.is_empty() => Ok((leader, members, online)),
-                Ok(q) => Err(format!("{q:?}")),
-                Err(e) => Err(format!("{e:#}")),
+        let (leader, members, _) =
+            wait_for("the records queue", Duration::from_secs(60), Duration::from_millis(500), || async {
+                Ok(match records_queue(&management[0].1, &ns).await {
+                    Ok((leader, members, online)) if !leader.is_empty() => Ok((leader, members, online)),
+                    Ok(q) => Err(format!("{q:?}")),
+                    Err(e) => Err(format!("{e:#}")),
+                })
             })
-        })
-        .await?;
+            .await?;
         assert_eq!(members.len(), 3, "a quorum queue with a member on each node: {members:?}");
         wait_for("orders flowing", Duration::from_secs(120), Duration::from_millis(200), || async {
             let n = stack.written_ids().await?.len();
@@ -136,14 +143,15 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
         let killed_at = Instant::now();
         docker::run_ok("docker", &["kill", &container], Duration::from_secs(30)).await?;
         let survivor = management.iter().find(|(n, _)| *n != victim).map(|(_, m)| m.clone()).context("a survivor")?;
-        let (new_leader, _, online) = wait_for("a new leader", Duration::from_secs(60), Duration::from_millis(100), || async {
-            Ok(match records_queue(&survivor, &ns).await {
-                Ok((l, m, o)) if !l.is_empty() && l != leader && o.len() == 2 => Ok((l, m, o)),
-                Ok(q) => Err(format!("{q:?}")),
-                Err(e) => Err(format!("{e:#}")),
+        let (new_leader, _, online) =
+            wait_for("a new leader", Duration::from_secs(60), Duration::from_millis(100), || async {
+                Ok(match records_queue(&survivor, &ns).await {
+                    Ok((l, m, o)) if !l.is_empty() && l != leader && o.len() == 2 => Ok((l, m, o)),
+                    Ok(q) => Err(format!("{q:?}")),
+                    Err(e) => Err(format!("{e:#}")),
+                })
             })
-        })
-        .await?;
+            .await?;
         let election = killed_at.elapsed();
         assert!(!online.contains(&leader), "{online:?}");
         tokio::time::sleep(Duration::from_secs(10)).await; // churn goes on with one node down
@@ -154,8 +162,11 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
         let longest_pause = watcher.await?;
         assert!(stack.exited().is_none(), "a stage process exited: {:?}", stack.exited());
         for stage in ["transformer", "writer"] {
-            let q = docker::get_json(&format!("http://{survivor}/api/queues/%2F/{ns}.{stage}.dead"), Some(("orderflow", PASSWORD)))
-                .await?;
+            let q = docker::get_json(
+                &format!("http://{survivor}/api/queues/%2F/{ns}.{stage}.dead"),
+                Some(("orderflow", PASSWORD)),
+            )
+            .await?;
             assert_eq!(q["messages"], 0, "{stage} dead letters: {q}");
         }
 
@@ -188,7 +199,10 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
     stack.stop().await;
     let _ = stack.delete_namespace().await;
     if outcome.is_err() {
-        eprintln!("--- cluster logs ---\n{}", project.logs().await.lines().rev().take(80).collect::<Vec<_>>().join("\n"));
+        eprintln!(
+            "--- cluster logs ---\n{}",
+            project.logs().await.lines().rev().take(80).collect::<Vec<_>>().join("\n")
+        );
     }
     drop(project);
     outcome

@@ -109,7 +109,10 @@ async fn dashboard_queries_return_data(prometheus: &str) -> anyhow::Result<usize
     let mut exprs = Vec::new();
     for panel in dashboard["panels"].as_array().context("panels")? {
         for target in panel["targets"].as_array().context("targets")? {
-            exprs.push((panel["title"].as_str().unwrap_or("").to_string(), target["expr"].as_str().context("expr")?.to_string()));
+            exprs.push((
+                panel["title"].as_str().unwrap_or("").to_string(),
+                target["expr"].as_str().context("expr")?.to_string(),
+            ));
         }
     }
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).no_proxy().build()?;
@@ -153,7 +156,10 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
     // Going live with a secret unset: compose refuses, naming it.
     let mut project = Project::new(&docker, "compose", &repo)?;
     let partial = project.dir.join("partial.env");
-    std::fs::write(&partial, env_file(ADMIN_PASSWORD).replace(&format!("WRITER_AMQP_PASSWORD='{WRITER_PASSWORD}'\n"), ""))?;
+    std::fs::write(
+        &partial,
+        env_file(ADMIN_PASSWORD).replace(&format!("WRITER_AMQP_PASSWORD='{WRITER_PASSWORD}'\n"), ""),
+    )?;
     let (base, live) = (repo.join("docker-compose.yml"), repo.join("docker-compose.live.yml"));
     let mut args: Vec<&str> = vec!["--project-directory", repo.to_str().context("repo")?];
     args.extend(["--env-file", partial.to_str().context("path")?]);
@@ -212,7 +218,11 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
 
     // Scale out; Prometheus finds every replica by DNS and every dashboard query has data.
     let t = Instant::now();
-    project.compose_ok(&["up", "-d", "--no-recreate", "--scale", "transformer=3", "--scale", "writer=4"], Duration::from_secs(300))
+    project
+        .compose_ok(
+            &["up", "-d", "--no-recreate", "--scale", "transformer=3", "--scale", "writer=4"],
+            Duration::from_secs(300),
+        )
         .await?;
     project.wait_healthy("transformer", 3, Duration::from_secs(120)).await?;
     project.wait_healthy("writer", 4, Duration::from_secs(120)).await?;
@@ -229,7 +239,8 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
                 other.push(format!("{} {}", t["scrapeUrl"], t["health"]));
             }
         }
-        let ok = wanted.iter().all(|(s, n)| up.get(*s) == Some(n)) && up.get("rabbitmq") == Some(&1) && other.is_empty();
+        let ok =
+            wanted.iter().all(|(s, n)| up.get(*s) == Some(n)) && up.get("rabbitmq") == Some(&1) && other.is_empty();
         Ok(if ok { Ok(()) } else { Err(format!("up {up:?}, not up {other:?}")) })
     })
     .await?;
@@ -245,14 +256,19 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
         }
     }
     assert_eq!(hostnames.len(), 8, "{hostnames:?}");
-    let info = docker::get_json(&format!("http://{prometheus}/api/v1/query?query=orderflow_replica_info"), None).await?;
+    let info =
+        docker::get_json(&format!("http://{prometheus}/api/v1/query?query=orderflow_replica_info"), None).await?;
     let replicas: BTreeSet<String> = info["data"]["result"]
         .as_array()
         .context("result")?
         .iter()
         .filter_map(|r| r["metric"]["replica"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(replicas, hostnames.keys().cloned().collect::<BTreeSet<_>>(), "orderflow_replica_info names the containers");
+    assert_eq!(
+        replicas,
+        hostnames.keys().cloned().collect::<BTreeSet<_>>(),
+        "orderflow_replica_info names the containers"
+    );
     let auth = Some(("orderflow", ADMIN_PASSWORD));
     let connections = docker::get_json(&format!("http://{management}/api/connections"), auth).await?;
     let names: Vec<String> = connections
@@ -274,9 +290,14 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
     // Spans from all three stages reach the collector.
     wait_for("spans from every stage", Duration::from_secs(60), Duration::from_secs(1), || async {
         let spans = docker::get_json(&format!("http://{collector}/spans"), None).await?;
-        let services: BTreeSet<String> =
-            spans.as_array().context("spans")?.iter().filter_map(|s| s["service"].as_str().map(str::to_string)).collect();
-        let all = ["orderflow-fetcher", "orderflow-transformer", "orderflow-writer"].iter().all(|s| services.contains(*s));
+        let services: BTreeSet<String> = spans
+            .as_array()
+            .context("spans")?
+            .iter()
+            .filter_map(|s| s["service"].as_str().map(str::to_string))
+            .collect();
+        let all =
+            ["orderflow-fetcher", "orderflow-transformer", "orderflow-writer"].iter().all(|s| services.contains(*s));
         Ok(if all { Ok(()) } else { Err(format!("{services:?}")) })
     })
     .await?;
@@ -297,7 +318,9 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
     let changed = project.dir.join("changed.env");
     std::fs::write(&changed, env_file("a-new-password"))?;
     let t = Instant::now();
-    let setup = project.compose_with_env(&changed, &["run", "--rm", "--no-deps", "rabbitmq-setup"], Duration::from_secs(120)).await?;
+    let setup = project
+        .compose_with_env(&changed, &["run", "--rm", "--no-deps", "rabbitmq-setup"], Duration::from_secs(120))
+        .await?;
     let took = t.elapsed();
     let said = format!("{}{}", String::from_utf8_lossy(&setup.stdout), String::from_utf8_lossy(&setup.stderr));
     assert_eq!(setup.status.code(), Some(3), "{said}");

@@ -65,7 +65,9 @@ fn the_compose_log_filter_default_is_the_codes() {
             "{stage}: compose's RUST_LOG default differs from the code's"
         );
     }
-    assert!(text("README.md").contains(&format!("| `RUST_LOG` | `{}` |", orderflow_shared::telemetry::DEFAULT_LOG_FILTER)));
+    assert!(
+        text("README.md").contains(&format!("| `RUST_LOG` | `{}` |", orderflow_shared::telemetry::DEFAULT_LOG_FILTER))
+    );
 }
 
 #[test]
@@ -95,7 +97,9 @@ fn going_live_requires_every_secret_and_env_example_lists_them() {
         .chain(variables(&live))
         .filter(|v| v.contains("PASSWORD") || v.contains("SECRET") || v.contains("TOKEN") || v.contains("AUTH"))
         .collect();
-    for name in secrets.iter().map(String::as_str).chain(required).chain(["OTEL_EXPORTER_OTLP_ENDPOINT", "COMPOSE_FILE"]) {
+    for name in
+        secrets.iter().map(String::as_str).chain(required).chain(["OTEL_EXPORTER_OTLP_ENDPOINT", "COMPOSE_FILE"])
+    {
         assert!(listed.contains(name), ".env.example does not list {name}");
     }
     assert!(
@@ -116,7 +120,8 @@ fn stage_passwords_never_travel_inside_a_url() {
     for (name, service) in doc["services"].as_object().expect("services") {
         if let Some(url) = service["environment"]["AMQP_URL"].as_str() {
             // The user part, with `${...}` interpolations taken out, has no `:password`.
-            let mut userinfo = url.trim_start_matches("amqp://").rsplit_once('@').map(|(u, _)| u).unwrap_or("").to_string();
+            let mut userinfo =
+                url.trim_start_matches("amqp://").rsplit_once('@').map(|(u, _)| u).unwrap_or("").to_string();
             while let Some(start) = userinfo.find("${") {
                 let end = userinfo[start..].find('}').map(|e| start + e + 1).unwrap_or(userinfo.len());
                 userinfo.replace_range(start..end, "user");
@@ -134,7 +139,10 @@ fn the_setup_script_stops_at_once_on_refused_credentials_and_keeps_secrets_off_c
     assert!(setup.contains("exit 3"));
     assert!(!setup.contains("-u \"$AUTH\"") && !setup.contains("-u \""), "no credentials in curl's arguments");
     assert!(setup.contains("-K \"$TMP/auth\""), "curl reads the credentials from a private file");
-    assert!(setup.contains("quorum-leaders") && setup.contains("$NS-quorum-leaders"), "the policy follows ORDERFLOW_NS");
+    assert!(
+        setup.contains("quorum-leaders") && setup.contains("$NS-quorum-leaders"),
+        "the policy follows ORDERFLOW_NS"
+    );
     assert!(!repo().join("deploy/rabbitmq/definitions.json").exists(), "no fixed-namespace policy file");
 }
 
