@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod amqp;
 pub mod backoff;
+pub mod body;
 pub mod json;
 pub mod jst;
 pub mod messages;

@@ -18,6 +18,9 @@ pub enum ApiGeneration {
 }
 
 /// An account's credentials. `Debug` never prints a secret.
+/// The largest answer read from the source (a page of 50 orders is ~100 KB).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     #[serde(default)]
@@ -185,9 +188,12 @@ impl JstClient {
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await.map_err(transport)?;
+        let (bytes, cut) = orderflow_shared::body::read_limited(response, MAX_ANSWER_BYTES).await.map_err(transport)?;
         if !(200..300).contains(&status) {
             return Err(CallError::Http { status, excerpt: excerpt(&bytes) });
+        }
+        if cut {
+            return Err(CallError::Decode(format!("the answer is over {} MiB; not read", MAX_ANSWER_BYTES >> 20)));
         }
         parse_page(&bytes, self.generation)
     }
@@ -235,7 +241,11 @@ impl JstClient {
         Ok(TokenPair {
             access_token: field("access_token")?,
             refresh_token: field("refresh_token")?,
-            expires_in: data.get("expires_in").and_then(orderflow_shared::json::lenient_i64).unwrap_or(0).max(0) as u64,
+            expires_in: data
+                .get("expires_in")
+                .and_then(orderflow_shared::json::lenient_i64)
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0),
         })
     }
 }
@@ -266,8 +276,11 @@ pub fn parse_page(bytes: &[u8], generation: ApiGeneration) -> Result<ApiPage, Ca
             .ok_or_else(|| CallError::Decode("no data object in the answer".into()))?,
         ApiGeneration::Legacy => &mut v,
     };
-    let num = |k: &str| data.get(k).and_then(orderflow_shared::json::lenient_i64).unwrap_or(0).max(0) as u64;
-    let (page_index, data_count, page_count) = (num("page_index") as u32, num("data_count"), num("page_count"));
+    let num = |k: &str| {
+        data.get(k).and_then(orderflow_shared::json::lenient_i64).and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
+    };
+    let page_index = u32::try_from(num("page_index")).unwrap_or(u32::MAX);
+    let (data_count, page_count) = (num("data_count"), num("page_count"));
     let has_next = data.get("has_next").and_then(orderflow_shared::json::lenient_bool).unwrap_or(false);
     // The rows are moved out of the parsed answer, not copied (a page is ~100 KB of orders).
     let datas = match data.get_mut("datas").map(Value::take) {

@@ -92,6 +92,30 @@ pub struct Config {
     /// Each modified window starts this long before the last one ended (clock skew, slow commits).
     #[arg(long, env = "FETCH_WINDOW_OVERLAP", default_value = "60s", value_parser = parse_duration)]
     pub window_overlap: Duration,
+    /// start_ts mode: re-read the recent past by modified window this often, for rows that became
+    /// visible with a row version below the cursor (late commits). 0 turns the sweep off.
+    #[arg(long, env = "FETCH_SWEEP_EVERY", default_value = "10m", value_parser = parse_duration)]
+    pub sweep_every: Duration,
+    /// How far back each sweep reads (longer than the slowest transaction plus FETCH_SWEEP_EVERY).
+    #[arg(long, env = "FETCH_SWEEP_SPAN", default_value = "2h", value_parser = parse_duration)]
+    pub sweep_span: Duration,
+    /// The largest share of the merchant's calls the sweep may use, e.g. 10% or 0.1.
+    #[arg(long, env = "FETCH_SWEEP_BUDGET", default_value = "10%", value_parser = parse_share)]
+    pub sweep_budget: f64,
+}
+
+/// A share of a budget: `10%` or `0.1`, above 0 and at most 1.
+pub fn parse_share(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let value = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("{text:?} is not a share (e.g. 10% or 0.1)"))?;
+    if !(value > 0.0 && value <= 1.0) {
+        return Err(format!("{text:?} must be above 0 and at most 100%"));
+    }
+    Ok(value)
 }
 
 fn required(value: &Option<String>, name: &str, why: &str) -> Result<String, String> {

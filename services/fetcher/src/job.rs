@@ -52,6 +52,12 @@ impl Cursor {
 pub struct Tokens {
     pub access_token: String,
     pub refresh_token: String,
+    /// When the pair was issued (unix ms; 0 for pairs stored before this was kept): the newer wins.
+    #[serde(default)]
+    pub issued_at_ms: i64,
+    /// Fingerprint of the configured pair this one descends from (see `tokens.rs`).
+    #[serde(default)]
+    pub from_config: String,
 }
 
 impl fmt::Debug for Tokens {
@@ -69,6 +75,9 @@ pub struct Job {
     pub cursor: Cursor,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<Tokens>,
+    /// The tokens sealed with ORDERFLOW_SECRET_KEY (instead of `tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_tokens: Option<String>,
     pub updated_at: String,
     /// Orders published for this account so far (informational).
     #[serde(default)]
@@ -83,9 +92,33 @@ impl Job {
             seq: 0,
             cursor,
             tokens: None,
+            sealed_tokens: None,
             updated_at: jiff::Timestamp::now().to_string(),
             orders_total: 0,
         }
+    }
+
+    /// The stored pair (opening it when sealed).
+    pub fn stored_tokens(&self, sealer: &crate::tokens::Sealer) -> Result<Option<Tokens>, String> {
+        match (&self.sealed_tokens, &self.tokens) {
+            (Some(sealed), _) => sealer.open(sealed).map(Some),
+            (None, tokens) => Ok(tokens.clone()),
+        }
+    }
+
+    /// Stores `tokens`, sealed when a key is set (a plain pair from before is dropped).
+    pub fn store_tokens(&mut self, tokens: Tokens, sealer: &crate::tokens::Sealer) -> Result<(), String> {
+        match sealer.seal(&tokens)? {
+            Some(sealed) => {
+                self.sealed_tokens = Some(sealed);
+                self.tokens = None;
+            }
+            None => {
+                self.tokens = Some(tokens);
+                self.sealed_tokens = None;
+            }
+        }
+        Ok(())
     }
 
     /// The job after a committed pass.
@@ -96,6 +129,7 @@ impl Job {
             seq: self.seq + 1,
             cursor,
             tokens: tokens.or_else(|| self.tokens.clone()),
+            sealed_tokens: self.sealed_tokens.clone(),
             updated_at: jiff::Timestamp::now().to_string(),
             orders_total: self.orders_total + orders,
         }
@@ -133,7 +167,8 @@ mod tests {
     #[test]
     fn a_job_round_trips_and_keeps_tokens_until_replaced() {
         let a = Job::new("acme", Cursor::start_ts(1));
-        let t = Tokens { access_token: "a".into(), refresh_token: "r".into() };
+        let t =
+            Tokens { access_token: "a".into(), refresh_token: "r".into(), issued_at_ms: 1, from_config: String::new() };
         let b = a.next(Cursor::start_ts(2), Some(t.clone()), 0);
         let c = b.next(Cursor::start_ts(3), None, 0);
         assert_eq!(c.tokens, Some(t));

@@ -12,6 +12,8 @@ pub mod lease;
 pub mod metrics;
 pub mod pass;
 pub mod request_config;
+pub mod sweep;
+pub mod tokens;
 
 use std::{
     sync::{
@@ -46,6 +48,7 @@ use crate::{
     metrics::Metrics,
     pass::{PassContext, PassError, PassSettings},
     request_config::CursorKind,
+    tokens::Pick,
 };
 
 /// An account and what outlives a broker session: its budget, its current credentials, and
@@ -54,6 +57,14 @@ struct AccountRuntime {
     account: Account,
     client: JstClient,
     budget: Budget,
+    /// The lagging sweep's share of `budget` (taken first, then `budget`).
+    sweep_share: Budget,
+    /// The account as the sweep reads it: its request by modified window.
+    sweep_account: Account,
+    /// Row versions this replica's start_ts passes published, for the sweep.
+    seen: sweep::Seen,
+    /// The configured and the newest token pair (see `tokens.rs`).
+    book: tokens::TokenBook,
     credentials: Mutex<Credentials>,
     stopped: Mutex<Option<String>>,
 }
@@ -67,6 +78,8 @@ struct Shared {
     settings: PassSettings,
     /// Accounts this replica holds.
     held: AtomicUsize,
+    /// Seals tokens stored in the broker (ORDERFLOW_SECRET_KEY).
+    sealer: tokens::Sealer,
     tracer: orderflow_shared::otel::Tracer,
 }
 
@@ -77,6 +90,9 @@ fn presence_queue(topology: &Topology) -> String {
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let accounts = config.accounts().map_err(Fatal)?;
+    // Read from the environment only: a secret never goes on a command line.
+    let secret = std::env::var("ORDERFLOW_SECRET_KEY").ok();
+    let sealer = tokens::Sealer::new(secret.as_deref()).map_err(Fatal)?;
     let metrics = Metrics::new();
     let readiness = Readiness::new();
     let mut runtimes = Vec::new();
@@ -89,17 +105,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         let client = JstClient::new(&account.base_url, account.api, config.timeout).map_err(Fatal)?;
         let budget = Budget::new(account.rate_per_sec, account.rate_per_min);
+        let share = |limit: u32| ((f64::from(limit) * config.sweep_budget).floor() as u32).max(1);
+        let sweep_share = Budget::new(share(account.rate_per_sec), share(account.rate_per_min));
         tracing::info!(
             message = "Account configured.", account = %account.name, api = ?account.api,
             cursor = ?account.request.cursor, call_spacing_ms = budget.spacing.as_millis() as u64
         );
         metrics.track_account(&account.name);
         readiness.set_ok(&format!("account:{}", account.name));
+        let sweep_account = Account { request: account.request.for_windows(), ..account.clone() };
         runtimes.push(Arc::new(AccountRuntime {
+            book: tokens::TokenBook::new(account.credentials.clone()),
+            sweep_account,
             credentials: Mutex::new(account.credentials.clone()),
             account,
             client,
             budget,
+            sweep_share,
+            seen: sweep::Seen::new(config.sweep_span + Duration::from_secs(600)),
             stopped: Mutex::new(None),
         }));
     }
@@ -120,6 +143,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         readiness,
         settings,
         held: AtomicUsize::new(0),
+        sealer,
         tracer: orderflow_shared::otel::Tracer::from_env("orderflow-fetcher", &shutdown),
         config,
     });
@@ -273,61 +297,26 @@ impl AccountWorker {
     /// Runs passes while holding the account.
     async fn hold(&self, mut lease: Lease) -> anyhow::Result<Holding> {
         let rt = &self.runtime;
-        let mut fresh_until: Option<std::time::Instant> = None;
         let name = rt.account.name.as_str();
         let mode = match rt.account.request.cursor {
             CursorKind::StartTs => CursorMode::StartTs,
             CursorKind::Modified => CursorMode::Modified,
         };
+        let sweeping = mode == CursorMode::StartTs && !self.shared.config.sweep_every.is_zero();
+        let mut sweeper = Sweeper::new(self, sweeping);
+        let mut fresh_until: Option<std::time::Instant> = None;
         loop {
-            let stopped = rt.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(reason) = stopped {
-                tracing::error!(message = "Account stopped on a permanent error; fix the configuration and restart.", account = name, reason = %reason);
-                if !self.sleep(Duration::from_secs(60)).await {
+            if rt.stopped.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                if !self.wait_while_stopped().await {
                     lease.release().await;
                     return Ok(Holding::Shutdown);
                 }
                 continue;
             }
-            let job = lease.load().await?;
-            let job = match job {
-                Some(job) if job.cursor.mode == mode => job,
-                Some(job) => {
-                    tracing::warn!(message = "Request config changed cursor mode; starting this mode afresh.", account = name, previous = ?job.cursor.mode);
-                    Job { cursor: self.initial_cursor(mode), ..job }
-                }
-                None => Job::new(name, self.initial_cursor(mode)),
-            };
-            let mut credentials = rt.credentials.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(tokens) = &job.tokens {
-                credentials.access_token = tokens.access_token.clone();
-                credentials.refresh_token = tokens.refresh_token.clone();
-            }
-            let outcome = {
-                let mut ctx = PassContext {
-                    account: &rt.account,
-                    client: &rt.client,
-                    budget: &rt.budget,
-                    publisher: &self.publisher,
-                    topology: &self.shared.topology,
-                    metrics: &self.shared.metrics,
-                    shutdown: &self.token,
-                    settings: &self.shared.settings,
-                    credentials: &mut credentials,
-                    tracer: &self.shared.tracer,
-                    fresh_until,
-                };
-                match mode {
-                    CursorMode::StartTs => pass::start_ts_pass(&mut ctx, job.cursor.start_ts.unwrap_or(0)).await,
-                    CursorMode::Modified => {
-                        let from = job
-                            .cursor
-                            .synced_until()
-                            .unwrap_or_else(|| rt.account.sync_start.resolve(Timestamp::now()));
-                        pass::modified_pass(&mut ctx, from).await
-                    }
-                }
-            };
+            let job = self.load_job(&mut lease, mode).await?;
+            sweeper.begin(&job);
+            let (mut credentials, store) = self.credentials_for(&job);
+            let outcome = self.run_pass(&job, mode, &mut credentials, sweeping, fresh_until).await;
             *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
             let result = match outcome {
                 Ok(result) => result,
@@ -336,13 +325,11 @@ impl AccountWorker {
                     return Ok(Holding::Shutdown);
                 }
                 Err(PassError::Stopped(reason)) => {
-                    self.shared.metrics.passes.with_label_values(&[name, "stopped"]).inc();
-                    self.shared.metrics.stopped.with_label_values(&[name]).set(1);
-                    self.shared.readiness.set_failing(&format!("account:{name}"), reason.clone());
-                    tracing::error!(message = "Account stopped on a permanent error.", account = name, reason = %reason);
-                    self.report(json!({"account": name, "seq": job.seq, "cursor": job.cursor, "stopped": reason}))
-                        .await;
-                    *rt.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                    self.stop_account(&job, reason).await;
+                    continue;
+                }
+                Err(PassError::Credentials(reason)) => {
+                    self.credentials_refused(&job, &credentials, reason).await;
                     continue;
                 }
                 Err(PassError::Broker(error)) => {
@@ -355,44 +342,26 @@ impl AccountWorker {
                 next_cursor.caught_up_at = job.cursor.caught_up_at.clone();
             }
             let mut next = job.next(next_cursor, None, result.orders);
+            if let Some(tokens) = store {
+                next.store_tokens(tokens, &self.shared.sealer).map_err(anyhow::Error::msg)?;
+            }
             lease.commit(&self.publisher, &next).await?;
             fresh_until = None;
             if result.needs_refresh {
-                // The refresh token is single-use: commit the new pair the moment we have it.
-                let outcome =
-                    pass::refresh_tokens(&rt.client, &rt.account, &mut credentials, &self.shared.metrics, &self.token)
-                        .await;
-                *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
-                match outcome {
-                    Ok((tokens, lifetime)) => {
-                        next = next.next(next.cursor.clone(), Some(tokens), 0);
-                        lease.commit(&self.publisher, &next).await?;
-                        // A code 100 soon after this means the new pair is bad; much later (a
-                        // short-lived token, a slow source) it has simply expired again.
-                        fresh_until = Some(std::time::Instant::now() + (lifetime / 2).min(Duration::from_secs(60)));
-                    }
-                    Err(pass::RefreshFailure::Interrupted) => {
+                match self.refresh(&mut lease, &mut next, &mut credentials).await? {
+                    Refreshed::Fresh(until) => fresh_until = Some(until),
+                    Refreshed::Shutdown => {
                         lease.release().await;
                         return Ok(Holding::Shutdown);
                     }
-                    Err(pass::RefreshFailure::Stopped(reason)) => {
-                        self.stop_account(&job, reason).await;
+                    Refreshed::Refused(reason) => {
+                        self.credentials_refused(&job, &credentials, reason).await;
                         continue;
                     }
                 }
             }
-            let lag = self.observe_lag(&next.cursor);
-            self.report(json!({
-                "account": name, "seq": next.seq, "cursor": next.cursor, "caught_up": result.caught_up,
-                "lag_seconds": lag, "orders_total": next.orders_total, "pass_orders": result.orders,
-            }))
-            .await;
-            let label = if result.caught_up { "caught_up" } else { "partial" };
-            self.shared.metrics.passes.with_label_values(&[name, label]).inc();
-            tracing::info!(
-                message = "Pass committed.", account = name, seq = next.seq, pages = result.pages,
-                orders = result.orders, caught_up = result.caught_up, cursor = ?next.cursor
-            );
+            sweeper.tend().await;
+            self.committed(&next, &result).await;
             if self.token.is_cancelled() {
                 lease.release().await;
                 return Ok(Holding::Shutdown);
@@ -408,6 +377,181 @@ impl AccountWorker {
                 return Ok(Holding::Shutdown);
             }
         }
+    }
+
+    /// The account's newest job, in the mode its request config asks for.
+    async fn load_job(&self, lease: &mut Lease, mode: CursorMode) -> anyhow::Result<Job> {
+        let name = self.runtime.account.name.as_str();
+        Ok(match lease.load().await? {
+            Some(job) if job.cursor.mode == mode => job,
+            Some(job) => {
+                tracing::warn!(message = "Request config changed cursor mode; starting this mode afresh.", account = name, previous = ?job.cursor.mode);
+                Job { cursor: self.initial_cursor(mode), ..job }
+            }
+            None => Job::new(name, self.initial_cursor(mode)),
+        })
+    }
+
+    /// The credentials to call with (the newest token pair, see `tokens.rs`), and the pair the
+    /// next commit must store when the job's is older or missing.
+    fn credentials_for(&self, job: &Job) -> (Credentials, Option<job::Tokens>) {
+        let rt = &self.runtime;
+        let name = rt.account.name.as_str();
+        let stored = job.stored_tokens(&self.shared.sealer).unwrap_or_else(|reason| {
+            tracing::warn!(message = "The job's stored tokens cannot be read; using the configured pair.", account = name, %reason);
+            None
+        });
+        let (credentials, which) = rt.book.choose(stored.as_ref());
+        let store = match which {
+            // Sealing was switched on since the pair was stored in the clear: store it sealed.
+            Pick::Stored if self.shared.sealer.enabled() && job.tokens.is_some() => stored,
+            Pick::Stored => None,
+            Pick::Memory => {
+                tracing::info!(
+                    message = "Using the token pair this replica refreshed last (newer than the stored one).",
+                    account = name
+                );
+                rt.book.newest()
+            }
+            Pick::Configured if stored.is_some() => {
+                tracing::info!(
+                    message =
+                        "The configured token pair changed since the stored one was issued; using the configured pair.",
+                    account = name
+                );
+                Some(rt.book.adopt_configured())
+            }
+            Pick::Configured => None,
+        };
+        (credentials, store)
+    }
+
+    async fn run_pass(
+        &self,
+        job: &Job,
+        mode: CursorMode,
+        credentials: &mut Credentials,
+        sweeping: bool,
+        fresh_until: Option<std::time::Instant>,
+    ) -> Result<pass::PassResult, PassError> {
+        let rt = &self.runtime;
+        let mut ctx = PassContext {
+            account: &rt.account,
+            client: &rt.client,
+            budget: &rt.budget,
+            publisher: &self.publisher,
+            topology: &self.shared.topology,
+            metrics: &self.shared.metrics,
+            shutdown: &self.token,
+            settings: &self.shared.settings,
+            credentials,
+            tracer: &self.shared.tracer,
+            share: None,
+            seen: sweeping.then_some(&rt.seen),
+            fresh_until,
+        };
+        match mode {
+            CursorMode::StartTs => pass::start_ts_pass(&mut ctx, job.cursor.start_ts.unwrap_or(0)).await,
+            CursorMode::Modified => {
+                let from = job.cursor.synced_until().unwrap_or_else(|| rt.account.sync_start.resolve(Timestamp::now()));
+                pass::modified_pass(&mut ctx, from).await
+            }
+        }
+    }
+
+    /// Refreshes the token pair and commits it at once (the refresh token is single-use).
+    async fn refresh(
+        &self,
+        lease: &mut Lease,
+        next: &mut Job,
+        credentials: &mut Credentials,
+    ) -> anyhow::Result<Refreshed> {
+        let rt = &self.runtime;
+        let outcome =
+            pass::refresh_tokens(&rt.client, &rt.account, credentials, &rt.book, &self.shared.metrics, &self.token)
+                .await;
+        *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
+        Ok(match outcome {
+            Ok((tokens, lifetime)) => {
+                *next = next.next(next.cursor.clone(), None, 0);
+                next.store_tokens(tokens, &self.shared.sealer).map_err(anyhow::Error::msg)?;
+                // If this commit fails the replica still has the pair in memory (newest wins).
+                lease.commit(&self.publisher, next).await?;
+                // A code 100 soon after this means the new pair is bad; much later (a short-lived
+                // token, a slow source) it has simply expired again.
+                Refreshed::Fresh(std::time::Instant::now() + (lifetime / 2).min(Duration::from_secs(60)))
+            }
+            Err(pass::RefreshFailure::Interrupted) => Refreshed::Shutdown,
+            Err(pass::RefreshFailure::Credentials(reason)) => Refreshed::Refused(reason),
+        })
+    }
+
+    /// The pair in use was refused: try the configured pair once (the operator may have set new
+    /// tokens), else stop the account saying what to do.
+    async fn credentials_refused(&self, job: &Job, in_use: &Credentials, reason: String) {
+        let rt = &self.runtime;
+        let configured = rt.book.configured();
+        if in_use.access_token != configured.access_token || in_use.refresh_token != configured.refresh_token {
+            tracing::warn!(message = "The token pair in use was refused; trying the configured pair.", account = %rt.account.name, %reason);
+            rt.book.adopt_configured();
+            return;
+        }
+        let advice = "the configured token pair was refused too: set new JST_ACCESS_TOKEN/JST_REFRESH_TOKEN \
+                      (an accounts file is re-read while the account is stopped; environment variables at the next start)";
+        self.stop_account(job, format!("{reason}; {advice}")).await;
+    }
+
+    /// A stopped account waits; with an accounts file, new credentials there restart it.
+    async fn wait_while_stopped(&self) -> bool {
+        let rt = &self.runtime;
+        let name = rt.account.name.as_str();
+        let reason = rt.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+        tracing::error!(message = "Account stopped; fix the configuration (see reason).", account = name, %reason);
+        if !self.sleep(STOPPED_RECHECK).await {
+            return false;
+        }
+        let Some(fresh) = self.reread_credentials() else { return true };
+        if fresh.access_token == rt.book.configured().access_token
+            && fresh.refresh_token == rt.book.configured().refresh_token
+        {
+            return true;
+        }
+        rt.book.set_configured(fresh);
+        rt.book.adopt_configured();
+        *rt.stopped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.shared.metrics.stopped.with_label_values(&[name]).set(0);
+        self.shared.readiness.set_ok(&format!("account:{name}"));
+        tracing::info!(message = "New credentials in the accounts file; the account restarts.", account = name);
+        true
+    }
+
+    /// This account's credentials as the accounts file says now (`None` without a file).
+    fn reread_credentials(&self) -> Option<Credentials> {
+        self.shared.config.accounts_file.as_ref()?;
+        match self.shared.config.accounts() {
+            Ok(accounts) => accounts.into_iter().find(|a| a.name == self.runtime.account.name).map(|a| a.credentials),
+            Err(error) => {
+                tracing::warn!(message = "Could not re-read the accounts file.", %error);
+                None
+            }
+        }
+    }
+
+    /// After a committed pass: lag, status report, metrics, log.
+    async fn committed(&self, next: &Job, result: &pass::PassResult) {
+        let name = self.runtime.account.name.as_str();
+        let lag = self.observe_lag(&next.cursor);
+        self.report(json!({
+            "account": name, "seq": next.seq, "cursor": next.cursor, "caught_up": result.caught_up,
+            "lag_seconds": lag, "orders_total": next.orders_total, "pass_orders": result.orders,
+        }))
+        .await;
+        let label = if result.caught_up { "caught_up" } else { "partial" };
+        self.shared.metrics.passes.with_label_values(&[name, label]).inc();
+        tracing::info!(
+            message = "Pass committed.", account = name, seq = next.seq, pages = result.pages,
+            orders = result.orders, caught_up = result.caught_up, cursor = ?next.cursor
+        );
     }
 
     /// Stops the account on a permanent error: metrics, readiness, status report, log.
@@ -457,4 +601,139 @@ impl AccountWorker {
 enum Holding {
     Released,
     Shutdown,
+}
+
+/// How often a stopped account looks for new credentials in the accounts file.
+const STOPPED_RECHECK: Duration = Duration::from_secs(15);
+
+enum Refreshed {
+    /// Refreshed and committed; a code 100 before this instant means the new pair is bad.
+    Fresh(std::time::Instant),
+    Shutdown,
+    Refused(String),
+}
+
+/// Runs the lagging sweep of a held start_ts account beside its passes (sharing the merchant's
+/// budget, within its share), every FETCH_SWEEP_EVERY; stopped when the account is let go.
+struct Sweeper {
+    enabled: bool,
+    runtime: Arc<AccountRuntime>,
+    shared: Arc<Shared>,
+    publisher: Publisher,
+    token: CancellationToken,
+    _stop: tokio_util::sync::DropGuard,
+    running: Option<tokio::task::JoinHandle<Result<sweep::SweepResult, PassError>>>,
+    next_at: tokio::time::Instant,
+    began: bool,
+}
+
+impl Sweeper {
+    fn new(worker: &AccountWorker, enabled: bool) -> Self {
+        let token = worker.token.child_token();
+        Self {
+            enabled,
+            runtime: worker.runtime.clone(),
+            shared: worker.shared.clone(),
+            publisher: worker.publisher.clone(),
+            _stop: token.clone().drop_guard(),
+            token,
+            running: None,
+            next_at: tokio::time::Instant::now() + worker.shared.config.sweep_every,
+            began: false,
+        }
+    }
+
+    /// The replica's memory of published versions starts when it takes the account.
+    fn begin(&mut self, job: &Job) {
+        if self.enabled && !self.began {
+            self.began = true;
+            self.runtime.seen.reset(job.cursor.start_ts.unwrap_or(0), Timestamp::now());
+        }
+    }
+
+    /// Collects a finished sweep and starts the next one when it is due.
+    async fn tend(&mut self) {
+        if !self.enabled {
+            return;
+        }
+        if self.running.as_ref().is_some_and(tokio::task::JoinHandle::is_finished)
+            && let Some(handle) = self.running.take()
+        {
+            self.report(handle.await);
+        }
+        if self.running.is_none() && tokio::time::Instant::now() >= self.next_at {
+            self.next_at = tokio::time::Instant::now() + self.shared.config.sweep_every;
+            self.running = Some(tokio::spawn(Self::run(
+                self.runtime.clone(),
+                self.shared.clone(),
+                self.publisher.clone(),
+                self.token.clone(),
+            )));
+        }
+    }
+
+    async fn run(
+        rt: Arc<AccountRuntime>,
+        shared: Arc<Shared>,
+        publisher: Publisher,
+        token: CancellationToken,
+    ) -> Result<sweep::SweepResult, PassError> {
+        let mut credentials = rt.credentials.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut ctx = PassContext {
+            account: &rt.sweep_account,
+            client: &rt.client,
+            budget: &rt.budget,
+            publisher: &publisher,
+            topology: &shared.topology,
+            metrics: &shared.metrics,
+            shutdown: &token,
+            settings: &shared.settings,
+            credentials: &mut credentials,
+            tracer: &shared.tracer,
+            share: Some(&rt.sweep_share),
+            seen: None,
+            fresh_until: None,
+        };
+        sweep::sweep(&mut ctx, &rt.seen, shared.config.sweep_span).await
+    }
+
+    fn report(&self, joined: Result<Result<sweep::SweepResult, PassError>, tokio::task::JoinError>) {
+        let name = self.runtime.account.name.as_str();
+        let metrics = &self.shared.metrics;
+        match joined {
+            Ok(Ok(result)) => {
+                let complete = result.pass.as_ref().is_some_and(|p| p.caught_up);
+                metrics.sweeps.with_label_values(&[name, if complete { "done" } else { "partial" }]).inc();
+                metrics.sweep_found.with_label_values(&[name]).inc_by(result.found);
+                metrics.sweep_republished.with_label_values(&[name]).inc_by(result.unknown);
+                if result.found > 0 {
+                    tracing::warn!(
+                        message =
+                            "The sweep found orders the start_ts cursor had missed (late commits); published them.",
+                        account = name,
+                        found = result.found,
+                        republished = result.unknown,
+                        skipped = result.skipped
+                    );
+                } else {
+                    tracing::info!(
+                        message = "Sweep done.",
+                        account = name,
+                        complete,
+                        republished = result.unknown,
+                        skipped = result.skipped
+                    );
+                }
+            }
+            Ok(Err(PassError::Interrupted)) => {}
+            Ok(Err(error)) => {
+                metrics.sweeps.with_label_values(&[name, "failed"]).inc();
+                tracing::warn!(message = "Sweep failed; the next one runs on schedule.", account = name, %error);
+            }
+            Err(error) => {
+                metrics.sweeps.with_label_values(&[name, "failed"]).inc();
+                tracing::error!(message = "Sweep task ended abnormally.", account = name, %error);
+            }
+        }
+    }
 }

@@ -22,6 +22,13 @@ pub struct Metrics {
     pub reconnects: IntCounter,
     /// Unix time of the last successful page publish.
     pub last_publish: Gauge,
+    /// Rows the lagging sweep found that the start_ts cursor had missed (late commits).
+    pub sweep_found: IntCounterVec,
+    /// Rows the sweep published again because it could not tell them apart (modified before
+    /// this replica took the account over); the target's idCheck absorbs them.
+    pub sweep_republished: IntCounterVec,
+    /// Sweeps by account and result (done, partial, failed).
+    pub sweeps: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,7 +87,22 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(last_publish.clone())).expect("unique metric");
+        let sweep_found = counter(
+            "orderflow_fetch_sweep_found_total",
+            "Rows the lagging sweep found that the start_ts cursor had missed (late commits), by account.",
+            &["account"],
+        );
+        let sweep_republished = counter(
+            "orderflow_fetch_sweep_republished_total",
+            "Rows the sweep published again, unable to tell them apart (modified before this replica took the account).",
+            &["account"],
+        );
+        let sweeps =
+            counter("orderflow_fetch_sweeps_total", "Lagging sweeps by account and result.", &["account", "result"]);
         Self {
+            sweep_found,
+            sweep_republished,
+            sweeps,
             registry,
             requests,
             orders,
@@ -108,6 +130,8 @@ impl Metrics {
         self.budget_wait.with_label_values(&[account]);
         self.passes.with_label_values(&[account, "caught_up"]);
         self.cursor_lag.with_label_values(&[account]);
+        self.sweep_found.with_label_values(&[account]);
+        self.sweep_republished.with_label_values(&[account]);
     }
 }
 

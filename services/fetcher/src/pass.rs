@@ -6,10 +6,14 @@
 //! Two cursor modes, both lossless under churn:
 //! - `start_ts`: rows with `ts` > cursor, in `ts` order, always page 1; the cursor moves to the
 //!   largest `ts` seen. A row that changes gets a new, larger `ts`, so it is seen again.
-//! - `modified` windows: closed windows `[synced_until − overlap, now − delay]` (≤ 7 days, shrunk
-//!   to fit a pass), walked from the last page to the first so rows leaving the window can only
+//! - `modified` windows: closed windows ending at `now − delay` (≤ 7 days, shrunk to fit a pass;
+//!   the first window of a pass starts `overlap` before `synced_until`, the next ones where the
+//!   last ended), walked from the last page to the first so rows leaving the window can only
 //!   cause duplicates, never gaps; the row count is re-checked on every call and a window that
-//!   gained rows is walked again.
+//!   gained rows is walked again. A pass whose window reached `now − delay` is caught up.
+//!
+//! The same walk serves the lagging sweep (`sweep.rs`), which publishes only rows the start_ts
+//! cursor missed.
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +47,9 @@ use crate::{
 
 /// Publishes in flight at once per account (confirms are awaited in a window, not one by one).
 const PUBLISH_WINDOW: usize = 16;
+/// Undecodable answers to one call in a row (about two minutes of backoff) before the account
+/// stops: a misconfigured URL must not look like a slow source forever.
+const MAX_UNDECODABLE: u32 = 10;
 /// The API's longest modified window.
 const MAX_WINDOW: SignedDuration = SignedDuration::from_hours(7 * 24);
 
@@ -65,6 +72,10 @@ pub struct PassContext<'a> {
     pub settings: &'a PassSettings,
     pub credentials: &'a mut Credentials,
     pub tracer: &'a orderflow_shared::otel::Tracer,
+    /// A share of the budget this walk may use (a sweep's), taken before the merchant's budget.
+    pub share: Option<&'a Budget>,
+    /// Where start_ts passes record the row versions they published (for the sweep).
+    pub seen: Option<&'a crate::sweep::Seen>,
     /// Until when the tokens count as just refreshed: a code 100 before then means bad
     /// credentials (stop), after it an expired token (refresh again). Cleared by a good call.
     pub fresh_until: Option<Instant>,
@@ -86,6 +97,10 @@ pub enum PassError {
     /// A permanent source error: stop this account (reason for logs, metrics and /readyz).
     #[error("{0}")]
     Stopped(String),
+    /// The token pair in use was refused (code 100 right after a refresh, a refresh refused):
+    /// the configured pair may be tried before the account stops.
+    #[error("{0}")]
+    Credentials(String),
     /// Shutdown requested before anything could be committed.
     #[error("interrupted")]
     Interrupted,
@@ -95,7 +110,8 @@ pub enum PassError {
 }
 
 enum CallFailure {
-    Stopped(String),
+    /// `PassError::Stopped` or `PassError::Credentials`.
+    Stop(PassError),
     Interrupted,
     NeedsRefresh,
 }
@@ -105,9 +121,16 @@ impl PassContext<'_> {
     async fn call(&mut self, ctx: &RenderContext) -> Result<ApiPage, CallFailure> {
         let name = self.account.name.as_str();
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut undecodable = 0u32;
         loop {
             if self.shutdown.is_cancelled() {
                 return Err(CallFailure::Interrupted);
+            }
+            if let Some(share) = self.share {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
+                    _ = share.acquire() => {}
+                }
             }
             let waited = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
@@ -128,26 +151,29 @@ impl PassContext<'_> {
                 Err(error) => error,
             };
             self.metrics.requests.with_label_values(&[name, &error.outcome()]).inc();
+            undecodable = if error.outcome() == "decode" { undecodable + 1 } else { 0 };
             let delay = match error.action() {
                 CodeAction::Success => Duration::ZERO,
                 CodeAction::Permanent => {
-                    return Err(CallFailure::Stopped(format!("permanent error from Jushuitan: {error}")));
+                    return Err(CallFailure::Stop(PassError::Stopped(format!(
+                        "permanent error from Jushuitan: {error}"
+                    ))));
                 }
                 CodeAction::RefreshToken => {
                     if self.fresh_until.is_some_and(|until| Instant::now() < until) {
-                        return Err(CallFailure::Stopped(format!(
+                        return Err(CallFailure::Stop(PassError::Credentials(format!(
                             "{error} right after a token refresh; check the account's credentials"
-                        )));
+                        ))));
                     }
                     if self.account.api == crate::client::ApiGeneration::Legacy {
-                        return Err(CallFailure::Stopped(format!(
+                        return Err(CallFailure::Stop(PassError::Stopped(format!(
                             "{error}; the legacy API has no token refresh: set a new JST_TOKEN"
-                        )));
+                        ))));
                     }
                     if self.credentials.refresh_token.is_empty() {
-                        return Err(CallFailure::Stopped(format!(
+                        return Err(CallFailure::Stop(PassError::Credentials(format!(
                             "{error}; no refresh token configured (JST_REFRESH_TOKEN)"
-                        )));
+                        ))));
                     }
                     return Err(CallFailure::NeedsRefresh);
                 }
@@ -161,6 +187,14 @@ impl PassContext<'_> {
                 CodeAction::RateLimited => {
                     tracing::warn!(message = "Rate limited by Jushuitan; backing off and retrying the same page.", account = name, %error);
                     backoff.next_delay().max(Duration::from_secs(1))
+                }
+                CodeAction::Transient if undecodable >= MAX_UNDECODABLE => {
+                    // The same call answered with something that is not an answer, again and again:
+                    // a wrong JST_BASE_URL or JST_API, or a proxy's page. Retrying forever hides it.
+                    return Err(CallFailure::Stop(PassError::Stopped(format!(
+                        "the source's answer could not be read {MAX_UNDECODABLE} times in a row ({error}); \
+                         check JST_BASE_URL and JST_API"
+                    ))));
                 }
                 CodeAction::Transient => {
                     tracing::warn!(message = "Transient API error; retrying.", account = name, %error, attempt = backoff.attempts() + 1);
@@ -181,7 +215,7 @@ impl PassContext<'_> {
         cursor_key: &str,
         page_index: u32,
         rows: Vec<Value>,
-    ) -> (Vec<u8>, lapin::BasicProperties, Option<Span>) {
+    ) -> Result<(Vec<u8>, lapin::BasicProperties, Option<Span>), PassError> {
         let fetched_ms = now_ms();
         let traceparent = new_traceparent();
         let id = page_message_id(&self.account.name, cursor_key, page_index);
@@ -215,27 +249,33 @@ impl PassContext<'_> {
             fetched_at: rfc3339_china(Timestamp::from_millisecond(fetched_ms).unwrap_or_else(|_| Timestamp::now())),
             orders: rows,
         };
-        let body = serde_json::to_vec(&page).unwrap_or_default();
+        // Never an empty body in place of a page: a page that cannot be encoded fails the pass
+        // (no checkpoint), and the account stops saying why.
+        let body = serde_json::to_vec(&page)
+            .map_err(|e| PassError::Stopped(format!("a page of {} could not be encoded: {e}", self.account.name)))?;
         let mut headers = FieldTable::default();
         set_i64(&mut headers, header::ATTEMPT, 0);
         set_i64(&mut headers, header::FETCHED_AT_MS, fetched_ms);
         set_str(&mut headers, header::TRACEPARENT, &traceparent);
-        (body, json_properties(&id, headers), span)
+        Ok((body, json_properties(&id, headers), span))
     }
 }
 
 /// Why a refresh did not give a new token pair.
 pub enum RefreshFailure {
-    Stopped(String),
+    /// The refresh token was refused (or the refresh failed for good).
+    Credentials(String),
     Interrupted,
 }
 
 /// Refreshes the access token (retrying transient failures); the caller must commit the new pair
-/// with the checkpoint at once.
+/// with the checkpoint at once. The new pair is stamped and remembered in `book` at once, so a
+/// failed commit cannot bring the spent pair back.
 pub async fn refresh_tokens(
     client: &JstClient,
     account: &Account,
     credentials: &mut Credentials,
+    book: &crate::tokens::TokenBook,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(Tokens, Duration), RefreshFailure> {
@@ -248,10 +288,7 @@ pub async fn refresh_tokens(
                 metrics.token_refreshes.with_label_values(&[name]).inc();
                 credentials.access_token = pair.access_token;
                 credentials.refresh_token = pair.refresh_token;
-                let tokens = Tokens {
-                    access_token: credentials.access_token.clone(),
-                    refresh_token: credentials.refresh_token.clone(),
-                };
+                let tokens = book.issued(credentials.access_token.clone(), credentials.refresh_token.clone());
                 // No expires_in in the answer: assume a long-lived token (as Jushuitan's are).
                 let lifetime =
                     if pair.expires_in == 0 { Duration::from_secs(120) } else { Duration::from_secs(pair.expires_in) };
@@ -265,7 +302,7 @@ pub async fn refresh_tokens(
                 }
             }
             Err(error) => {
-                return Err(RefreshFailure::Stopped(format!("token refresh failed: {error}; set new tokens")));
+                return Err(RefreshFailure::Credentials(format!("token refresh failed: {error}; set new tokens")));
             }
         }
     }
@@ -337,7 +374,7 @@ impl<'p> Inflight<'p> {
     }
 }
 
-fn row_ts(row: &Value) -> Option<i64> {
+pub fn row_ts(row: &Value) -> Option<i64> {
     row.get("ts").and_then(orderflow_shared::json::lenient_i64)
 }
 
@@ -371,23 +408,26 @@ pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<P
                 needs_refresh = true;
                 break;
             }
-            Err(CallFailure::Stopped(reason)) => {
+            Err(CallFailure::Stop(error)) => {
                 inflight.drain(ctx.metrics, &name).await?;
-                return Err(PassError::Stopped(reason));
+                return Err(error);
             }
         };
         let rows = page.datas;
         let count = rows.len();
         let next = advance_start_ts(cursor, &rows).map_err(PassError::Stopped)?;
+        if let Some(seen) = ctx.seen {
+            seen.record(rows.iter().filter_map(row_ts));
+        }
         if count > 0 {
             let message =
-                ctx.page_message(json!({"mode": "start_ts", "start_ts": cursor}), &format!("ts:{cursor}"), 1, rows);
-            inflight.push(message, count as u64, ctx.metrics, &name).await?;
+                ctx.page_message(json!({"mode": "start_ts", "start_ts": cursor}), &format!("ts:{cursor}"), 1, rows)?;
+            inflight.push(message, u64::try_from(count).unwrap_or(u64::MAX), ctx.metrics, &name).await?;
             pages += 1;
-            orders += count as u64;
+            orders += u64::try_from(count).unwrap_or(u64::MAX);
         }
         match next {
-            Some(ts) if count >= page_size as usize => cursor = ts,
+            Some(ts) if count >= usize::try_from(page_size).unwrap_or(usize::MAX) => cursor = ts,
             Some(ts) => {
                 cursor = ts;
                 caught_up = true;
@@ -433,23 +473,54 @@ fn truncate(ts: Timestamp) -> Timestamp {
     Timestamp::from_second(ts.as_second()).unwrap_or(ts)
 }
 
+/// How a modified-window walk reads and publishes: the cursor's own passes publish every row and
+/// overlap their first window; a sweep publishes only the rows its filter keeps.
+pub struct Walk<'f> {
+    /// The first window starts this long before `from` (once per pass).
+    pub overlap: Duration,
+    /// The page cursor's `mode` and the message-id prefix: `modified` or `sweep`.
+    pub mode: &'static str,
+    /// Picks the rows to publish from a page read.
+    pub filter: &'f mut (dyn FnMut(Vec<Value>) -> Vec<Value> + Send),
+    pub max_pages: u32,
+    pub max_time: Duration,
+    /// Walk a window again when it gained rows while being walked (a row inserted before the
+    /// page being read shifts one row onto a page already read). A sweep does not: the next
+    /// sweep reads the window again anyway, and under steady late commits a re-walk never ends.
+    pub rewalk_on_growth: bool,
+}
+
 /// A modified-window pass from `synced_until`.
 pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -> Result<PassResult, PassError> {
+    let mut keep_all = |rows: Vec<Value>| rows;
+    let walk = Walk {
+        overlap: ctx.settings.window_overlap,
+        mode: "modified",
+        filter: &mut keep_all,
+        max_pages: ctx.settings.max_pages,
+        max_time: ctx.settings.max_time,
+        rewalk_on_growth: true,
+    };
+    walk_windows(ctx, synced_until, walk).await
+}
+
+/// Walks closed modified windows from `from` up to `now − delay` (see the module's comment).
+pub async fn walk_windows(ctx: &mut PassContext<'_>, from: Timestamp, walk: Walk<'_>) -> Result<PassResult, PassError> {
     let started = Instant::now();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
     let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.tracer);
-    let mut synced = synced_until;
+    let mut synced = from;
     let (mut pages, mut orders, mut caught_up, mut needs_refresh) = (0u32, 0u64, false, false);
-    'windows: while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
-        let Some((begin, mut end)) =
-            next_window(synced, Timestamp::now(), ctx.settings.window_delay, ctx.settings.window_overlap)
-        else {
+    let mut overlap = walk.overlap;
+    'windows: while pages < walk.max_pages && started.elapsed() < walk.max_time {
+        let Some((begin, mut end)) = next_window(synced, Timestamp::now(), ctx.settings.window_delay, overlap) else {
             caught_up = true;
             break;
         };
+        let closed = end;
         // Probe page 1 for the count; shrink the window until it fits what is left of the pass.
-        let budget_pages = ctx.settings.max_pages.saturating_sub(pages).max(2);
+        let budget_pages = walk.max_pages.saturating_sub(pages).max(2);
         let (probe, count) = loop {
             let render =
                 RenderContext { last_sync: Some(begin), current: Some(end), page_index: 1, page_size, start_ts: None };
@@ -460,30 +531,32 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
                     needs_refresh = true;
                     break 'windows;
                 }
-                Err(CallFailure::Stopped(reason)) => {
+                Err(CallFailure::Stop(error)) => {
                     inflight.drain(ctx.metrics, &name).await?;
-                    return Err(PassError::Stopped(reason));
+                    return Err(error);
                 }
             };
             let page_count = probe.page_count.max(probe.data_count.div_ceil(u64::from(page_size)));
             let span = end.as_second() - begin.as_second();
             if page_count > u64::from(budget_pages) && span > 1 {
-                let keep = (span as u64 * u64::from(budget_pages) / page_count).max(1) as i64;
-                end = Timestamp::from_second(begin.as_second() + keep).unwrap_or(end);
+                let keep = u64::try_from(span).unwrap_or(1).saturating_mul(u64::from(budget_pages)) / page_count;
+                end =
+                    Timestamp::from_second(begin.as_second() + i64::try_from(keep.max(1)).unwrap_or(1)).unwrap_or(end);
                 continue;
             }
             let count = probe_count(&probe);
             break (probe, count);
         };
-        let page_count = probe.page_count.max(count.div_ceil(u64::from(page_size))).max(1) as u32;
-        let window_json = |page_index: u32| json!({"mode": "modified", "begin": rfc3339_china(begin), "end": rfc3339_china(end), "page_index": page_index});
-        let key = format!("mod:{}:{}", begin.as_second(), end.as_second());
-        if page_count <= 1 || probe.datas.len() as u64 >= count {
+        let page_count =
+            u32::try_from(probe.page_count.max(count.div_ceil(u64::from(page_size))).max(1)).unwrap_or(u32::MAX);
+        let window_json = |page_index: u32| json!({"mode": walk.mode, "begin": rfc3339_china(begin), "end": rfc3339_china(end), "page_index": page_index});
+        let key = format!("{}:{}:{}", walk.mode, begin.as_second(), end.as_second());
+        if page_count <= 1 || u64::try_from(probe.datas.len()).unwrap_or(u64::MAX) >= count {
             // One page holds the whole closed window: the probe is complete.
-            let rows = probe.datas;
+            let rows = (walk.filter)(probe.datas);
             if !rows.is_empty() {
-                let n = rows.len() as u64;
-                let message = ctx.page_message(window_json(1), &key, 1, rows);
+                let n = u64::try_from(rows.len()).unwrap_or(u64::MAX);
+                let message = ctx.page_message(window_json(1), &key, 1, rows)?;
                 inflight.push(message, n, ctx.metrics, &name).await?;
                 pages += 1;
                 orders += n;
@@ -501,30 +574,37 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
                         needs_refresh = true;
                         break 'windows;
                     }
-                    Err(CallFailure::Stopped(reason)) => {
+                    Err(CallFailure::Stop(error)) => {
                         inflight.drain(ctx.metrics, &name).await?;
-                        return Err(PassError::Stopped(reason));
+                        return Err(error);
                     }
                 };
                 let grew = probe_count(&page) > count;
-                let rows = page.datas;
+                let rows = (walk.filter)(page.datas);
                 if !rows.is_empty() {
-                    let n = rows.len() as u64;
-                    let message = ctx.page_message(window_json(page_index), &key, page_index, rows);
+                    let n = u64::try_from(rows.len()).unwrap_or(u64::MAX);
+                    let message = ctx.page_message(window_json(page_index), &key, page_index, rows)?;
                     inflight.push(message, n, ctx.metrics, &name).await?;
                     pages += 1;
                     orders += n;
                 }
-                if grew {
+                if grew && walk.rewalk_on_growth {
                     tracing::warn!(message = "A closed window gained rows while walking it; walking it again.", account = %name);
                     continue 'windows;
                 }
             }
         }
         synced = end;
+        overlap = Duration::ZERO;
+        if end == closed {
+            // This window reached now − delay: the source is read up to what has closed. Wait for
+            // the next pass rather than stepping on in slivers that re-read churn.
+            caught_up = true;
+            break;
+        }
     }
     inflight.drain(ctx.metrics, &name).await?;
-    if synced == synced_until && !caught_up && !needs_refresh && ctx.shutdown.is_cancelled() {
+    if synced == from && !caught_up && !needs_refresh && ctx.shutdown.is_cancelled() {
         return Err(PassError::Interrupted);
     }
     let mut next = Cursor::modified(synced);
@@ -536,7 +616,7 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
 
 /// The window's row count as a call reported it (`data_count`, or the rows when totals are off).
 fn probe_count(page: &ApiPage) -> u64 {
-    page.data_count.max(page.datas.len() as u64)
+    page.data_count.max(u64::try_from(page.datas.len()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -189,6 +189,30 @@ impl RequestConfig {
         })
     }
 
+    /// The same request reading modified windows instead of the `start_ts` cursor (for the
+    /// lagging sweep): the `{{START_TS}}` field and any `is_get_total` are replaced by
+    /// `modified_begin`/`modified_end` and `is_get_total=true` (a window walk needs the totals).
+    pub fn for_windows(&self) -> RequestConfig {
+        let field = |name: &str, kind: FieldKind, value: Vec<Piece>| Field {
+            name: name.to_string(),
+            label: None,
+            kind,
+            value,
+            parser: None,
+        };
+        let replaced = ["modified_begin", "modified_end", "is_get_total", "date_type"];
+        let mut fields: Vec<Field> = self
+            .fields
+            .iter()
+            .filter(|f| !f.value.contains(&Piece::StartTs) && !replaced.contains(&f.name.as_str()))
+            .cloned()
+            .collect();
+        fields.push(field("modified_begin", FieldKind::String, vec![Piece::LastSyncTime(TimeFormat::Datetime)]));
+        fields.push(field("modified_end", FieldKind::String, vec![Piece::CurrentTime(TimeFormat::Datetime)]));
+        fields.push(field("is_get_total", FieldKind::Bool, vec![Piece::Text("true".into())]));
+        RequestConfig { fields, cursor: CursorKind::Modified, ..self.clone() }
+    }
+
     pub fn was_clamped(&self) -> bool {
         self.requested_page_size > self.page_size
     }
@@ -355,6 +379,24 @@ mod tests {
 
     fn ts(text: &str) -> Timestamp {
         orderflow_shared::time::parse_china(text).expect("valid")
+    }
+
+    #[test]
+    fn the_start_ts_config_reads_windows_for_the_sweep() {
+        let c = RequestConfig::parse_str(DEFAULT).expect("parses").for_windows();
+        assert_eq!(c.cursor, CursorKind::Modified);
+        let biz = c.render(&RenderContext {
+            last_sync: Some(ts("2023-10-01 00:00:00")),
+            current: Some(ts("2023-10-01 02:00:00")),
+            page_index: 3,
+            page_size: 50,
+            start_ts: None,
+        });
+        assert_eq!(biz.get("modified_begin"), Some(&Value::String("2023-10-01 00:00:00".into())));
+        assert_eq!(biz.get("modified_end"), Some(&Value::String("2023-10-01 02:00:00".into())));
+        assert_eq!(biz.get("is_get_total"), Some(&Value::Bool(true)), "a window walk needs the totals");
+        assert_eq!(biz.get("status"), Some(&Value::String("Confirmed".into())), "the account's own filters stay");
+        assert!(biz.get("start_ts").is_none());
     }
 
     #[test]

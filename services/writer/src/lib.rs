@@ -258,7 +258,11 @@ async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> Wri
             let retry_after =
                 response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
             let wants_body = !(200..300).contains(&status) || target.rules.success.reads_body();
-            let body = if wants_body { read_bounded(response, MAX_ANSWER_BYTES).await } else { Ok(Vec::new()) };
+            let body = if wants_body {
+                orderflow_shared::body::read_limited(response, MAX_ANSWER_BYTES).await.map(|(body, _)| body)
+            } else {
+                Ok(Vec::new())
+            };
             match body {
                 Ok(body) => classify(&target.rules, status, retry_after.as_deref(), &body),
                 // A 2xx whose body was cut off cannot be judged: try again (idCheck absorbs a repeat).
@@ -272,16 +276,6 @@ async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> Wri
             transport_outcome(timeout, connect, error_chain(&error.without_url()))
         }
     }
-}
-
-/// Reads at most `limit` bytes of the answer (the rest is not read).
-async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while body.len() < limit {
-        let Some(chunk) = response.chunk().await? else { break };
-        body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())]);
-    }
-    Ok(body)
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
