@@ -124,6 +124,18 @@ fn apply<T: Clone>(
     }
 }
 
+/// `POST /admin/reauthorize?account=m1`: the merchant authorizes the app again; the old token
+/// pair stops working and the new one is returned (`access_token`, `refresh_token`).
+pub async fn reauthorize(State(sim): State<Arc<Sim>>, Query(p): Query<AccountParam>) -> Response {
+    let indexes = match targets(&sim, &p.account) {
+        Ok(ix) if ix.len() == 1 => ix,
+        Ok(_) => return (StatusCode::BAD_REQUEST, "name one account: ?account=m1").into_response(),
+        Err(r) => return r,
+    };
+    let (access_token, refresh_token) = crate::api::reauthorize(&mut sim.lock(indexes[0]), sim.token_lifetime);
+    Json(json!({ "access_token": access_token, "refresh_token": refresh_token })).into_response()
+}
+
 /// `POST /admin/churn?account=` with a [`Churn`] body.
 pub async fn set_churn(
     State(sim): State<Arc<Sim>>,

@@ -199,12 +199,27 @@ fn serve_call(
         (_, FaultAction::Http5xx(_)) => state.stats.http_5xx += 1,
         (_, FaultAction::Reset) => state.stats.resets += 1,
         (Outcome::Code { code, .. }, _) => state.stats.reject(*code),
-        (Outcome::Page { page, .. }, _) => {
+        (Outcome::Page { page, query }, _) => {
             state.stats.ok += 1;
             state.stats.rows_served += page.rows.len() as u64;
+            *state.stats.calls_by_selector.entry(selector(query).to_string()).or_default() += 1;
+            state.merchant.note_served(page.max_ts);
         }
     }
     CallPlan { delay, action, outcome }
+}
+
+/// Which kind of query a call was.
+fn selector(query: &Query) -> &'static str {
+    if query.start_ts.is_some() {
+        "start_ts"
+    } else if query.o_ids.is_some() || query.so_ids.is_some() || query.io_ids.is_some() {
+        "ids"
+    } else if query.window.is_some() {
+        "modified"
+    } else {
+        "other"
+    }
 }
 
 async fn respond(plan: CallPlan, render: impl FnOnce(Outcome) -> String) -> Response {
@@ -366,21 +381,39 @@ pub async fn legacy_query(
 /// `POST /openWeb/auth/refreshToken`: a signed refresh returns a new token pair; the used
 /// refresh token stops working.
 pub async fn refresh_token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let params: Vec<(String, String)> = match serde_urlencoded::from_bytes(&body) {
+    let (answer, delay) = refresh_answer(&sim, &body);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    answer
+}
+
+/// The refresh's answer and how long to hold it back.
+fn refresh_answer(sim: &Sim, body: &Bytes) -> (Response, Duration) {
+    let params: Vec<(String, String)> = match serde_urlencoded::from_bytes(body) {
         Ok(p) => p,
-        Err(e) => return json_response(code_body(code::BAD_PARAMS, &format!("body must be form-encoded: {e}"), false)),
+        Err(e) => {
+            return (
+                json_response(code_body(code::BAD_PARAMS, &format!("body must be form-encoded: {e}"), false)),
+                Duration::ZERO,
+            );
+        }
     };
     let get = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str()).unwrap_or("");
     let Some(index) = sim.by_app_key(get("app_key")) else {
-        return json_response(code_body(code::BAD_SIGN, &format!("unknown app_key {:?}", get("app_key")), false));
+        return (
+            json_response(code_body(code::BAD_SIGN, &format!("unknown app_key {:?}", get("app_key")), false)),
+            Duration::ZERO,
+        );
     };
     let now = Timestamp::now();
     let mut state = sim.lock(index);
+    state.stats.refresh_requests += 1;
     let creds = &state.merchant.creds;
     let expected = sign_open(&creds.app_secret, params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let result = if !signatures_match(&expected, get("sign")) {
         Err((code::BAD_SIGN, "invalid signature".to_string()))
-    } else if let Err(e) = skew_ok(&sim, get("timestamp"), now) {
+    } else if let Err(e) = skew_ok(sim, get("timestamp"), now) {
         Err(e)
     } else if get("grant_type") != "refresh_token" {
         Err((code::BAD_PARAMS, "grant_type must be refresh_token".to_string()))
@@ -391,7 +424,7 @@ pub async fn refresh_token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response
     };
     if let Err((code, msg)) = result {
         state.stats.reject(code);
-        return json_response(code_body(code, &msg, false));
+        return (json_response(code_body(code, &msg, false)), Duration::ZERO);
     }
     state.token_generation += 1;
     let generation = state.token_generation;
@@ -407,7 +440,19 @@ pub async fn refresh_token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response
         "data": { "access_token": creds.access_token, "expires_in": expires_in, "refresh_token": creds.refresh_token, "scope": "all" }
     });
     state.stats.token_refreshes += 1;
-    json_response(body.to_string())
+    (json_response(body.to_string()), Duration::from_millis(state.faults.refresh_latency_ms))
+}
+
+/// Issues a new token pair for a merchant (as when the merchant authorizes the app again): the
+/// old pair stops working at once. Returns the new pair.
+pub fn reauthorize(state: &mut crate::MerchantState, lifetime: Option<Duration>) -> (String, String) {
+    state.token_generation += 1;
+    let generation = state.token_generation;
+    let creds = &mut state.merchant.creds;
+    creds.access_token = format!("{}-reauth-at-{generation}", creds.app_key);
+    creds.refresh_token = format!("{}-reauth-rt-{generation}", creds.app_key);
+    creds.token_expires_at = crate::expiry(Timestamp::now(), lifetime);
+    (creds.access_token.clone(), creds.refresh_token.clone())
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Churn: the source keeps changing while clients page through it. Orders are modified (modified =
 //! now, ts bumped), confirmed, cancelled, created, and committed late (visible now with a modified
-//! time in the past, as a slow transaction would). Rates are per merchant per second.
+//! time in the past, as a slow transaction would), and committed late *with an old row version*
+//! (`ts` below rows already served: what a `start_ts` cursor cannot see). Rates are per merchant
+//! per second.
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,10 @@ pub struct Churn {
     /// New Confirmed orders whose modified time is up to `late_max_secs` in the past.
     pub late_per_sec: f64,
     pub late_max_secs: u64,
+    /// New Confirmed orders that become visible with a `ts` below the highest already served
+    /// (their transaction took its row version, then committed late), modified up to
+    /// `late_max_secs` in the past.
+    pub late_ts_per_sec: f64,
 }
 
 impl Churn {
@@ -31,6 +37,7 @@ impl Churn {
             ("cancel_per_sec", self.cancel_per_sec),
             ("new_per_sec", self.new_per_sec),
             ("late_per_sec", self.late_per_sec),
+            ("late_ts_per_sec", self.late_ts_per_sec),
         ] {
             if !(0.0..=100_000.0).contains(&rate) {
                 return Err(format!("{name} must be between 0 and 100000, got {rate}"));
@@ -40,7 +47,13 @@ impl Churn {
     }
 
     pub fn is_active(&self) -> bool {
-        self.modify_per_sec + self.confirm_per_sec + self.cancel_per_sec + self.new_per_sec + self.late_per_sec > 0.0
+        self.modify_per_sec
+            + self.confirm_per_sec
+            + self.cancel_per_sec
+            + self.new_per_sec
+            + self.late_per_sec
+            + self.late_ts_per_sec
+            > 0.0
     }
 }
 
@@ -52,12 +65,27 @@ pub struct ChurnCounts {
     pub cancelled: u64,
     pub created: u64,
     pub late: u64,
+    pub late_ts: u64,
+    /// The latest late-`ts` rows (at most [`LATE_TS_LOG`]): when each became visible, for tests
+    /// that measure how soon a sweep finds them.
+    #[serde(skip_serializing_if = "std::collections::VecDeque::is_empty")]
+    pub late_ts_rows: std::collections::VecDeque<LateTsRow>,
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LateTsRow {
+    pub o_id: i64,
+    pub ts: i64,
+    /// Unix milliseconds.
+    pub visible_at_ms: i64,
+}
+
+pub const LATE_TS_LOG: usize = 10_000;
 
 /// Fractional carry-over between ticks, so low rates still happen.
 #[derive(Debug, Clone, Default)]
 pub struct ChurnClock {
-    carry: [f64; 5],
+    carry: [f64; 6],
 }
 
 impl ChurnClock {
@@ -70,8 +98,14 @@ impl ChurnClock {
         counts: &mut ChurnCounts,
         now: Timestamp,
     ) {
-        let rates =
-            [churn.modify_per_sec, churn.confirm_per_sec, churn.cancel_per_sec, churn.new_per_sec, churn.late_per_sec];
+        let rates = [
+            churn.modify_per_sec,
+            churn.confirm_per_sec,
+            churn.cancel_per_sec,
+            churn.new_per_sec,
+            churn.late_per_sec,
+            churn.late_ts_per_sec,
+        ];
         for (kind, rate) in rates.iter().enumerate() {
             self.carry[kind] += rate * elapsed_secs;
             let n = self.carry[kind].floor();
@@ -101,11 +135,22 @@ impl ChurnClock {
                         merchant.insert(now, status);
                         counts.created += 1;
                     }
-                    _ => {
+                    4 => {
                         let lag = merchant.rng().below(churn.late_max_secs.max(1) * 1000) as i64;
                         let modified = now.checked_sub(SignedDuration::from_millis(lag)).unwrap_or(now);
                         merchant.insert(modified, Status::Confirmed);
                         counts.late += 1;
+                    }
+                    _ => {
+                        let lag = merchant.rng().below(churn.late_max_secs.max(1) * 1000) as i64;
+                        if let Some((slot, ts)) = merchant.insert_late_ts(now, SignedDuration::from_millis(lag)) {
+                            counts.late_ts += 1;
+                            if counts.late_ts_rows.len() >= LATE_TS_LOG {
+                                counts.late_ts_rows.pop_front();
+                            }
+                            let o_id = merchant.order(slot).map(|o| o.o_id).unwrap_or_default();
+                            counts.late_ts_rows.push_back(LateTsRow { o_id, ts, visible_at_ms: now.as_millisecond() });
+                        }
                     }
                 }
             }

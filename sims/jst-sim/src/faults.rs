@@ -22,6 +22,9 @@ pub struct Faults {
     pub slow_ms: u64,
     /// Share of calls answered with business code 150 (internal error).
     pub code_150_rate: f64,
+    /// The token-refresh answer comes this long after the new pair is issued (the old refresh
+    /// token is already spent): a window in which a client can lose its broker connection.
+    pub refresh_latency_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -107,6 +107,10 @@ pub struct Config {
     /// Churn: late commits per second per merchant (modified up to --late-max in the past).
     #[arg(long, default_value_t = 0.0)]
     pub churn_late: f64,
+    /// Churn: orders per second per merchant that become visible with a `ts` below the highest
+    /// already served (a transaction that took its row version, then committed late).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn_late_ts: f64,
     /// How far in the past a late commit's modified time may be.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub late_max: Duration,
@@ -139,6 +143,11 @@ pub struct Stats {
     pub http_5xx: u64,
     pub resets: u64,
     pub token_refreshes: u64,
+    /// Refresh requests received (counted on arrival, before the answer).
+    pub refresh_requests: u64,
+    /// Answered queries by selector: `start_ts`, `modified` (a window), `ids` (o_ids, so_ids,
+    /// io_ids), `other` — e.g. to see how much of the budget a sweep or an audit used.
+    pub calls_by_selector: BTreeMap<String, u64>,
 }
 
 impl Stats {
@@ -185,6 +194,7 @@ impl Sim {
             new_per_sec: config.churn_new,
             late_per_sec: config.churn_late,
             late_max_secs: config.late_max.as_secs(),
+            late_ts_per_sec: config.churn_late_ts,
         };
         churn.validate().map_err(|e| format!("churn: {e}"))?;
         let faults = Faults {
@@ -292,6 +302,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/admin/churn", post(admin::set_churn))
         .route("/admin/faults", post(admin::set_faults))
         .route("/admin/limits", post(admin::set_limits))
+        .route("/admin/reauthorize", post(admin::reauthorize))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(sim)
 }

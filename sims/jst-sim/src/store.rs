@@ -34,6 +34,8 @@ pub struct Query {
 #[derive(Debug)]
 pub struct PageResult {
     pub rows: Vec<Arc<str>>,
+    /// The largest `ts` among the rows (0 for none): what a `start_ts` client has now seen.
+    pub max_ts: i64,
     pub data_count: u64,
     pub page_count: u64,
     pub has_next: bool,
@@ -88,6 +90,10 @@ pub struct Merchant {
     rendered: Vec<Arc<str>>,
     by_io: HashMap<i64, usize>,
     by_ts: BTreeMap<i64, usize>,
+    /// Versions handed to late-committed rows, counting down below every seeded version.
+    next_low_ts: i64,
+    /// The largest `ts` served to any client so far.
+    max_served_ts: i64,
     by_modified: BTreeSet<(i64, i64)>,
     next_ts: i64,
     next_n: i64,
@@ -143,6 +149,8 @@ impl Merchant {
             by_ts: BTreeMap::new(),
             by_modified: BTreeSet::new(),
             next_ts: 1_000_000,
+            next_low_ts: 1_000_000,
+            max_served_ts: 0,
             next_n: 1,
             ever_confirmed: BTreeSet::new(),
             rng,
@@ -184,6 +192,34 @@ impl Merchant {
         self.rendered.push(render(&order));
         self.orders.push(order);
         slot
+    }
+
+    /// Notes the largest `ts` a client was served.
+    pub fn note_served(&mut self, max_ts: i64) {
+        self.max_served_ts = self.max_served_ts.max(max_ts);
+    }
+
+    /// A Confirmed order from a transaction that committed late: its row version was taken when
+    /// it was written, so it becomes visible now with a `ts` *below* rows already served (and a
+    /// modified time `lag` in the past). A pure `start_ts` cursor never sees it. `None` until
+    /// something has been served (there is nothing to be below yet).
+    pub fn insert_late_ts(&mut self, now: Timestamp, lag: SignedDuration) -> Option<(usize, i64)> {
+        let below = self.max_served_ts;
+        if below <= 0 {
+            return None;
+        }
+        // A version never handed out before (row versions are never reused), below every
+        // version issued so far and so below what was served.
+        self.next_low_ts -= 1;
+        let ts = self.next_low_ts;
+        let modified = now.checked_sub(lag).unwrap_or(now);
+        let slot = self.insert(modified, Status::Confirmed);
+        let order = &mut self.orders[slot];
+        self.by_ts.remove(&order.ts);
+        order.ts = ts;
+        self.by_ts.insert(ts, slot);
+        self.rendered[slot] = render(&self.orders[slot]);
+        Some((slot, ts))
     }
 
     fn bump_ts(&mut self) -> i64 {
@@ -295,8 +331,9 @@ impl Merchant {
             Box::new(slots.into_iter())
         };
         let mut matching = candidates.filter(|slot| self.matches(&self.orders[*slot], q));
-        let rows: Vec<Arc<str>> =
-            matching.by_ref().skip(skip).take(size).map(|slot| self.rendered[slot].clone()).collect();
+        let slots: Vec<usize> = matching.by_ref().skip(skip).take(size).collect();
+        let max_ts = slots.iter().map(|slot| self.orders[*slot].ts).max().unwrap_or(0);
+        let rows: Vec<Arc<str>> = slots.iter().map(|slot| self.rendered[*slot].clone()).collect();
         let (data_count, has_next) = if q.get_total {
             let seen = (skip + rows.len()) as u64;
             let rest = matching.count() as u64;
@@ -306,7 +343,7 @@ impl Merchant {
             (0, matching.next().is_some())
         };
         let page_count = if q.get_total { data_count.div_ceil(size as u64) } else { 0 };
-        PageResult { rows, data_count, page_count, has_next }
+        PageResult { rows, max_ts, data_count, page_count, has_next }
     }
 
     fn count_all(&self, q: &Query) -> u64 {
@@ -483,5 +520,30 @@ mod tests {
         assert_eq!(keys.len(), 30);
         // Lexicographic order of the text equals time order (milliseconds sort after seconds).
         assert!(keys.windows(2).all(|w| w[0] <= w[1]), "{keys:?}");
+    }
+
+    #[test]
+    fn a_late_committed_row_hides_below_the_served_versions_from_a_start_ts_cursor() {
+        let mut m = merchant(100);
+        let now = Timestamp::now();
+        assert!(m.insert_late_ts(now, SignedDuration::from_secs(5)).is_none(), "nothing served yet");
+        let q = Query { start_ts: Some(0), page_index: 1, page_size: 200, ..Query::default() };
+        let page = m.query(&q);
+        m.note_served(page.max_ts);
+        let cursor = page.max_ts;
+        let (slot, ts) = m.insert_late_ts(now, SignedDuration::from_secs(5)).expect("late row");
+        assert!(ts < cursor, "visible with a version below what was served");
+        let o_id = m.order(slot).expect("order").o_id;
+        let after = m.query(&Query { start_ts: Some(cursor), page_index: 1, page_size: 200, ..Query::default() });
+        assert!(after.rows.is_empty(), "the start_ts cursor never sees it");
+        let begin = now.as_millisecond() - 60_000;
+        let window = m.query(&Query {
+            window: Some((begin, now.as_millisecond())),
+            page_index: 1,
+            page_size: 200,
+            ..Query::default()
+        });
+        assert!(window.rows.iter().any(|r| r.contains(&format!("\"o_id\":{o_id}"))), "a modified window does");
+        assert!(m.truth().iter().any(|t| t.o_id == o_id && t.ts == ts));
     }
 }

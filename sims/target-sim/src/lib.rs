@@ -75,6 +75,8 @@ pub struct Stored {
     pub data: Value,
     /// Accepted writes of this id (1 + suppressed duplicates + overwrites).
     pub writes: u64,
+    /// When it was first stored (unix milliseconds).
+    pub written_at_ms: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -260,7 +262,8 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
         }
         None => {
             state.order.push(id.clone());
-            state.records.insert(id.clone(), Stored { id: id.clone(), data, writes: 1 });
+            let written_at_ms = jiff::Timestamp::now().as_millisecond();
+            state.records.insert(id.clone(), Stored { id: id.clone(), data, writes: 1, written_at_ms });
             state.stats.written += 1;
             state.stats.records += 1;
             false
