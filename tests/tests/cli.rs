@@ -249,3 +249,36 @@ async fn a_stack_whose_replica_cannot_start_names_it_and_leaves_no_queues_behind
     assert!(left.is_empty(), "queues left behind: {left:?}");
     Ok(())
 }
+
+/// Hostile values in flags and environment variables are errors that name the setting, never a
+/// panic (a huge duration, an infinite rate, a zero share, a malformed success rule).
+#[test]
+fn hostile_settings_are_refused_by_name_and_nothing_panics() {
+    ensure_binaries();
+    let bin = orderflow_cli::stack::default_bin_dir();
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 8] = [
+        ("writer", &["--timeout", "99999999999999999999999d"], &[], "--timeout"),
+        ("writer", &[], &[("TARGET_SUCCESS", "success")], "--target-success"),
+        ("writer", &[], &[("HOLD_LIMIT", "1e400s")], "--hold-limit"),
+        ("fetcher", &[], &[("FETCH_SWEEP_BUDGET", "0%")], "--sweep-budget"),
+        ("fetcher", &[], &[("FETCH_INTERVAL", "-5s")], "--interval"),
+        ("orderflow", &["dlq", "replay", "--stage", "writer", "--rate", "inf"], &[], "--rate"),
+        ("orderflow", &["dlq", "replay", "--stage", "writer", "--rate", "0"], &[], "--rate"),
+        ("target-sim", &["--failure-rate", "2"], &[], "failure_rate"),
+    ];
+    for (binary, args, env, names) in cases {
+        let out = Command::new(bin.join(binary))
+            .args(args)
+            .envs(env.iter().copied())
+            .env("TARGET_URL", "http://127.0.0.1:9/data/write")
+            .env("ADMIN_ADDR", "127.0.0.1:0")
+            .env("AMQP_URL", "amqp://127.0.0.1:1/%2f")
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{binary} {args:?} {env:?} panicked: {stderr}");
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{binary} {args:?} {env:?}: exit {:?}: {stderr}", out.status);
+        assert!(stderr.contains(names), "{binary} {args:?} {env:?}: the error names {names}: {stderr}");
+    }
+}

@@ -83,8 +83,8 @@ pub struct ReplayArgs {
     /// Replay at most this many.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// At most this many replays per second.
-    #[arg(long)]
+    /// At most this many replays per second (0.01 to 100000).
+    #[arg(long, value_parser = parse_rate)]
     pub rate: Option<f64>,
     /// Show what would be replayed; change nothing.
     #[arg(long)]
@@ -255,6 +255,16 @@ impl Filter {
 }
 
 /// `2h` → now − 2h; a datetime (China time, or RFC 3339) as it is.
+/// A replay rate: a finite number of messages per second, 0.01 to 100,000 (`inf`, `0` or `-1`
+/// are errors naming the value, not a panic later).
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of messages per second"))?;
+    if !(0.01..=100_000.0).contains(&rate) {
+        return Err(format!("{text:?}: give a rate from 0.01 to 100000 per second"));
+    }
+    Ok(rate)
+}
+
 pub fn parse_since(text: &str) -> Result<i64, String> {
     if let Ok(ts) = orderflow_shared::time::parse_china(text) {
         return Ok(ts.as_millisecond());
@@ -465,6 +475,14 @@ pub async fn purge(connection: &Connection, topology: &Topology, stage: Stage, f
 mod tests {
     use super::*;
     use lapin::types::FieldTable;
+
+    #[test]
+    fn replay_rates_that_would_panic_are_refused() {
+        for bad in ["inf", "NaN", "0", "-1", "1e-9", "1e9", "fast"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_rate("50"), Ok(50.0));
+    }
 
     fn dead(reason: &str, replays: i64, dead_at_ms: i64, body: &str) -> DeadLetterView {
         let mut h = FieldTable::default();

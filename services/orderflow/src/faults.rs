@@ -134,6 +134,9 @@ pub struct ScenarioResult {
     pub recovery_seconds: f64,
     pub seconds: f64,
     pub passed: bool,
+    /// Stage exits the suite did not cause (a panic, an unexpected error): each fails the run,
+    /// even though the suite restarts the replica to see the rest through.
+    pub crashes: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -408,12 +411,26 @@ pub async fn run_scenario(
                     break p;
                 }
             }
-            if let Some((role, index, log, status)) = stack.exited() {
-                result.notes.push(format!("{} #{index} exited ({status}), log {}", role.binary(), log.display()));
+            // Every kill of the suite's own is followed at once by a restart, so any exit seen
+            // here is a crash it did not cause.
+            while let Some((role, index, log, status)) = stack.exited() {
+                result.crashes.push(format!(
+                    "{} #{index} exited on its own ({status}); log {}",
+                    role.binary(),
+                    log.display()
+                ));
                 stack.spawn_stage(role, index).await?;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
+        while let Some((role, index, log, status)) = stack.exited() {
+            result.crashes.push(format!(
+                "{} #{index} exited on its own ({status}); log {}",
+                role.binary(),
+                log.display()
+            ));
+            stack.spawn_stage(role, index).await?;
+        }
         result.recovery_seconds = (faults_over.elapsed().as_secs_f64() * 10.0).round() / 10.0;
         let confirmed = stack.confirmed_ids().await?;
         let written = stack.written_ids().await?;
@@ -452,6 +469,7 @@ pub async fn run_scenario(
         result.notes.push(format!("{e:#}"));
     }
     result.passed = outcome.is_ok()
+        && result.crashes.is_empty()
         && result.lost == 0
         && result.queues_drained
         && result.dead_letters_without_reason == 0
