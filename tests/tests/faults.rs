@@ -85,7 +85,8 @@ fn pids_of(binary: &std::path::Path) -> Vec<u32> {
 async fn the_suite_fails_a_run_in_which_a_stage_exits_on_its_own() {
     let _guard = heavy().await;
     let url = broker_url().await;
-    let mut profile = Profile::short();
+    // A small run: the point is the crash, not the load.
+    let mut profile = Profile { orders: 1500, fault_secs: 8, ..Profile::short() };
     profile.rabbitmqctl = rabbitmqctl_command();
     let bin_dir = orderflow_cli::stack::default_bin_dir();
     let transformer = bin_dir.join("transformer");

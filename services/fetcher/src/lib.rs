@@ -448,6 +448,7 @@ impl AccountWorker {
             tracer: &self.shared.tracer,
             share: None,
             seen: sweeping.then_some(&rt.seen),
+            follow: None,
             fresh_until,
         };
         match mode {
@@ -692,6 +693,7 @@ impl Sweeper {
             tracer: &shared.tracer,
             share: Some(&rt.sweep_share),
             seen: None,
+            follow: Some(&rt.credentials),
             fresh_until: None,
         };
         sweep::sweep(&mut ctx, &rt.seen, shared.config.sweep_span).await

@@ -47,6 +47,8 @@ use crate::{
 
 /// Publishes in flight at once per account (confirms are awaited in a window, not one by one).
 const PUBLISH_WINDOW: usize = 16;
+/// Code-100 answers a sweep waits through for the passes to refresh the pair.
+const FOLLOW_WAITS: u32 = 6;
 /// Undecodable answers to one call in a row (about two minutes of backoff) before the account
 /// stops: a misconfigured URL must not look like a slow source forever.
 const MAX_UNDECODABLE: u32 = 10;
@@ -76,6 +78,9 @@ pub struct PassContext<'a> {
     pub share: Option<&'a Budget>,
     /// Where start_ts passes record the row versions they published (for the sweep).
     pub seen: Option<&'a crate::sweep::Seen>,
+    /// A walk beside the account's passes (the sweep) calls with the pair they use now and leaves
+    /// refreshing to them: on code 100 it waits for a newer pair instead of refreshing.
+    pub follow: Option<&'a std::sync::Mutex<Credentials>>,
     /// Until when the tokens count as just refreshed: a code 100 before then means bad
     /// credentials (stop), after it an expired token (refresh again). Cleared by a good call.
     pub fresh_until: Option<Instant>,
@@ -137,6 +142,9 @@ impl PassContext<'_> {
                 w = self.budget.acquire() => w,
             };
             self.metrics.budget_wait.with_label_values(&[name]).inc_by(waited.as_secs_f64());
+            if let Some(current) = self.follow {
+                *self.credentials = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            }
             let biz = self.account.request.render(ctx);
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
@@ -158,6 +166,14 @@ impl PassContext<'_> {
                     return Err(CallFailure::Stop(PassError::Stopped(format!(
                         "permanent error from Jushuitan: {error}"
                     ))));
+                }
+                CodeAction::RefreshToken if self.follow.is_some() => {
+                    // The passes refresh the pair; wait for it (bounded: a stopped account's
+                    // sweep gives up and the next one tries again).
+                    if backoff.attempts() >= FOLLOW_WAITS {
+                        return Err(CallFailure::NeedsRefresh);
+                    }
+                    backoff.next_delay()
                 }
                 CodeAction::RefreshToken => {
                     if self.fresh_until.is_some_and(|until| Instant::now() < until) {

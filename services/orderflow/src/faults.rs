@@ -1,10 +1,11 @@
 //! `orderflow fault-suite`: the faults real integrations see, injected while the whole pipeline
 //! runs, each scenario ending with the checks that matter: every order `/admin/truth` reports
 //! Confirmed is in target-sim (lost must be 0), the work queues drain, every dead letter carries a
-//! reason, and duplicate writes suppressed by `idCheck` are counted.
+//! reason, no stage exited on its own, and duplicate writes suppressed by `idCheck` are counted.
 //!
 //! 1 source churn and late commits · 2 source storms (5xx, resets, slow answers, code 150, 199/200
-//! bursts, token expiry) · 3 target 5xx/429 and an outage · 4 `kill -9` of random replicas,
+//! bursts, token expiry, rows committed late below the cursor) · 3 target 5xx/429, failures inside
+//! HTTP 200, an outage, expired credentials (401) · 4 `kill -9` of random replicas,
 //! repeatedly · 5 broker connections force-closed and a broker restart · 6 malformed pages and
 //! records, oversized messages, unknown schema versions · 7 all at once.
 
@@ -107,8 +108,8 @@ impl Profile {
 
 pub const NAMES: [&str; 7] = [
     "source churn and late commits",
-    "source storms: 5xx, resets, timeouts, code 150, 199/200 bursts, token expiry",
-    "target 5xx/429 and an outage",
+    "source storms: 5xx, resets, timeouts, code 150, 199/200 bursts, token expiry, late-ts commits",
+    "target 5xx/429, failures inside HTTP 200, an outage, expired credentials",
     "kill -9 of random stage replicas, repeatedly",
     "broker connections force-closed and a broker restart",
     "malformed pages and records, oversized messages, unknown schemas",
@@ -167,6 +168,10 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
         ("WRITER_CONCURRENCY".into(), profile.writer_concurrency.to_string()),
         ("TRANSFORMER_MAX_PAGE_BYTES".into(), (4 * 1024 * 1024).to_string()),
         ("WRITER_MAX_RECORD_BYTES".into(), (256 * 1024).to_string()),
+        // The lagging sweep finds rows committed late below the cursor (scenarios 2 and 7).
+        ("FETCH_SWEEP_EVERY".into(), "15s".into()),
+        ("FETCH_SWEEP_SPAN".into(), "2m".into()),
+        ("FETCH_WINDOW_DELAY".into(), "5s".into()),
     ];
     if n == 1 || n == 7 {
         o.jst_args.extend(
@@ -197,6 +202,10 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
         7 => o.jst_args.extend(["--token-lifetime", "20s"].map(String::from)),
         _ => {}
     }
+    // Transactions that commit late with a row version below what the cursor has read.
+    if n == 2 || n == 7 {
+        o.jst_args.extend(["--churn-late-ts", "1"].map(String::from));
+    }
     o
 }
 
@@ -221,12 +230,19 @@ async fn source_storm(stack: &Stack, secs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// 5xx, 429 and failures inside HTTP 200, then an outage, then expired credentials (401s).
 async fn target_trouble(stack: &Stack, secs: u64, outage_secs: u64) -> anyhow::Result<()> {
-    stack.target_faults(&json!({"failure_rate": 0.2, "throttle_rate": 0.05, "retry_after_secs": 1})).await?;
+    let noisy = json!({"failure_rate": 0.2, "throttle_rate": 0.05, "retry_after_secs": 1, "soft_failure_rate": 0.1});
+    stack.target_faults(&noisy).await?;
     tokio::time::sleep(Duration::from_secs(secs / 2)).await;
-    stack.target_faults(&json!({"failure_rate": 0.0, "throttle_rate": 0.0, "outage_secs": outage_secs as f64})).await?;
+    let down =
+        json!({"failure_rate": 0.0, "throttle_rate": 0.0, "soft_failure_rate": 0.0, "outage_secs": outage_secs as f64});
+    stack.target_faults(&down).await?;
     tokio::time::sleep(Duration::from_secs(outage_secs)).await;
-    stack.target_faults(&json!({"outage_secs": 0.0})).await?;
+    let auth_secs = (outage_secs / 2).max(5);
+    stack.target_faults(&json!({"outage_secs": 0.0, "auth_failure_secs": auth_secs as f64})).await?;
+    tokio::time::sleep(Duration::from_secs(auth_secs)).await;
+    stack.target_faults(&json!({"auth_failure_secs": 0.0})).await?;
     Ok(())
 }
 
