@@ -181,23 +181,29 @@ impl Got {
     }
 }
 
-/// Takes (and acks) messages from `queue` until `count` have arrived or `timeout` passes.
-pub async fn take(
-    connection: &lapin::Connection,
-    queue: &str,
-    count: usize,
-    timeout: Duration,
-) -> anyhow::Result<Vec<Got>> {
+/// Takes (and acks) messages from `queue` until `count` have arrived or `timeout` passes, on a
+/// connection of its own. A quorum queue whose Ra member is restarting answers basic.get with a
+/// connection-level INTERNAL_ERROR (`noproc`), which RabbitMQ 3.10 does under load on a busy single
+/// node: the connection is reopened and the unacked message, requeued by the broker, taken again.
+pub async fn take(args: &BrokerArgs, queue: &str, count: usize, timeout: Duration) -> anyhow::Result<Vec<Got>> {
     use lapin::options::{BasicAckOptions, BasicGetOptions};
-    let mut channel = connection.create_channel().await?;
     let start = Instant::now();
     let mut out = Vec::new();
+    let mut connection = orderflow_shared::amqp::connect(args, "test-take").await?;
+    let mut channel = connection.create_channel().await?;
     while out.len() < count {
         let got = match channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
             Ok(got) => got,
             // The services may not have declared the queue yet.
             Err(e) if orderflow_shared::amqp::is_not_found(&e) && start.elapsed() < timeout => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                channel = connection.create_channel().await?;
+                continue;
+            }
+            Err(e) if !connection.status().connected() && start.elapsed() < timeout => {
+                eprintln!("take from {queue}: {e}; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                connection = orderflow_shared::amqp::connect(args, "test-take").await?;
                 channel = connection.create_channel().await?;
                 continue;
             }
@@ -215,7 +221,7 @@ pub async fn take(
             None => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    let _ = channel.close(200, "ok".into()).await;
+    let _ = connection.close(200, "ok".into()).await;
     Ok(out)
 }
 
@@ -388,24 +394,28 @@ pub async fn metric(proc_admin: std::net::SocketAddr, name: &str, label: Option<
 
 /// Runs `rabbitmqctl` against the test broker: the local one, or inside the testcontainers container.
 pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    let output = match CONTAINER.get() {
-        Some(container) => {
-            std::process::Command::new("docker").arg("exec").arg(container.id()).arg("rabbitmqctl").args(args).output()
-        }
-        None => std::process::Command::new("rabbitmqctl").args(args).output(),
-    }
-    .map_err(|e| anyhow::anyhow!("rabbitmqctl {args:?}: {e} (these tests drive the broker with rabbitmqctl)"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let command = rabbitmqctl_command();
+    let mut words = command.split_whitespace();
+    let program = words.next().unwrap_or("rabbitmqctl");
+    let output = std::process::Command::new(program)
+        .args(words)
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("{command} {args:?}: {e} (these tests drive the broker with rabbitmqctl)"))?;
+    anyhow::ensure!(output.status.success(), "{command} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The `rabbitmqctl` command line for the test broker, for binaries that run it themselves
-/// (`ORDERFLOW_RABBITMQCTL`): `docker exec <id> rabbitmqctl` when the broker is a container.
+/// The `rabbitmqctl` command line for the test broker (the tests' own calls and the fault
+/// suite's): `ORDERFLOW_RABBITMQCTL` when set (e.g. `rabbitmqctl -n ci@localhost` for a second node
+/// given in `AMQP_URL`), `docker exec <id> rabbitmqctl` when the broker is a container, else
+/// `rabbitmqctl`.
 pub fn rabbitmqctl_command() -> String {
+    if let Ok(command) = std::env::var("ORDERFLOW_RABBITMQCTL")
+        && !command.trim().is_empty()
+    {
+        return command;
+    }
     match CONTAINER.get() {
         Some(container) => format!("docker exec {} rabbitmqctl", container.id()),
         None => "rabbitmqctl".to_string(),

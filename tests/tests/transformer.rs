@@ -47,7 +47,7 @@ async fn a_bad_order_is_dead_lettered_with_its_reason_and_the_rest_of_the_page_g
     )
     .await?;
 
-    let records = take(&connection, &topology.records_queue(), 2, Duration::from_secs(30)).await?;
+    let records = take(&broker, &topology.records_queue(), 2, Duration::from_secs(30)).await?;
     let mut ids: Vec<String> =
         records.iter().map(|r| r.json()["id"].as_str().unwrap_or_default().to_string()).collect();
     ids.sort();
@@ -55,7 +55,7 @@ async fn a_bad_order_is_dead_lettered_with_its_reason_and_the_rest_of_the_page_g
     assert_eq!(records[0].properties.message_id().as_ref().map(|s| s.as_str().starts_with("acme:")), Some(true));
     assert!(records.iter().all(|r| r.header(header::TRACEPARENT).is_some()));
 
-    let dead = take(&connection, &topology.dead_queue(Stage::Transformer), 3, Duration::from_secs(30)).await?;
+    let dead = take(&broker, &topology.dead_queue(Stage::Transformer), 3, Duration::from_secs(30)).await?;
     let by_reason = |reason: &str| dead.iter().find(|d| d.header(header::REASON).as_deref() == Some(reason)).cloned();
     let invalid = by_reason("invalid_record").expect("the bad order is dead-lettered");
     let error = invalid.header(header::ERROR).unwrap_or_default();
