@@ -83,6 +83,16 @@ pub enum Scenario {
         #[arg(long)]
         half_rate: bool,
     },
+    /// Writing at the target's pace: adaptive concurrency against a throughput peak, a 500/s
+    /// capacity (budget, auto, fixed 64), and 15% random 5xx (first attempt → written).
+    Pace {
+        /// Which measurement.
+        #[arg(long, value_enum, default_value = "all")]
+        scenario: crate::pace_bench::PaceScenario,
+        /// Records per run.
+        #[arg(long, default_value_t = 20_000)]
+        records: u64,
+    },
     /// One merchant at the real limits (5 calls/s, 100 calls/min): orders/s against the budget.
     Source {
         /// How long to measure.
@@ -130,6 +140,9 @@ pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
                 relay: !no_relay,
             };
             e2e(&bin_dir, &broker, options, half_rate, args.json).await
+        }
+        Scenario::Pace { scenario, records } => {
+            crate::pace_bench::run(&bin_dir, &broker, scenario, records, args.json).await
         }
         Scenario::Source { seconds } => {
             eprintln!("source-bound: one merchant at 5 calls/s + 100 calls/min for {seconds} s …");
@@ -280,21 +293,49 @@ async fn writer_bound(
     concurrency: u16,
     latency_ms: u64,
 ) -> anyhow::Result<f64> {
+    let target = ["--latency-ms".to_string(), latency_ms.to_string()];
+    let env = [("WRITER_CONCURRENCY", concurrency.to_string())];
+    Ok(writer_run(bin_dir, broker, records, &target, &env, false).await?.writes_per_sec)
+}
+
+/// One writer run: what target-sim saw, and the records it holds when asked.
+pub struct WriterRun {
+    pub writes_per_sec: f64,
+    /// target-sim's `/admin/stats`.
+    pub stats: Value,
+    /// target-sim's `/admin/records` (with `keep_records`).
+    pub records: Option<Value>,
+    /// Dead letters in the writer's dead queue at the end.
+    pub dead: u32,
+}
+
+/// Preloads `records` into a fresh namespace, runs target-sim with `target_args` and one writer
+/// with `env`, and measures writes/s from the first to the last write.
+pub async fn writer_run(
+    bin_dir: &std::path::Path,
+    broker: &BrokerArgs,
+    records: u64,
+    target_args: &[String],
+    env: &[(&str, String)],
+    keep_records: bool,
+) -> anyhow::Result<WriterRun> {
     orderflow_shared::init_process();
-    let ns = format!("bench-w-{}-{concurrency}", jiff::Timestamp::now().as_millisecond());
+    let ns = format!("bench-w-{}", jiff::Timestamp::now().as_millisecond());
     let log_dir = std::env::temp_dir().join(format!("orderflow-{ns}"));
     std::fs::create_dir_all(&log_dir)?;
     let mut broker = broker.clone();
     broker.ns = ns.clone();
     let connection = orderflow_shared::amqp::connect(&broker, "orderflow-bench").await?;
-    let topology = Topology::new(ns.clone());
+    let tiers: Vec<Duration> = env
+        .iter()
+        .find(|(k, _)| *k == "RETRY_TIERS")
+        .and_then(|(_, v)| crate::broker::parse_tiers(v).ok())
+        .unwrap_or_default();
+    let topology =
+        if tiers.is_empty() { Topology::new(ns.clone()) } else { Topology::new(ns.clone()).with_retry_tiers(tiers) };
     topology.declare(&connection.create_channel().await?).await?;
-    let (mut target, target_url) = spawn_sim(
-        &bin_dir.join("target-sim"),
-        &["--latency-ms".into(), latency_ms.to_string()],
-        &log_dir.join("target-sim.log"),
-    )
-    .await?;
+    let (mut target, target_url) =
+        spawn_sim(&bin_dir.join("target-sim"), target_args, &log_dir.join("target-sim.log")).await?;
     let publisher = Publisher::open(&connection).await?;
     preload(&publisher, &topology, records).await?;
     let mut cmd = Command::new(bin_dir.join("writer"));
@@ -302,37 +343,47 @@ async fn writer_bound(
         .env("ORDERFLOW_NS", &ns)
         .env("ADMIN_ADDR", "127.0.0.1:0")
         .env("TARGET_URL", format!("{target_url}/data/write"))
-        .env("WRITER_CONCURRENCY", concurrency.to_string())
         .env("LOG_FORMAT", "json");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let mut writer = spawn_logged(&mut cmd, &log_dir.join("writer.log")).await?;
     let http = reqwest::Client::new();
-    let written = |http: reqwest::Client, url: String| async move {
+    let stats = |http: reqwest::Client, url: String| async move {
         let v: Value = http.get(format!("{url}/admin/stats")).send().await?.json().await?;
-        anyhow::Ok(v["stats"]["written"].as_u64().unwrap_or(0))
+        anyhow::Ok(v)
     };
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(900);
     let mut first: Option<(Instant, u64)> = None;
-    let last;
-    loop {
-        let n = written(http.clone(), target_url.clone()).await?;
+    let (last, final_stats) = loop {
+        let s = stats(http.clone(), target_url.clone()).await?;
+        let n = s["stats"]["written"].as_u64().unwrap_or(0);
         let now = Instant::now();
         if first.is_none() && n > 0 {
             first = Some((now, n));
         }
         if n >= records {
-            last = (now, n);
-            break;
+            break ((now, n), s);
         }
-        anyhow::ensure!(now < deadline, "the writer did not finish within 10 minutes ({n} of {records})");
+        anyhow::ensure!(now < deadline, "the writer did not finish within 15 minutes ({n} of {records})");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
     let (t0, n0) = first.unwrap_or(last);
     let rate = (last.1 - n0) as f64 / last.0.duration_since(t0).as_secs_f64().max(0.001);
+    let records_json = if keep_records {
+        Some(http.get(format!("{target_url}/admin/records")).send().await?.json::<Value>().await?)
+    } else {
+        None
+    };
+    let dead = crate::broker::queue_state(&connection, &topology.dead_queue(orderflow_shared::amqp::Stage::Writer))
+        .await?
+        .map(|q| q.messages)
+        .unwrap_or(0);
     let _ = writer.start_kill();
     let _ = writer.wait().await;
     let _ = target.start_kill();
     let _ = target.wait().await;
     delete_namespace(&connection, &topology, &[]).await?;
     let _ = connection.close(200, "bye".into()).await;
-    Ok(rate)
+    Ok(WriterRun { writes_per_sec: rate, stats: final_stats, records: records_json, dead })
 }

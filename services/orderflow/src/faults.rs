@@ -232,7 +232,8 @@ async fn source_storm(stack: &Stack, secs: u64) -> anyhow::Result<()> {
 
 /// 5xx, 429 and failures inside HTTP 200, then an outage, then expired credentials (401s).
 async fn target_trouble(stack: &Stack, secs: u64, outage_secs: u64) -> anyhow::Result<()> {
-    let noisy = json!({"failure_rate": 0.2, "throttle_rate": 0.05, "retry_after_secs": 1, "soft_failure_rate": 0.1});
+    // 429s carry `Retry-After: 1`, which pauses every write of a writer for a second.
+    let noisy = json!({"failure_rate": 0.2, "throttle_rate": 0.02, "retry_after_secs": 1, "soft_failure_rate": 0.1});
     stack.target_faults(&noisy).await?;
     tokio::time::sleep(Duration::from_secs(secs / 2)).await;
     let down =
@@ -427,26 +428,10 @@ pub async fn run_scenario(
                     break p;
                 }
             }
-            // Every kill of the suite's own is followed at once by a restart, so any exit seen
-            // here is a crash it did not cause.
-            while let Some((role, index, log, status)) = stack.exited() {
-                result.crashes.push(format!(
-                    "{} #{index} exited on its own ({status}); log {}",
-                    role.binary(),
-                    log.display()
-                ));
-                stack.spawn_stage(role, index).await?;
-            }
+            note_crashes(&mut stack, &mut result.crashes).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        while let Some((role, index, log, status)) = stack.exited() {
-            result.crashes.push(format!(
-                "{} #{index} exited on its own ({status}); log {}",
-                role.binary(),
-                log.display()
-            ));
-            stack.spawn_stage(role, index).await?;
-        }
+        note_crashes(&mut stack, &mut result.crashes).await?;
         result.recovery_seconds = (faults_over.elapsed().as_secs_f64() * 10.0).round() / 10.0;
         let confirmed = stack.confirmed_ids().await?;
         let written = stack.written_ids().await?;
@@ -495,6 +480,16 @@ pub async fn run_scenario(
     stack.stop().await;
     let _ = stack.delete_namespace().await;
     Ok(result)
+}
+
+/// Every kill of the suite's own is followed at once by a restart, so any exit found here is a
+/// crash it did not cause: noted (the run fails), and the replica restarted to see the run through.
+async fn note_crashes(stack: &mut Stack, crashes: &mut Vec<String>) -> anyhow::Result<()> {
+    while let Some((role, index, log, status)) = stack.exited() {
+        crashes.push(format!("{} #{index} exited on its own ({status}); log {}", role.binary(), log.display()));
+        stack.spawn_stage(role, index).await?;
+    }
+    Ok(())
 }
 
 pub fn table(results: &[ScenarioResult]) -> String {

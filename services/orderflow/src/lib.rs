@@ -8,6 +8,7 @@ pub mod demo_broker;
 pub mod dlq;
 pub mod e2e;
 pub mod faults;
+pub mod pace_bench;
 pub mod stack;
 pub mod status;
 pub mod topology_cmd;

@@ -30,7 +30,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// The writer's retry tiers (as the writer's RETRY_TIERS).
-        #[arg(long, env = "RETRY_TIERS", default_value = "1s,10s,1m,10m")]
+        #[arg(long, env = "RETRY_TIERS", default_value = orderflow_shared::amqp::topology::DEFAULT_RETRY_TIERS)]
         retry_tiers: String,
     },
     /// Dead letters: stats, peek, replay, purge.
@@ -47,7 +47,7 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = orderflow_shared::settings::parse_duration)]
         sample: std::time::Duration,
         /// The writer's retry tiers (as the writer's RETRY_TIERS).
-        #[arg(long, env = "RETRY_TIERS", default_value = "1s,10s,1m,10m")]
+        #[arg(long, env = "RETRY_TIERS", default_value = orderflow_shared::amqp::topology::DEFAULT_RETRY_TIERS)]
         retry_tiers: String,
     },
     /// Run the whole pipeline locally (simulators + every stage) against AMQP_URL until synced.

@@ -17,6 +17,8 @@ pub enum WriteOutcome {
         retry_after: Option<Duration>,
         /// Connection refused/failed: counts double toward opening the breaker.
         connection: bool,
+        /// The target is overloaded (408, 429, 503, a timeout): adaptive concurrency backs off.
+        refused: bool,
     },
     Permanent {
         detail: String,
@@ -38,6 +40,16 @@ impl WriteOutcome {
             WriteOutcome::Written => "written",
             WriteOutcome::Transient { reason, .. } | WriteOutcome::TargetDown { reason, .. } => reason,
             WriteOutcome::Permanent { .. } => "rejected",
+        }
+    }
+
+    /// What the write tells adaptive concurrency about the target's load.
+    pub fn signal(&self) -> crate::pace::Signal {
+        use crate::pace::Signal;
+        match self {
+            WriteOutcome::Written | WriteOutcome::Permanent { .. } => Signal::Answered,
+            WriteOutcome::Transient { refused: true, .. } => Signal::Refused,
+            WriteOutcome::Transient { .. } | WriteOutcome::TargetDown { .. } => Signal::Other,
         }
     }
 
@@ -224,6 +236,7 @@ pub fn classify(rules: &Rules, status: u16, retry_after: Option<&str>, body: &[u
             detail: format!("HTTP {status}: {excerpt}"),
             retry_after: retry_after.and_then(parse_retry_after),
             connection: false,
+            refused: matches!(status, 408 | 429 | 503),
         },
         _ => WriteOutcome::Permanent { detail: format!("HTTP {status}: {excerpt}") },
     }
@@ -246,7 +259,7 @@ fn classify_2xx(rules: &Rules, status: u16, body: &[u8], excerpt: &str) -> Write
     if code.as_ref().is_some_and(|c| rules.permanent_codes.contains(c)) {
         return WriteOutcome::Permanent { detail };
     }
-    WriteOutcome::Transient { reason: "soft_failure", detail, retry_after: None, connection: false }
+    WriteOutcome::Transient { reason: "soft_failure", detail, retry_after: None, connection: false, refused: false }
 }
 
 /// `Retry-After` as seconds, or an HTTP date (RFC 2822 form).

@@ -6,6 +6,7 @@
 pub mod breaker;
 pub mod classify;
 pub mod metrics;
+pub mod pace;
 
 use std::{
     net::SocketAddr,
@@ -57,9 +58,24 @@ pub struct Config {
     /// Extra header sent with every write, `Name: value` (e.g. `Authorization: Bearer …`; never logged).
     #[arg(long, env = "TARGET_AUTH_HEADER", hide_env_values = true)]
     pub target_auth_header: Option<String>,
-    /// Writes in flight at once (also the consumer prefetch).
-    #[arg(long, env = "WRITER_CONCURRENCY", default_value_t = 64)]
-    pub concurrency: u16,
+    /// Writes in flight at once (also the consumer prefetch), or `auto`: adapt to the target's
+    /// latency and refusals, up to WRITER_CONCURRENCY_MAX.
+    #[arg(long, env = "WRITER_CONCURRENCY", default_value = "64", value_parser = pace::parse_concurrency)]
+    pub concurrency: pace::Concurrency,
+    /// The most writes in flight with WRITER_CONCURRENCY=auto.
+    #[arg(long, env = "WRITER_CONCURRENCY_MAX", default_value_t = 512)]
+    pub concurrency_max: u16,
+    /// The target's budget: at most this many writes per second from this writer (split a total
+    /// over the replicas). Unset: no budget.
+    #[arg(long, env = "TARGET_RATE_PER_SEC")]
+    pub target_rate_per_sec: Option<u32>,
+    /// Writes the budget lets go at once after a quiet spell (default: a tenth of the rate, at least 1).
+    #[arg(long, env = "TARGET_RATE_BURST")]
+    pub target_rate_burst: Option<u32>,
+    /// A transient failure is retried this many times in place (jittered, well under a second in
+    /// all) before the record goes to a retry tier.
+    #[arg(long, env = "WRITER_RETRY_IN_PLACE", default_value_t = 2)]
+    pub retry_in_place: u32,
     /// Timeout of one write request.
     #[arg(long, env = "WRITER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -70,7 +86,7 @@ pub struct Config {
     #[arg(long, env = "WRITER_MAX_ATTEMPTS", default_value_t = 8)]
     pub max_attempts: u32,
     /// Retry tier delays, comma-separated (each is a TTL queue).
-    #[arg(long, env = "RETRY_TIERS", default_value = "1s,10s,1m,10m", value_parser = parse_tiers)]
+    #[arg(long, env = "RETRY_TIERS", default_value = orderflow_shared::amqp::topology::DEFAULT_RETRY_TIERS, value_parser = parse_tiers)]
     pub retry_tiers: Tiers,
     /// A record larger than this (bytes) is dead-lettered as `oversized` without being sent.
     #[arg(long, env = "WRITER_MAX_RECORD_BYTES", default_value_t = 1024 * 1024)]
@@ -99,7 +115,7 @@ pub struct Tiers(pub Vec<Duration>);
 pub fn parse_tiers(text: &str) -> Result<Tiers, String> {
     let mut tiers = text.split(',').map(|t| parse_duration(t.trim())).collect::<Result<Vec<_>, _>>()?;
     if tiers.is_empty() || tiers.iter().any(|t| t.is_zero()) {
-        return Err("give at least one positive delay, e.g. 1s,10s,1m,10m".into());
+        return Err("give at least one positive delay, e.g. 1s,5s,30s,2m,5m".into());
     }
     tiers.sort();
     tiers.dedup();
@@ -125,9 +141,24 @@ struct Shared {
     readiness: Readiness,
     /// The last answer was target-level (auth, endpoint, TLS, DNS): `/readyz` says so.
     target_down: AtomicBool,
+    /// Budget, concurrency limit and Retry-After pauses toward the target.
+    pace: pace::Pace,
 }
 
 impl Config {
+    /// Deliveries held at once: the fixed concurrency, or the adaptive limit's ceiling.
+    pub fn prefetch(&self) -> u16 {
+        match self.concurrency {
+            pace::Concurrency::Fixed(n) => n,
+            pace::Concurrency::Auto => self.concurrency_max,
+        }
+    }
+
+    fn pace(&self) -> pace::Pace {
+        let rate = self.target_rate_per_sec.map(|r| (r, self.target_rate_burst.unwrap_or((r / 10).max(1))));
+        pace::Pace::new(self.concurrency, self.concurrency_max, rate)
+    }
+
     fn target(&self) -> Result<Target, String> {
         let url = self
             .target_url
@@ -151,8 +182,11 @@ impl Config {
                 Some((name, value))
             }
         };
-        if self.concurrency == 0 {
-            return Err("WRITER_CONCURRENCY must be at least 1".into());
+        if self.concurrency_max == 0 {
+            return Err("WRITER_CONCURRENCY_MAX must be at least 1".into());
+        }
+        if self.target_rate_per_sec == Some(0) {
+            return Err("TARGET_RATE_PER_SEC must be at least 1 (unset it for no budget)".into());
         }
         if self.hold_limit.is_zero() {
             return Err("HOLD_LIMIT must be positive (e.g. 20m)".into());
@@ -163,7 +197,7 @@ impl Config {
         let http = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
             .timeout(self.timeout)
-            .pool_max_idle_per_host(usize::from(self.concurrency))
+            .pool_max_idle_per_host(usize::from(self.prefetch()))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()
@@ -184,8 +218,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .map_err(|e| Fatal(format!("ADMIN_ADDR {}: {e}", config.admin_addr)))?;
     tracing::info!(
         message = "Writer started.", admin = %bound, ns = %config.broker.ns, target = %target.url,
-        concurrency = config.concurrency, tiers = ?config.retry_tiers.0.iter().map(|t| tier_label(*t)).collect::<Vec<_>>()
+        concurrency = ?config.concurrency, budget_per_sec = ?config.target_rate_per_sec, tiers = ?config.retry_tiers.0.iter().map(|t| tier_label(*t)).collect::<Vec<_>>()
     );
+    if let pace::Concurrency::Fixed(n) = config.concurrency {
+        metrics.concurrency_limit.set(i64::from(n));
+    }
     let topology = Topology::new(config.broker.ns.clone()).with_retry_tiers(config.retry_tiers.0.clone());
     for tier in &topology.retry_tiers {
         metrics.retries.with_label_values(&[&tier_label(*tier)]);
@@ -198,6 +235,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics,
         readiness: readiness.clone(),
         target_down: AtomicBool::new(false),
+        pace: config.pace(),
         config: config.clone(),
     });
     let reconnects = shared.metrics.reconnects.clone();
@@ -222,7 +260,7 @@ async fn session(
     let queue = shared.topology.records_queue();
     let stop = shutdown.clone();
     let lost_acks = shared.metrics.lost_acks.clone();
-    consume::run(channel, &queue, shared.config.concurrency, &shutdown, &readiness, &lost_acks, |delivery, acks| {
+    consume::run(channel, &queue, shared.config.prefetch(), &shutdown, &readiness, &lost_acks, |delivery, acks| {
         let shared = shared.clone();
         let publisher = publisher.clone();
         let stop = stop.clone();
@@ -306,7 +344,7 @@ fn transport_outcome(timeout: bool, connect: bool, detail: String) -> WriteOutco
     } else {
         "transport"
     };
-    WriteOutcome::Transient { reason, detail, retry_after: None, connection: connect }
+    WriteOutcome::Transient { reason, detail, retry_after: None, connection: connect, refused: timeout }
 }
 
 fn dead_letter(shared: &Shared, class: ErrorClass, reason: &str, error: String) -> DeadLetter {
@@ -462,22 +500,26 @@ async fn handle_record(
         }
     };
     let attempts_before = u32::try_from(get_i64(&delivery.properties, header::ATTEMPT).unwrap_or(0)).unwrap_or(0);
+    let (mut in_place, mut throttled, mut first_write) = (0u32, 0u32, attempts_before == 0);
     loop {
         let probe = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()), // unacked: redelivered when the channel closes
             _ = tokio::time::sleep_until(hold_until) => return work.park(attempts_before).await,
             probe = shared.breaker.acquire() => probe,
         };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep_until(hold_until) => return work.park(attempts_before).await,
+            () = shared.pace.unpaused() => {}
+        }
         let outcome = attempt(&work, &record, attempts_before).await;
         note_target(shared, &outcome);
         let changed = match &outcome {
             WriteOutcome::TargetDown { .. } => shared.breaker.trip(probe),
             WriteOutcome::Written | WriteOutcome::Permanent { .. } => {
-                shared.breaker.record(true, false, probe, attempts_before == 0)
+                shared.breaker.record(true, false, probe, first_write)
             }
-            WriteOutcome::Transient { connection, .. } => {
-                shared.breaker.record(false, *connection, probe, attempts_before == 0)
-            }
+            WriteOutcome::Transient { connection, .. } => shared.breaker.record(false, *connection, probe, first_write),
         };
         note_breaker(shared, changed);
         match outcome {
@@ -502,22 +544,66 @@ async fn handle_record(
                     shared.metrics.held_during_outage.inc();
                     continue;
                 }
+                // A 429 says "not so fast", not "this record failed": every write already waits
+                // out its Retry-After, and the record waits with them (up to HOLD_LIMIT, then it
+                // is parked) instead of spending attempts and climbing the tiers.
+                if reason == "http_429" {
+                    if retry_after.is_none() {
+                        tokio::time::sleep(in_place_delay(throttled.min(4))).await;
+                    }
+                    throttled = throttled.saturating_add(1);
+                    first_write = false;
+                    shared.metrics.throttled.inc();
+                    continue;
+                }
+                // A flaky second: try again at once (jittered, well under a second in all) rather
+                // than sending the record to a tier for a one-off failure.
+                if in_place < shared.config.retry_in_place && retry_after.is_none_or(|d| d <= IN_PLACE_WAIT_MAX) {
+                    tokio::time::sleep(in_place_delay(in_place)).await;
+                    in_place += 1;
+                    first_write = false;
+                    shared.metrics.retries_in_place.inc();
+                    continue;
+                }
                 return retry_later(&work, &record, attempts_before + 1, reason, detail, retry_after).await;
             }
         }
     }
 }
 
+/// A `Retry-After` this short is waited out in place (every write pauses for it anyway).
+const IN_PLACE_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// The wait before in-place retry `n` (0-based): 50-150 ms, then 100-300 ms, … (jittered so
+/// writers that failed together do not retry together).
+fn in_place_delay(n: u32) -> Duration {
+    let base = 50u64.saturating_mul(1 << n.min(4));
+    Duration::from_millis(base + fastrand_below(base.saturating_mul(2)))
+}
+
+fn fastrand_below(n: u64) -> u64 {
+    orderflow_shared::rng::Rng::from_entropy().below(n.max(1))
+}
+
 /// One write of the record, measured and traced.
 async fn attempt(work: &Work<'_>, record: &RawRecord<'_>, attempts_before: u32) -> WriteOutcome {
     let shared = work.shared;
     let metrics = &shared.metrics;
+    let slot = shared.pace.acquire().await;
     metrics.inflight.inc();
     let timer = metrics.write_seconds.start_timer();
     let started_nanos = orderflow_shared::otel::now_nanos();
     let outcome = write(&shared.target, record, &work.message_id).await;
     timer.observe_duration();
     metrics.inflight.dec();
+    shared.pace.done(slot, outcome.signal());
+    if let WriteOutcome::Transient { retry_after: Some(after), .. } = &outcome {
+        shared.pace.pause(*after); // the target asked everyone to wait, not just this record
+    }
+    if let Some((limit, floor)) = shared.pace.state() {
+        metrics.concurrency_limit.set(limit.floor() as i64);
+        metrics.latency_floor.set(floor.map_or(0.0, |f| f.as_secs_f64()));
+    }
     metrics.writes.with_label_values(&[outcome.label()]).inc();
     if shared.tracer.enabled() {
         trace_attempt(work, record, attempts_before, started_nanos, &outcome);

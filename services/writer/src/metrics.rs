@@ -22,6 +22,13 @@ pub struct Metrics {
     pub target_unauthorized: IntGauge,
     /// Records held past `HOLD_LIMIT` and parked in a retry tier.
     pub parked: IntCounter,
+    /// WRITER_CONCURRENCY=auto: the writes allowed in flight now.
+    pub concurrency_limit: IntGauge,
+    /// WRITER_CONCURRENCY=auto: the target's latency floor as measured.
+    pub latency_floor: prometheus::Gauge,
+    /// Transient failures retried in place (before any retry tier).
+    pub retries_in_place: IntCounter,
+    pub throttled: IntCounter,
     pub reconnects: IntCounter,
     pub lost_acks: IntCounter,
 }
@@ -91,6 +98,30 @@ impl Metrics {
         )
         .expect("metric");
         reg(Box::new(parked.clone()));
+        let concurrency_limit = IntGauge::new(
+            "orderflow_write_concurrency_limit",
+            "Writes allowed in flight now (WRITER_CONCURRENCY=auto adapts it).",
+        )
+        .expect("metric");
+        reg(Box::new(concurrency_limit.clone()));
+        let latency_floor = prometheus::Gauge::new(
+            "orderflow_write_latency_floor_seconds",
+            "The target's latency floor as adaptive concurrency measures it.",
+        )
+        .expect("metric");
+        reg(Box::new(latency_floor.clone()));
+        let retries_in_place = IntCounter::new(
+            "orderflow_write_retries_in_place_total",
+            "Transient failures retried at once, in place, before any retry tier.",
+        )
+        .expect("metric");
+        reg(Box::new(retries_in_place.clone()));
+        let throttled = IntCounter::new(
+            "orderflow_write_throttled_total",
+            "Writes the target answered 429: the record waited out the pause in place, spending no attempt.",
+        )
+        .expect("metric");
+        reg(Box::new(throttled.clone()));
         let reconnects =
             IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
                 .expect("metric");
@@ -119,6 +150,10 @@ impl Metrics {
             held_during_outage,
             target_unauthorized,
             parked,
+            concurrency_limit,
+            latency_floor,
+            retries_in_place,
+            throttled,
             reconnects,
             lost_acks,
         }

@@ -89,8 +89,18 @@ pub struct Topology {
     pub retry_tiers: Vec<Duration>,
 }
 
+/// The writer's default retry tiers (`RETRY_TIERS`): a gentle ladder capped at 5 minutes. A flaky
+/// second is retried in place first; a real outage is the breaker's job, not the tiers'.
+pub const DEFAULT_RETRY_TIERS: &str = "1s,5s,30s,2m,5m";
+
 pub fn default_retry_tiers() -> Vec<Duration> {
-    vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60), Duration::from_secs(600)]
+    vec![
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+        Duration::from_secs(120),
+        Duration::from_secs(300),
+    ]
 }
 
 /// `1s`, `10s`, `1m`, `10m`, `1500ms`: the tier's label in queue names and metrics.

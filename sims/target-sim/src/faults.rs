@@ -26,6 +26,12 @@ pub struct Faults {
     pub soft_reject_ids: Option<String>,
     /// Until then every write is answered 401 (expired credentials).
     pub auth_failure_until: Option<Instant>,
+    /// Writes accepted per second (0: unlimited); beyond it 429 with `Retry-After`.
+    pub capacity_per_sec: f64,
+    /// Contention: every request in flight adds this much latency per 1,000 requests in flight,
+    /// so latency grows with the square of concurrency and throughput peaks at
+    /// √(1000 × latency ÷ this) in flight (200 for a 50 ms floor and 1.25).
+    pub latency_per_inflight_ms: f64,
 }
 
 /// The business code of a soft reject ("this record will never be accepted").
@@ -51,11 +57,15 @@ pub struct FaultsUpdate {
     pub soft_reject_ids: Option<String>,
     /// Answers every write 401 for this many seconds from now (0 ends it).
     pub auth_failure_secs: Option<f64>,
+    pub capacity_per_sec: Option<f64>,
+    pub latency_per_inflight_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Pass,
+    /// Over `capacity_per_sec`: 429 with this `Retry-After`.
+    OverCapacity(u64),
     Outage,
     Unauthorized,
     /// HTTP 200 with `success:false`; shape picks one of the answer forms platforms use.
@@ -74,6 +84,13 @@ impl Faults {
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(format!("{name} must be between 0 and 1, got {rate}"));
+            }
+        }
+        for (name, value) in
+            [("capacity_per_sec", self.capacity_per_sec), ("latency_per_inflight_ms", self.latency_per_inflight_ms)]
+        {
+            if !(0.0..=1_000_000.0).contains(&value) {
+                return Err(format!("{name} must be between 0 and 1000000, got {value}"));
             }
         }
         if self.latency_max_ms < self.latency_min_ms {
@@ -120,6 +137,18 @@ impl Faults {
         if let Some(secs) = u.auth_failure_secs {
             self.auth_failure_until = window(secs, now);
         }
+        if let Some(v) = u.capacity_per_sec {
+            self.capacity_per_sec = v;
+        }
+        if let Some(v) = u.latency_per_inflight_ms {
+            self.latency_per_inflight_ms = v;
+        }
+    }
+
+    /// The latency added by `inflight` concurrent requests (contention, see the field).
+    pub fn load_latency(&self, inflight: u64) -> Duration {
+        let n = inflight as f64;
+        Duration::from_secs_f64((self.latency_per_inflight_ms * n * n / 1000.0 / 1000.0).min(3600.0))
     }
 
     pub fn decide(&self, rng: &mut Rng, now: Instant) -> (Duration, Decision) {
@@ -172,6 +201,8 @@ impl Faults {
             "soft_failure_rate": self.soft_failure_rate,
             "soft_reject_ids": self.soft_reject_ids,
             "auth_failure_remaining_secs": remaining(self.auth_failure_until, now),
+            "capacity_per_sec": self.capacity_per_sec,
+            "latency_per_inflight_ms": self.latency_per_inflight_ms,
         })
     }
 }
@@ -247,6 +278,15 @@ mod tests {
         assert!((800..1200).contains(&soft), "{soft} of 10000");
         f.apply(FaultsUpdate { outage_secs: Some(f64::INFINITY), ..FaultsUpdate::default() }, now);
         assert!(f.outage_until.is_none(), "a value that is not a number of seconds is no window, and panics nowhere");
+    }
+
+    #[test]
+    fn latency_grows_with_the_square_of_what_is_in_flight_so_throughput_peaks() {
+        let f = Faults { latency_min_ms: 50, latency_max_ms: 50, latency_per_inflight_ms: 1.25, ..Faults::default() };
+        let throughput = |n: u64| n as f64 / (0.050 + f.load_latency(n).as_secs_f64());
+        assert!((f.load_latency(200).as_secs_f64() - 0.050).abs() < 1e-9, "at the peak latency doubles");
+        assert!(throughput(200) > throughput(100) && throughput(200) > throughput(400), "a peak near 200");
+        assert!(throughput(200) > throughput(180) && throughput(200) > throughput(220));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use axum::{
@@ -63,6 +64,13 @@ pub struct Config {
     /// code, in one of several shapes), nothing stored.
     #[arg(long, default_value_t = 0.0)]
     pub soft_failure_rate: f64,
+    /// Writes accepted per second; beyond it 429 with `Retry-After` (--retry-after). 0: unlimited.
+    #[arg(long, default_value_t = 0.0)]
+    pub capacity_per_sec: f64,
+    /// Contention: latency grows by this many ms per 1,000 requests in flight, per request in
+    /// flight (throughput peaks at √(1000 × latency ÷ this) in flight).
+    #[arg(long, default_value_t = 0.0)]
+    pub latency_per_inflight_ms: f64,
     /// Answer HTTP 200 with the permanent business code 40001 (a validation error) for every record
     /// whose id matches this glob, nothing stored.
     #[arg(long)]
@@ -77,6 +85,8 @@ pub struct Stored {
     pub writes: u64,
     /// When it was first stored (unix milliseconds).
     pub written_at_ms: i64,
+    /// When a write of this id first arrived, whatever the answer (unix milliseconds).
+    pub first_attempt_at_ms: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -106,9 +116,17 @@ pub struct Stats {
     pub soft_rejected_by_rule: u64,
     /// Answered 401 during an auth-failure window.
     pub auth_refusals: u64,
+    /// Answered 429 because writes came faster than `capacity_per_sec`.
+    pub over_capacity: u64,
+    /// The most requests in flight at once.
+    pub max_inflight: u64,
 }
 
 pub struct State_ {
+    /// Token bucket for `capacity_per_sec`: tokens and when they were last topped up.
+    capacity: (f64, tokio::time::Instant),
+    /// When each id's first write arrived (answered or not).
+    first_attempt_ms: HashMap<String, i64>,
     records: HashMap<String, Stored>,
     order: Vec<String>,
     stats: Stats,
@@ -118,6 +136,16 @@ pub struct State_ {
 
 pub struct TargetSim {
     state: Mutex<State_>,
+    inflight: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a request in flight while it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl TargetSim {
@@ -134,10 +162,15 @@ impl TargetSim {
             soft_failure_rate: config.soft_failure_rate,
             soft_reject_ids: config.soft_reject_ids.clone(),
             auth_failure_until: None,
+            capacity_per_sec: config.capacity_per_sec,
+            latency_per_inflight_ms: config.latency_per_inflight_ms,
         };
         faults.validate()?;
         Ok(Arc::new(Self {
+            inflight: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State_ {
+                capacity: (0.0, tokio::time::Instant::now()),
+                first_attempt_ms: HashMap::new(),
                 records: HashMap::new(),
                 order: Vec::new(),
                 stats: Stats::default(),
@@ -165,6 +198,24 @@ fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Whether a write fits `capacity_per_sec` (a token bucket holding a tenth of a second's worth).
+fn admit(state: &mut State_, now: tokio::time::Instant) -> bool {
+    let rate = state.faults.capacity_per_sec;
+    if rate <= 0.0 {
+        return true;
+    }
+    let burst = (rate / 10.0).max(1.0);
+    let (tokens, at) = state.capacity;
+    let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate).min(burst);
+    if tokens >= 1.0 {
+        state.capacity = (tokens - 1.0, now);
+        true
+    } else {
+        state.capacity = (tokens, now);
+        false
+    }
+}
+
 /// A business failure inside an HTTP 200, in the shapes platform APIs use.
 fn soft_failure(shape: u8) -> Value {
     match shape {
@@ -180,11 +231,34 @@ fn failure(status: StatusCode, message: String) -> Response {
 
 /// `POST /data/write`.
 async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
+    let inflight = sim.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let _counted = InFlight(&sim.inflight);
+    let request: WriteRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            sim.lock().stats.invalid += 1;
+            return failure(StatusCode::BAD_REQUEST, format!("body is not a write request: {e}"));
+        }
+    };
+    let id = request.data.as_ref().and_then(|d| d.get("id")).and_then(scalar_text).filter(|s| !s.is_empty());
+    let (Some(data), Some(id), Some(_api)) = (request.data, id, request.api) else {
+        sim.lock().stats.invalid += 1;
+        return failure(StatusCode::BAD_REQUEST, "api and data.id are required".into());
+    };
     let (delay, decision) = {
         let mut guard = sim.lock();
         let state = &mut *guard;
         state.stats.requests += 1;
-        state.faults.decide(&mut state.rng, tokio::time::Instant::now())
+        state.stats.max_inflight = state.stats.max_inflight.max(inflight);
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        state.first_attempt_ms.entry(id.clone()).or_insert(now_ms);
+        let now = tokio::time::Instant::now();
+        if !admit(state, now) {
+            (Duration::ZERO, Decision::OverCapacity(state.faults.retry_after_secs.max(1)))
+        } else {
+            let (delay, decision) = state.faults.decide(&mut state.rng, now);
+            (delay + state.faults.load_latency(inflight), decision)
+        }
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -209,6 +283,14 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
             }
             return response;
         }
+        Decision::OverCapacity(retry_after) => {
+            sim.lock().stats.over_capacity += 1;
+            let mut response = failure(StatusCode::TOO_MANY_REQUESTS, "over the target's capacity".into());
+            if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return response;
+        }
         Decision::Unauthorized => {
             sim.lock().stats.auth_refusals += 1;
             return failure(StatusCode::UNAUTHORIZED, "access token expired (injected)".into());
@@ -219,18 +301,6 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
         }
         Decision::Pass => {}
     }
-    let request: WriteRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            sim.lock().stats.invalid += 1;
-            return failure(StatusCode::BAD_REQUEST, format!("body is not a write request: {e}"));
-        }
-    };
-    let id = request.data.as_ref().and_then(|d| d.get("id")).and_then(scalar_text).filter(|s| !s.is_empty());
-    let (Some(data), Some(id), Some(_api)) = (request.data, id, request.api) else {
-        sim.lock().stats.invalid += 1;
-        return failure(StatusCode::BAD_REQUEST, "api and data.id are required".into());
-    };
     let mut guard = sim.lock();
     let state = &mut *guard;
     if state.faults.always_fails(&id) {
@@ -263,7 +333,10 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
         None => {
             state.order.push(id.clone());
             let written_at_ms = jiff::Timestamp::now().as_millisecond();
-            state.records.insert(id.clone(), Stored { id: id.clone(), data, writes: 1, written_at_ms });
+            let first_attempt_at_ms = state.first_attempt_ms.get(&id).copied().unwrap_or(written_at_ms);
+            state
+                .records
+                .insert(id.clone(), Stored { id: id.clone(), data, writes: 1, written_at_ms, first_attempt_at_ms });
             state.stats.written += 1;
             state.stats.records += 1;
             false
