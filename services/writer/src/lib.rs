@@ -505,13 +505,13 @@ async fn handle_record(
         let probe = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()), // unacked: redelivered when the channel closes
             _ = tokio::time::sleep_until(hold_until) => return work.park(attempts_before).await,
-            probe = shared.breaker.acquire() => probe,
+            // The breaker lets the write go, then any `Retry-After` pause in force is waited out.
+            probe = async {
+                let probe = shared.breaker.acquire().await;
+                shared.pace.unpaused().await;
+                probe
+            } => probe,
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep_until(hold_until) => return work.park(attempts_before).await,
-            () = shared.pace.unpaused() => {}
-        }
         let outcome = attempt(&work, &record, attempts_before).await;
         note_target(shared, &outcome);
         let changed = match &outcome {
@@ -578,11 +578,7 @@ const IN_PLACE_WAIT_MAX: Duration = Duration::from_secs(1);
 /// writers that failed together do not retry together).
 fn in_place_delay(n: u32) -> Duration {
     let base = 50u64.saturating_mul(1 << n.min(4));
-    Duration::from_millis(base + fastrand_below(base.saturating_mul(2)))
-}
-
-fn fastrand_below(n: u64) -> u64 {
-    orderflow_shared::rng::Rng::from_entropy().below(n.max(1))
+    Duration::from_millis(base + orderflow_shared::rng::Rng::from_entropy().below(base.saturating_mul(2)))
 }
 
 /// One write of the record, measured and traced.
@@ -596,11 +592,11 @@ async fn attempt(work: &Work<'_>, record: &RawRecord<'_>, attempts_before: u32) 
     let outcome = write(&shared.target, record, &work.message_id).await;
     timer.observe_duration();
     metrics.inflight.dec();
-    shared.pace.done(slot, outcome.signal());
+    let adaptive = shared.pace.done(slot, outcome.signal());
     if let WriteOutcome::Transient { retry_after: Some(after), .. } = &outcome {
         shared.pace.pause(*after); // the target asked everyone to wait, not just this record
     }
-    if let Some((limit, floor)) = shared.pace.state() {
+    if let Some((limit, floor)) = adaptive {
         metrics.concurrency_limit.set(limit.floor() as i64);
         metrics.latency_floor.set(floor.map_or(0.0, |f| f.as_secs_f64()));
     }

@@ -89,14 +89,14 @@ impl Aimd {
 
     /// Whether the limit is dipped to measure the floor (from the probe's start until a write
     /// sent during it has come back, or two seconds past its end without one).
-    pub fn probing(&self, _now: Instant) -> bool {
+    pub fn probing(&self) -> bool {
         self.probing_until.is_some()
     }
 
     /// Writes allowed in flight now (a quarter of the limit while the floor is measured again).
     pub fn allowed(&mut self, now: Instant) -> usize {
         self.tick(now);
-        let limit = if self.probing(now) { (self.limit / 4.0).max(1.0) } else { self.limit };
+        let limit = if self.probing() { (self.limit / 4.0).max(1.0) } else { self.limit };
         limit.floor().max(1.0) as usize
     }
 
@@ -198,11 +198,6 @@ impl Pace {
         self.aimd.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The adaptive limit and floor now (for the gauges); `None` when the concurrency is fixed.
-    pub fn state(&self) -> Option<(f64, Option<Duration>)> {
-        self.lock().map(|g| (g.0.limit(), g.0.floor()))
-    }
-
     /// Returns once no `Retry-After` pause is in force.
     pub async fn unpaused(&self) {
         loop {
@@ -227,7 +222,7 @@ impl Pace {
                     let (aimd, inflight) = &mut *guard;
                     if *inflight < aimd.allowed(now) {
                         *inflight += 1;
-                        in_probe = aimd.probing(now);
+                        in_probe = aimd.probing();
                         break;
                     }
                 }
@@ -241,22 +236,24 @@ impl Pace {
         Slot { pace: self, started: Instant::now(), in_probe, open: true }
     }
 
-    /// A write finished.
-    pub fn done(&self, mut slot: Slot<'_>, signal: Signal) {
+    /// A write finished. Returns the adaptive limit and floor after it (for the gauges); `None`
+    /// when the concurrency is fixed.
+    pub fn done(&self, mut slot: Slot<'_>, signal: Signal) -> Option<(f64, Option<Duration>)> {
         slot.open = false;
-        if let Some(mut guard) = self.lock() {
-            let (aimd, inflight) = &mut *guard;
-            *inflight = inflight.saturating_sub(1);
-            let now = Instant::now();
-            aimd.sample(now.duration_since(slot.started), signal, slot.in_probe, now);
-            let room = aimd.allowed(now).saturating_sub(*inflight);
-            drop(guard);
-            if room > 1 {
-                self.changed.notify_waiters(); // the limit grew: more than this one place is free
-            } else {
-                self.changed.notify_one();
-            }
+        let mut guard = self.lock()?;
+        let (aimd, inflight) = &mut *guard;
+        *inflight = inflight.saturating_sub(1);
+        let now = Instant::now();
+        aimd.sample(now.duration_since(slot.started), signal, slot.in_probe, now);
+        let room = aimd.allowed(now).saturating_sub(*inflight);
+        let state = (aimd.limit(), aimd.floor());
+        drop(guard);
+        if room > 1 {
+            self.changed.notify_waiters(); // the limit grew: more than this one place is free
+        } else {
+            self.changed.notify_one();
         }
+        Some(state)
     }
 
     /// The target said to come back after `after`: no write starts before then.
@@ -288,7 +285,7 @@ mod tests {
         let mut limits = Vec::new();
         for _ in 0..rounds {
             let n = aimd.allowed(now);
-            let probe = aimd.probing(now);
+            let probe = aimd.probing();
             let rtt = latency(n);
             now += rtt;
             for _ in 0..n {
@@ -337,7 +334,7 @@ mod tests {
         }
         // From now on 100 ms at any concurrency: without a new floor the limit would sink to 1.
         for _ in 0..2000 {
-            let probe = aimd.probing(now);
+            let probe = aimd.probing();
             let _ = aimd.allowed(now);
             now += 100 * MS;
             aimd.sample(100 * MS, Signal::Answered, probe, now);

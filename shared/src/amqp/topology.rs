@@ -94,13 +94,10 @@ pub struct Topology {
 pub const DEFAULT_RETRY_TIERS: &str = "1s,5s,30s,2m,5m";
 
 pub fn default_retry_tiers() -> Vec<Duration> {
-    vec![
-        Duration::from_secs(1),
-        Duration::from_secs(5),
-        Duration::from_secs(30),
-        Duration::from_secs(120),
-        Duration::from_secs(300),
-    ]
+    DEFAULT_RETRY_TIERS
+        .split(',')
+        .map(|t| crate::settings::parse_duration(t).expect("DEFAULT_RETRY_TIERS parses"))
+        .collect()
 }
 
 /// `1s`, `10s`, `1m`, `10m`, `1500ms`: the tier's label in queue names and metrics.
@@ -381,6 +378,12 @@ mod tests {
     }
 
     #[test]
+    fn the_default_tiers_are_the_documented_ladder() {
+        let secs: Vec<u64> = default_retry_tiers().iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 5, 30, 120, 300]);
+    }
+
+    #[test]
     fn dead_queues_are_terminal() {
         let t = Topology::new("ns");
         for stage in Stage::ALL {
@@ -396,9 +399,9 @@ mod tests {
     #[test]
     fn retry_tiers_expire_back_into_the_records_exchange() {
         let t = Topology::new("ns");
-        let tier = t.queues().into_iter().find(|q| q.name == "ns.writer.retry.10s").expect("10s tier");
+        let tier = t.queues().into_iter().find(|q| q.name == "ns.writer.retry.5s").expect("5s tier");
         let args: std::collections::HashMap<_, _> = tier.arguments.into_iter().collect();
-        assert_eq!(args["x-message-ttl"], ArgValue::Int(10_000));
+        assert_eq!(args["x-message-ttl"], ArgValue::Int(5_000));
         assert_eq!(args["x-dead-letter-exchange"], ArgValue::Text("ns.records".into()));
     }
 

@@ -216,6 +216,17 @@ fn admit(state: &mut State_, now: tokio::time::Instant) -> bool {
     }
 }
 
+/// 429 with `Retry-After: <secs>` (none when 0).
+fn too_many_requests(message: &str, retry_after: u64) -> Response {
+    let mut response = failure(StatusCode::TOO_MANY_REQUESTS, message.into());
+    if retry_after > 0
+        && let Ok(v) = HeaderValue::from_str(&retry_after.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
 /// A business failure inside an HTTP 200, in the shapes platform APIs use.
 fn soft_failure(shape: u8) -> Value {
     match shape {
@@ -275,21 +286,11 @@ async fn write(State(sim): State<Arc<TargetSim>>, body: Bytes) -> Response {
         }
         Decision::Throttle(retry_after) => {
             sim.lock().stats.throttled += 1;
-            let mut response = failure(StatusCode::TOO_MANY_REQUESTS, "too many requests (injected)".into());
-            if retry_after > 0
-                && let Ok(v) = HeaderValue::from_str(&retry_after.to_string())
-            {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return response;
+            return too_many_requests("too many requests (injected)", retry_after);
         }
         Decision::OverCapacity(retry_after) => {
             sim.lock().stats.over_capacity += 1;
-            let mut response = failure(StatusCode::TOO_MANY_REQUESTS, "over the target's capacity".into());
-            if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return response;
+            return too_many_requests("over the target's capacity", retry_after);
         }
         Decision::Unauthorized => {
             sim.lock().stats.auth_refusals += 1;
