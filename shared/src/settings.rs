@@ -33,6 +33,12 @@ pub struct BrokerArgs {
     /// user may not configure it and `orderflow topology --declare` ran as an admin instead.
     #[arg(long, env = "ORDERFLOW_DECLARE_TOPOLOGY", default_value_t = true, action = clap::ArgAction::Set)]
     pub declare_topology: bool,
+
+    /// How long a publish waits for the broker's confirm (time the broker blocks publishing under
+    /// a resource alarm does not count) before the broker session is ended and its unacked input
+    /// redelivered: a half-open connection never hangs a stage.
+    #[arg(long, env = "AMQP_CONFIRM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub amqp_confirm_timeout: std::time::Duration,
 }
 
 /// Logging: `LOG_FORMAT=json|pretty|auto` (auto: pretty on a terminal, JSON otherwise) and `RUST_LOG`.

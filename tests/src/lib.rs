@@ -97,6 +97,7 @@ pub async fn broker_args(ns: &str) -> BrokerArgs {
         amqp_ca_file: None,
         ns: ns.to_string(),
         declare_topology: true,
+        amqp_confirm_timeout: orderflow_shared::amqp::publisher::DEFAULT_CONFIRM_TIMEOUT,
     }
 }
 

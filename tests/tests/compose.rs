@@ -81,6 +81,7 @@ async fn least_privilege(amqp: &str) -> anyhow::Result<()> {
             amqp_ca_file: None,
             ns: NS.into(),
             declare_topology: false,
+            amqp_confirm_timeout: orderflow_shared::amqp::publisher::DEFAULT_CONFIRM_TIMEOUT,
         };
         async move { orderflow_shared::amqp::connect(&args, "orderflow-test-privileges").await }
     };

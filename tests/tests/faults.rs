@@ -67,6 +67,96 @@ async fn scenario_7_all_at_once() {
     scenario(7).await;
 }
 
+/// A memory alarm and a disk alarm (each stage that publishes shows `broker_blocked` and resumes
+/// within 30 s of the alarm clearing), then a 3-minute target outage under a 60 s broker ack
+/// timeout: no broker session ends, nothing is dead-lettered, nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn scenario_8_broker_alarms_and_a_short_ack_timeout() {
+    scenario(8).await;
+}
+
+async fn depth(connection: &lapin::Connection, queue: &str) -> anyhow::Result<u32> {
+    Ok(orderflow_cli::broker::queue_state(connection, queue).await?.map_or(0, |q| q.messages))
+}
+
+/// RabbitMQ blocks a connection that publishes while a memory alarm lasts and stops reading from
+/// it; a writer that acked on the connection it published dead letters on stopped acking, so it
+/// stopped writing, until the alarm cleared. With records queued and a target that rejects one
+/// record in a thousand (each rejection a dead-letter publish the alarm holds), the records queue
+/// must keep draining through a 60 s alarm, and the writer must say it is blocked.
+#[tokio::test(flavor = "multi_thread")]
+async fn writers_keep_writing_and_acking_through_a_memory_alarm() -> anyhow::Result<()> {
+    use orderflow_cli::alarms::{Alarm, Resource};
+    use std::time::Duration;
+    let _guard = heavy().await;
+    let url = broker_url().await;
+    let ns = unique_ns("alarm");
+    let mut options = StackOptions::new(&url, &ns, &log_dir(&ns));
+    options.orders = 12000;
+    options.writers = 0;
+    // 4 writes in flight at 40 ms: about 100 records a second, far slower than the backlog.
+    options.target_args =
+        ["--latency-ms", "40", "--latency-max-ms", "40", "--reject-ids", "*777"].map(String::from).to_vec();
+    options.env = vec![("FETCH_INTERVAL".into(), "1s".into()), ("WRITER_CONCURRENCY".into(), "4".into())];
+    let mut stack = Stack::start(options).await?;
+    let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+    let records = stack.options.stage_topology().records_queue();
+    let ctl = rabbitmqctl_command();
+    let outcome = async {
+        wait_for("a backlog of records", Duration::from_secs(180), Duration::from_millis(500), || async {
+            let n = depth(&connection, &records).await?;
+            Ok(if n >= 7000 { Ok(()) } else { Err(format!("{n} records queued")) })
+        })
+        .await?;
+        stack.spawn_stage(Role::Writer, 0).await?;
+        let writer = stack.replicas(Role::Writer)[0].admin.expect("admin");
+        wait_for("the writer's first dead letter", Duration::from_secs(60), Duration::from_millis(200), || async {
+            let n = metric(writer, "orderflow_dead_letters_total", None).await?;
+            Ok(if n >= 1.0 { Ok(()) } else { Err("none yet".to_string()) })
+        })
+        .await?;
+        let alarm = Alarm::raise(&ctl, Resource::Memory).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let early = depth(&connection, &records).await?;
+        let (mut blocked_seen, end) = (false, tokio::time::Instant::now() + Duration::from_secs(50));
+        while tokio::time::Instant::now() < end {
+            let body: serde_json::Value =
+                stack.http().get(format!("http://{writer}/readyz")).send().await?.json().await?;
+            blocked_seen |= body["checks"]["broker_blocked"].as_str().is_some_and(|c| c.contains("blocks publishing"));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let late = depth(&connection, &records).await?;
+        let gauge = metric(writer, "orderflow_broker_blocked", None).await?;
+        alarm.clear().await?;
+        eprintln!("records queued 5 s into the alarm: {early}; 55 s in: {late}; writer blocked gauge {gauge}");
+        anyhow::ensure!(
+            early.saturating_sub(late) >= 3000,
+            "the records queue must keep draining through the alarm: {early} → {late} in 50 s"
+        );
+        anyhow::ensure!(
+            blocked_seen && gauge == 1.0,
+            "the writer shows it is blocked (readyz {blocked_seen}, gauge {gauge})"
+        );
+        wait_for("the writer unblocked and ready", Duration::from_secs(30), Duration::from_millis(250), || async {
+            Ok(if readyz(writer).await == 200 { Ok(()) } else { Err("not ready".to_string()) })
+        })
+        .await?;
+        wait_for("every record written or rejected", Duration::from_secs(240), Duration::from_secs(1), || async {
+            let confirmed = stack.confirmed_ids().await?;
+            let written = stack.written_ids().await?;
+            let missing: Vec<&String> =
+                confirmed.iter().filter(|id| !written.contains(*id) && !id.ends_with("777")).collect();
+            Ok(if missing.is_empty() { Ok(()) } else { Err(format!("{} not written yet", missing.len())) })
+        })
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = connection.close(200, "bye".into()).await;
+    teardown(stack).await;
+    outcome
+}
+
 /// Pids of running processes of this binary (by `/proc/<pid>/exe`).
 fn pids_of(binary: &std::path::Path) -> Vec<u32> {
     let want = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_path_buf());
@@ -118,4 +208,69 @@ async fn the_suite_fails_a_run_in_which_a_stage_exits_on_its_own() {
         result.crashes
     );
     assert_eq!(result.lost, 0, "the restarted replica still saw the run through: {result:#?}");
+}
+
+/// Removes a broker policy when dropped (also when the test fails).
+struct Policy(String);
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["clear_policy", &self.0]);
+    }
+}
+
+/// A records queue that refuses publishes (full: `max-length` with `reject-publish`) makes the
+/// transformer hold its pages. Held past the broker's ack timeout, the broker closed the channel
+/// and redelivered them, each time a step toward the delivery limit; held past `HOLD_LIMIT`
+/// (below that timeout) a page is parked at the back of the pages queue instead. With the broker's
+/// `consumer_timeout` at 15 s and a full records queue for 100 s: no broker session of the
+/// transformer ends, pages are parked, and once the queue drains every order is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_records_queue_parks_pages_instead_of_outliving_the_ack_timeout() -> anyhow::Result<()> {
+    use orderflow_cli::alarms::ConsumerTimeout;
+    use std::time::Duration;
+    let _guard = heavy().await;
+    let url = broker_url().await;
+    let ns = unique_ns("full");
+    let ack_timeout = ConsumerTimeout::set(&rabbitmqctl_command(), Duration::from_secs(15))?;
+    let records = format!("{ns}.records");
+    let max_length = |n: u64| {
+        let pattern = format!("^{}$", records.replace('.', "\\."));
+        let definition = format!(r#"{{"max-length":{n}}}"#);
+        rabbitmqctl(&["set_policy", "--apply-to", "queues", "--priority", "10", &ns, &pattern, &definition])
+    };
+    max_length(50)?;
+    let _policy = Policy(ns.clone());
+    let mut options = StackOptions::new(&url, &ns, &log_dir(&ns));
+    options.orders = 1500;
+    options.writers = 0;
+    options.env = vec![("FETCH_INTERVAL".into(), "1s".into()), ("HOLD_LIMIT".into(), "5s".into())];
+    let mut stack = Stack::start(options).await?;
+    let outcome = async {
+        let transformer = stack.replicas(Role::Transformer)[0].admin.expect("admin");
+        wait_for("a page parked", Duration::from_secs(60), Duration::from_millis(500), || async {
+            let n = metric(transformer, "orderflow_transform_parked_total", None).await?;
+            Ok(if n >= 1.0 { Ok(()) } else { Err("none yet".to_string()) })
+        })
+        .await?;
+        // Long enough for the broker to check the ack timeout (it looks once a minute or so).
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let reconnects = metric(transformer, "orderflow_broker_reconnects_total", None).await?;
+        let parked = metric(transformer, "orderflow_transform_parked_total", None).await?;
+        eprintln!("pages parked: {parked}; transformer reconnects: {reconnects}");
+        anyhow::ensure!(reconnects == 0.0, "the broker closed the transformer's channel {reconnects} times");
+        // RabbitMQ 3.10 keeps a quorum queue's max-length after its policy is cleared: raise it.
+        max_length(10_000_000)?;
+        stack.spawn_stage(Role::Writer, 0).await?;
+        wait_synced(&stack, Duration::from_secs(180)).await?;
+        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        let dead = depth(&connection, &format!("{ns}.transformer.dead")).await?;
+        let _ = connection.close(200, "bye".into()).await;
+        anyhow::ensure!(dead == 0, "{dead} pages dead-lettered");
+        anyhow::Ok(())
+    }
+    .await;
+    drop(ack_timeout);
+    teardown(stack).await;
+    outcome
 }

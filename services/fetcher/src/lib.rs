@@ -31,7 +31,7 @@ use lapin::{
 };
 use orderflow_shared::{
     admin::{self, Readiness},
-    amqp::{Fatal, Publisher, Topology, supervise, topology::plain_quorum_queue},
+    amqp::{Connections, Fatal, Publisher, Topology, supervise, topology::plain_quorum_queue},
     rng::Rng,
 };
 use serde_json::json;
@@ -148,17 +148,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config,
     });
     let broker = shared.config.broker.clone();
-    let reconnects = shared.metrics.reconnects.clone();
+    let broker_metrics = shared.metrics.broker.clone();
     let readiness = shared.readiness.clone();
     let name = orderflow_shared::amqp::connection_name("fetcher", &broker.ns);
-    supervise(&broker, &name, &shutdown, &readiness, &reconnects, |connection| {
-        session(connection, shared.clone(), shutdown.clone())
+    supervise(&broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
+        session(connections, shared.clone(), shutdown.clone())
     })
     .await
 }
 
 /// One broker session: declare topology, announce this replica, run one worker per account.
-async fn session(connection: Arc<Connection>, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Account locks, job reads and checkpoint commits use the `consume` connection (a commit must
+/// travel with the lock: a replica whose lock connection died can never commit); pages and
+/// status reports are published on the other, so a broker alarm blocking publishes leaves the
+/// locks' connection free.
+async fn session(connections: Connections, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let connection = connections.consume.clone();
     let channel = connection.create_channel().await?;
     if shared.config.broker.declare_topology {
         shared.topology.declare(&channel).await?;
@@ -172,7 +177,9 @@ async fn session(connection: Arc<Connection>, shared: Arc<Shared>, shutdown: Can
     let _presence_consumer = channel
         .basic_consume(presence.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    let publisher = Publisher::open(&connection).await?;
+    let timeout = shared.config.broker.amqp_confirm_timeout;
+    let publisher = Publisher::open(&connections.publish).await?.with_confirm_timeout(timeout);
+    let commits = Publisher::open(&connection).await?.with_confirm_timeout(timeout);
     let session_token = shutdown.child_token();
     let mut workers = JoinSet::new();
     let mut order: Vec<usize> = (0..shared.accounts.len()).collect();
@@ -186,6 +193,7 @@ async fn session(connection: Arc<Connection>, shared: Arc<Shared>, shutdown: Can
             shared: shared.clone(),
             connection: connection.clone(),
             publisher: publisher.clone(),
+            commits: commits.clone(),
             token: session_token.clone(),
         };
         workers.spawn(async move { worker.run().await });
@@ -209,7 +217,10 @@ struct AccountWorker {
     runtime: Arc<AccountRuntime>,
     shared: Arc<Shared>,
     connection: Arc<Connection>,
+    /// Pages and status reports.
     publisher: Publisher,
+    /// Checkpoint commits, on the lock's connection.
+    commits: Publisher,
     token: CancellationToken,
 }
 
@@ -345,7 +356,7 @@ impl AccountWorker {
             if let Some(tokens) = store {
                 next.store_tokens(tokens, &self.shared.sealer).map_err(anyhow::Error::msg)?;
             }
-            lease.commit(&self.publisher, &next).await?;
+            lease.commit(&self.commits, &next).await?;
             fresh_until = None;
             if result.needs_refresh {
                 match self.refresh(&mut lease, &mut next, &mut credentials).await? {
@@ -477,7 +488,7 @@ impl AccountWorker {
                 *next = next.next(next.cursor.clone(), None, 0);
                 next.store_tokens(tokens, &self.shared.sealer).map_err(anyhow::Error::msg)?;
                 // If this commit fails the replica still has the pair in memory (newest wins).
-                lease.commit(&self.publisher, next).await?;
+                lease.commit(&self.commits, next).await?;
                 // A code 100 soon after this means the new pair is bad; much later (a short-lived
                 // token, a slow source) it has simply expired again.
                 Refreshed::Fresh(std::time::Instant::now() + (lifetime / 2).min(Duration::from_secs(60)))

@@ -1,6 +1,6 @@
 //! The fetcher's Prometheus metrics (labels: account, outcome — all low-cardinality).
 
-use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -19,7 +19,7 @@ pub struct Metrics {
     pub stopped: IntGaugeVec,
     /// Accounts this replica holds now.
     pub held: IntGauge,
-    pub reconnects: IntCounter,
+    pub broker: orderflow_shared::amqp::BrokerMetrics,
     /// Unix time of the last successful page publish.
     pub last_publish: Gauge,
     /// Rows the lagging sweep found that the start_ts cursor had missed (late commits).
@@ -77,10 +77,7 @@ impl Metrics {
         let held = IntGauge::new("orderflow_fetch_accounts_held", "Accounts this replica is fetching now.")
             .expect("valid metric");
         registry.register(Box::new(held.clone())).expect("unique metric");
-        let reconnects =
-            IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
-                .expect("valid metric");
-        registry.register(Box::new(reconnects.clone())).expect("unique metric");
+        let broker = orderflow_shared::amqp::BrokerMetrics::register(&registry);
         let last_publish = Gauge::new(
             "orderflow_fetch_last_publish_timestamp_seconds",
             "Unix time of the last confirmed page publish.",
@@ -113,7 +110,7 @@ impl Metrics {
             passes,
             stopped,
             held,
-            reconnects,
+            broker,
             last_publish,
         }
     }

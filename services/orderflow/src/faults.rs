@@ -7,7 +7,9 @@
 //! bursts, token expiry, rows committed late below the cursor) · 3 target 5xx/429, failures inside
 //! HTTP 200, an outage, expired credentials (401) · 4 `kill -9` of random replicas,
 //! repeatedly · 5 broker connections force-closed and a broker restart · 6 malformed pages and
-//! records, oversized messages, unknown schema versions · 7 all at once.
+//! records, oversized messages, unknown schema versions · 7 all at once (1-6) · 8 broker alarms:
+//! a memory alarm, then a disk alarm (every publishing connection blocked), then a 3-minute target
+//! outage under a 60 s broker ack timeout (`consumer_timeout`).
 
 use std::{
     path::PathBuf,
@@ -30,6 +32,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
+    alarms::{Alarm, ConsumerTimeout, Resource},
     broker::{queue_state, rabbitmqctl, rabbitmqctl_command},
     stack::{Role, Stack, StackOptions},
 };
@@ -39,7 +42,7 @@ pub struct FaultArgs {
     /// The long profile: over 200,000 orders, 4 merchants, 90 s of each fault (over 10 minutes).
     #[arg(long)]
     pub long: bool,
-    /// Run only these scenarios (1-7); repeatable. Default: all.
+    /// Run only these scenarios (1-8); repeatable. Default: all.
     #[arg(long = "scenario")]
     pub scenarios: Vec<u8>,
     /// Print one JSON object per scenario on stdout.
@@ -69,6 +72,10 @@ pub struct Profile {
     pub writer_concurrency: u16,
     /// How to run `rabbitmqctl` against the broker (see [`rabbitmqctl_command`]).
     pub rabbitmqctl: String,
+    /// Scenario 8: how long each resource alarm lasts.
+    pub alarm_secs: u64,
+    /// Scenario 8: the target outage held through the short ack timeout.
+    pub ack_timeout_outage_secs: u64,
 }
 
 impl Profile {
@@ -85,6 +92,8 @@ impl Profile {
             all_at_once_calls_per_sec: 3,
             writer_concurrency: 8,
             rabbitmqctl: rabbitmqctl_command(),
+            alarm_secs: 20,
+            ack_timeout_outage_secs: 180,
         }
     }
     pub fn long() -> Self {
@@ -102,11 +111,13 @@ impl Profile {
             all_at_once_calls_per_sec: 5,
             writer_concurrency: 32,
             rabbitmqctl: rabbitmqctl_command(),
+            alarm_secs: 60,
+            ack_timeout_outage_secs: 180,
         }
     }
 }
 
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "source churn and late commits",
     "source storms: 5xx, resets, timeouts, code 150, 199/200 bursts, token expiry, late-ts commits",
     "target 5xx/429, failures inside HTTP 200, an outage, expired credentials",
@@ -114,7 +125,15 @@ pub const NAMES: [&str; 7] = [
     "broker connections force-closed and a broker restart",
     "malformed pages and records, oversized messages, unknown schemas",
     "all of the above at once",
+    "broker alarms: memory, disk, and a 60 s ack timeout through a 3-minute target outage",
 ];
+
+/// Scenario 8's broker ack timeout, and the hold limit below it that parks what the writers hold.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+const ACK_TIMEOUT_HOLD_LIMIT: &str = "30s";
+
+/// How soon the pipeline must publish again after an alarm clears.
+const RESUME_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ScenarioResult {
@@ -206,7 +225,107 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
     if n == 2 || n == 7 {
         o.jst_args.extend(["--churn-late-ts", "1"].map(String::from));
     }
+    if n == 8 {
+        o.env.push(("HOLD_LIMIT".into(), ACK_TIMEOUT_HOLD_LIMIT.into()));
+    }
     o
+}
+
+/// Every replica's `/readyz` body and the `/metrics` texts.
+async fn replica_views(stack: &Stack) -> (Vec<(String, serde_json::Value)>, Vec<String>) {
+    let (mut ready, mut metrics) = (Vec::new(), Vec::new());
+    for p in &stack.procs {
+        let Some(admin) = p.admin else { continue };
+        let name = format!("{} #{}", p.role.binary(), p.index);
+        let body = match stack.http().get(format!("http://{admin}/readyz")).timeout(Duration::from_secs(5)).send().await
+        {
+            Ok(r) => r.json::<serde_json::Value>().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        ready.push((name, body));
+        metrics.push(crate::e2e::metrics_text(stack.http(), admin).await);
+    }
+    (ready, metrics)
+}
+
+/// One resource alarm for `secs`: every stage that publishes while it lasts must say so in
+/// `/readyz` (`broker_blocked`), and after it clears every replica is ready again and pages
+/// flow within [`RESUME_WITHIN`]. Returns a note with what was seen.
+async fn one_alarm(stack: &Stack, ctl: &str, resource: Resource, secs: u64) -> anyhow::Result<String> {
+    let alarm = Alarm::raise(ctl, resource).await?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut blocked = std::collections::BTreeSet::new();
+    while Instant::now() < end {
+        for (name, body) in replica_views(stack).await.0 {
+            if body["checks"]["broker_blocked"].as_str().is_some_and(|c| c != "ok") {
+                blocked.insert(name);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    alarm.clear().await?;
+    let cleared = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+    let since = Instant::now();
+    anyhow::ensure!(
+        !blocked.is_empty(),
+        "no stage reported broker_blocked in /readyz during the {} alarm",
+        resource.as_str()
+    );
+    loop {
+        let (ready, metrics) = replica_views(stack).await;
+        let all_ready = ready.iter().all(|(_, b)| b["ready"] == true);
+        let published = metrics
+            .iter()
+            .flat_map(|t| t.lines())
+            .filter(|l| l.starts_with("orderflow_fetch_last_publish_timestamp_seconds "))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .any(|at| at > cleared);
+        if all_ready && published {
+            break;
+        }
+        anyhow::ensure!(
+            since.elapsed() < RESUME_WITHIN,
+            "{} s after the {} alarm cleared: every replica ready {all_ready}, pages published again {published}",
+            RESUME_WITHIN.as_secs(),
+            resource.as_str()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(format!(
+        "{} alarm {secs} s: broker_blocked shown by {}; resumed in {:.1} s",
+        resource.as_str(),
+        blocked.into_iter().collect::<Vec<_>>().join(", "),
+        since.elapsed().as_secs_f64()
+    ))
+}
+
+/// Scenario 8: a memory alarm, a disk alarm, then a target outage longer than the broker's ack
+/// timeout (60 s, set before the stack started): no broker session may end on its own throughout
+/// (a channel the broker closed for a held delivery would show as a reconnect).
+async fn broker_alarms(stack: &Stack, profile: &Profile) -> anyhow::Result<Vec<String>> {
+    let reconnects = |m: &[String]| crate::e2e::counter_sum(m, "orderflow_broker_reconnects_total");
+    let before = reconnects(&replica_views(stack).await.1);
+    let mut notes = Vec::new();
+    for resource in [Resource::Memory, Resource::Disk] {
+        notes.push(one_alarm(stack, &profile.rabbitmqctl, resource, profile.alarm_secs).await?);
+    }
+    let outage = profile.ack_timeout_outage_secs;
+    stack.target_faults(&json!({"outage_secs": outage as f64})).await?;
+    tokio::time::sleep(Duration::from_secs(outage)).await;
+    let (_, metrics) = replica_views(stack).await;
+    let parked = crate::e2e::counter_sum(&metrics, "orderflow_write_parked_total");
+    let after = reconnects(&metrics);
+    anyhow::ensure!(
+        after == before,
+        "{} broker reconnects during the alarms and the {outage} s outage under a {} s ack timeout",
+        after - before,
+        ACK_TIMEOUT.as_secs()
+    );
+    notes.push(format!(
+        "{outage} s target outage under a {} s ack timeout: {parked} records parked, no broker reconnect",
+        ACK_TIMEOUT.as_secs()
+    ));
+    Ok(notes)
 }
 
 async fn sleep_until(deadline: Instant) {
@@ -371,6 +490,8 @@ pub async fn run_scenario(
 ) -> anyhow::Result<ScenarioResult> {
     let started = Instant::now();
     let mut result = ScenarioResult { scenario: n, name: NAMES[usize::from(n - 1)], ..ScenarioResult::default() };
+    // The broker reads consumer_timeout when a channel opens: set before the stages connect.
+    let _ack_timeout = if n == 8 { Some(ConsumerTimeout::set(&profile.rabbitmqctl, ACK_TIMEOUT)?) } else { None };
     let mut stack = Stack::start(options(n, profile, amqp_url, bin_dir)).await?;
     let mut rng = Rng::new(seed ^ u64::from(n));
     let secs = profile.fault_secs;
@@ -384,6 +505,7 @@ pub async fn run_scenario(
             4 => result.notes.push(random_kills(&mut stack, secs, &mut rng).await?),
             5 => broker_faults(&profile.rabbitmqctl, secs).await?,
             6 => result.injected_bad = inject_bad(&stack).await?,
+            8 => result.notes.extend(broker_alarms(&stack, profile).await?),
             _ => {
                 result.injected_bad = inject_bad(&stack).await?;
                 let end = Instant::now() + Duration::from_secs(secs.max(profile.outage_secs + 10));
@@ -475,7 +597,9 @@ pub async fn run_scenario(
         && result.queues_drained
         && result.dead_letters_without_reason == 0
         && result.orders > 0
-        && (result.injected_bad == 0 || result.dead_lettered >= result.injected_bad);
+        && (result.injected_bad == 0 || result.dead_lettered >= result.injected_bad)
+        // Alarms and an ack timeout are nobody's fault: nothing may end as a dead letter.
+        && (n != 8 || result.dead_lettered == 0);
     result.seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
     stack.stop().await;
     let _ = stack.delete_namespace().await;
@@ -520,9 +644,9 @@ pub fn table(results: &[ScenarioResult]) -> String {
 pub async fn run(args: FaultArgs, amqp_url: &str) -> anyhow::Result<bool> {
     let profile = if args.long { Profile::long() } else { Profile::short() };
     let bin_dir = args.bin_dir.clone().unwrap_or_else(crate::stack::default_bin_dir);
-    let scenarios: Vec<u8> = if args.scenarios.is_empty() { (1..=7).collect() } else { args.scenarios.clone() };
+    let scenarios: Vec<u8> = if args.scenarios.is_empty() { (1..=8).collect() } else { args.scenarios.clone() };
     for s in &scenarios {
-        anyhow::ensure!((1..=7).contains(s), "--scenario {s}: scenarios are 1 to 7");
+        anyhow::ensure!((1..=8).contains(s), "--scenario {s}: scenarios are 1 to 8");
     }
     let seed = jiff::Timestamp::now().as_second() as u64;
     let mut results = Vec::new();

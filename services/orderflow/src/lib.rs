@@ -1,6 +1,7 @@
 //! The `orderflow` operator CLI as a library: the local stack runner (used by `demo` and by the
 //! tests), broker helpers, and the subcommands.
 
+pub mod alarms;
 pub mod bench;
 pub mod broker;
 pub mod demo;

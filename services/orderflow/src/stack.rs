@@ -317,6 +317,7 @@ impl Stack {
             amqp_ca_file: std::env::var_os("AMQP_CA_FILE").map(PathBuf::from),
             ns: self.options.ns.clone(),
             declare_topology: true,
+            amqp_confirm_timeout: orderflow_shared::amqp::publisher::DEFAULT_CONFIRM_TIMEOUT,
         }
     }
 

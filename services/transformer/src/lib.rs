@@ -9,11 +9,11 @@ pub mod page;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
-use lapin::{BasicProperties, Connection, message::Delivery, types::FieldTable};
+use lapin::{BasicProperties, message::Delivery, types::FieldTable};
 use orderflow_shared::{
     admin::{self, Readiness},
     amqp::{
-        DeadLetter, ErrorClass, Fatal, PublishError, Publisher, Stage, Topology, consume,
+        BrokerMetrics, Connections, DeadLetter, ErrorClass, Fatal, PublishError, Publisher, Stage, Topology, consume,
         headers::{get_str, json_properties, set_i64, set_str},
         supervise,
         topology::{PAGE_ROUTING_KEY, RECORD_ROUTING_KEY},
@@ -54,6 +54,11 @@ pub struct Config {
     /// A page larger than this (bytes) is dead-lettered as `oversized` without being parsed.
     #[arg(long, env = "TRANSFORMER_MAX_PAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_page_bytes: usize,
+    /// A page whose records the broker keeps refusing (a full records queue) is held at most this
+    /// long, then parked: republished to the pages queue (confirmed) and acked, so the broker's
+    /// ack timeout (30 min) never closes the channel on it and it never nears the delivery limit.
+    #[arg(long, env = "HOLD_LIMIT", default_value = "20m", value_parser = orderflow_shared::settings::parse_duration)]
+    pub hold_limit: Duration,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -90,8 +95,8 @@ pub struct Metrics {
     pub publish_retries: IntCounter,
     pub page_seconds: Histogram,
     pub pages_in_flight: IntGauge,
-    pub reconnects: IntCounter,
-    pub lost_acks: IntCounter,
+    pub parked: IntCounter,
+    pub broker: BrokerMetrics,
 }
 
 impl Metrics {
@@ -140,14 +145,13 @@ impl Metrics {
         )
         .expect("metric");
         reg(Box::new(pages_in_flight.clone()));
-        let reconnects =
-            IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
-                .expect("metric");
-        reg(Box::new(reconnects.clone()));
-        let lost_acks =
-            IntCounter::new("orderflow_lost_acks_total", "Acks that could not be sent because the channel was gone.")
-                .expect("metric");
-        reg(Box::new(lost_acks.clone()));
+        let parked = IntCounter::new(
+            "orderflow_transform_parked_total",
+            "Pages held past HOLD_LIMIT while the broker refused their records, parked back in the pages queue.",
+        )
+        .expect("metric");
+        reg(Box::new(parked.clone()));
+        let broker = BrokerMetrics::register(&registry);
         for outcome in ["ok", "poison"] {
             pages.with_label_values(&[outcome]);
         }
@@ -164,8 +168,8 @@ impl Metrics {
             publish_retries,
             page_seconds,
             pages_in_flight,
-            reconnects,
-            lost_acks,
+            parked,
+            broker,
         }
     }
 }
@@ -178,6 +182,8 @@ impl Default for Metrics {
 
 struct Shared {
     declare_topology: bool,
+    confirm_timeout: Duration,
+    hold_limit: Duration,
     max_page_bytes: usize,
     tracer: orderflow_shared::otel::Tracer,
     mapping: Mapping,
@@ -217,6 +223,9 @@ impl AccountIds {
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mapping = load_mapping(config.mapping_file.as_ref()).map_err(Fatal)?;
+    if config.hold_limit.is_zero() {
+        return Err(Fatal("HOLD_LIMIT must be positive (e.g. 20m)".into()).into());
+    }
     let metrics = Metrics::new();
     let readiness = Readiness::new();
     let bound = admin::spawn(config.admin_addr, metrics.registry.clone(), readiness.clone(), shutdown.clone())
@@ -225,6 +234,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(message = "Transformer started.", admin = %bound, ns = %config.broker.ns, mapping = ?config.mapping_file.as_ref().map(|p| p.display().to_string()));
     let shared = Arc::new(Shared {
         declare_topology: config.broker.declare_topology,
+        confirm_timeout: config.broker.amqp_confirm_timeout,
+        hold_limit: config.hold_limit,
         max_page_bytes: config.max_page_bytes,
         tracer: orderflow_shared::otel::Tracer::from_env("orderflow-transformer", &shutdown),
         mapping,
@@ -232,28 +243,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics,
         id_check: std::sync::Mutex::new(AccountIds::default()),
     });
-    let reconnects = shared.metrics.reconnects.clone();
+    let broker_metrics = shared.metrics.broker.clone();
     let name = orderflow_shared::amqp::connection_name("transformer", &config.broker.ns);
-    supervise(&config.broker, &name, &shutdown, &readiness, &reconnects, |connection| {
-        session(connection, shared.clone(), config.prefetch, shutdown.clone(), readiness.clone())
+    supervise(&config.broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
+        session(connections, shared.clone(), config.prefetch, shutdown.clone(), readiness.clone())
     })
     .await
 }
 
+/// One broker session: pages are consumed and acked on one connection, records and dead letters
+/// published on the other.
 async fn session(
-    connection: Arc<Connection>,
+    connections: Connections,
     shared: Arc<Shared>,
     prefetch: u16,
     shutdown: CancellationToken,
     readiness: Readiness,
 ) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
+    let channel = connections.consume.create_channel().await?;
     if shared.declare_topology {
         shared.topology.declare(&channel).await?;
     }
-    let publisher = Publisher::open(&connection).await?;
+    let publisher = Publisher::open(&connections.publish).await?.with_confirm_timeout(shared.confirm_timeout);
     let queue = shared.topology.pages_queue();
-    let lost_acks = shared.metrics.lost_acks.clone();
+    let lost_acks = shared.metrics.broker.lost_acks.clone();
     consume::run(channel, &queue, prefetch, &shutdown, &readiness, &lost_acks, |delivery, acks| {
         let shared = shared.clone();
         let publisher = publisher.clone();
@@ -282,7 +295,7 @@ async fn publish_retrying(
     loop {
         match publisher.publish(exchange, routing_key, body, props.clone()).await {
             Ok(()) => return Ok(()),
-            Err(error @ PublishError::Channel(_)) => return Err(error.into()),
+            Err(error) if error.ends_session() => return Err(error.into()),
             Err(error) if matches!(error, PublishError::Nacked) || backoff.attempts() < 5 => {
                 metrics.publish_retries.inc();
                 // The first refusal, then every 12th retry (under a minute apart) while it lasts.
@@ -296,6 +309,27 @@ async fn publish_retrying(
             Err(error) => {
                 return Err(anyhow::Error::from(error).context(format!("publishing to {exchange} kept failing")));
             }
+        }
+    }
+}
+
+/// Republishes a page held past `HOLD_LIMIT` to the back of the pages queue (confirmed), counting
+/// `x-orderflow-parked`. `false` when the broker refused that too: the page is held on.
+async fn park(shared: &Shared, publisher: &Publisher, delivery: &Delivery, page_id: &str) -> bool {
+    let parked = orderflow_shared::amqp::headers::get_i64(&delivery.properties, header::PARKED).unwrap_or(0) + 1;
+    let mut headers = orderflow_shared::amqp::headers::headers_of(&delivery.properties);
+    set_i64(&mut headers, header::PARKED, parked);
+    let props = delivery.properties.clone().with_headers(headers);
+    let exchange = shared.topology.pages_exchange();
+    match publisher.publish(&exchange, PAGE_ROUTING_KEY, &delivery.data, props).await {
+        Ok(()) => {
+            shared.metrics.parked.inc();
+            tracing::warn!(message = "Page held too long while the broker refused its records; parked at the back of the pages queue.", message_id = %page_id, parked, hold_limit = ?shared.hold_limit);
+            true
+        }
+        Err(error) => {
+            tracing::warn!(message = "Could not park a page held too long; holding it on.", message_id = %page_id, %error);
+            false
         }
     }
 }
@@ -426,7 +460,22 @@ async fn handle_page(
             dl.publish(publisher, topology, &body, &props).await.map_err(anyhow::Error::from)
         }));
     }
-    for result in futures_util::future::join_all(publishes).await {
+    let mut all = std::pin::pin!(futures_util::future::join_all(publishes));
+    let results = loop {
+        tokio::select! {
+            results = &mut all => break results,
+            _ = tokio::time::sleep(shared.hold_limit) => {
+                if park(shared, publisher, &delivery, &page_id).await {
+                    // The records confirmed so far are published again with the page: the
+                    // writer's idempotency key and the target's idCheck absorb them.
+                    acks.ack(&delivery)?;
+                    timer.observe_duration();
+                    return Ok(());
+                }
+            }
+        }
+    };
+    for result in results {
         result?;
     }
     let confirmed_nanos = orderflow_shared::otel::now_nanos();

@@ -18,11 +18,11 @@ use std::{
 };
 
 use clap::Parser;
-use lapin::{Connection, message::Delivery};
+use lapin::message::Delivery;
 use orderflow_shared::{
     admin::{self, Readiness},
     amqp::{
-        DeadLetter, ErrorClass, Fatal, Publisher, Stage, Topology, consume,
+        Connections, DeadLetter, ErrorClass, Fatal, Publisher, Stage, Topology, consume,
         headers::{get_i64, headers_of, set_i64, strip_broker_death_headers},
         supervise,
         topology::{RECORD_ROUTING_KEY, tier_label},
@@ -146,10 +146,13 @@ struct Shared {
 }
 
 impl Config {
-    /// Deliveries held at once: the fixed concurrency, or the adaptive limit's ceiling.
+    /// Deliveries held at once: the fixed concurrency with as many again (at least 16) waiting
+    /// for a write slot or for the broker to confirm their retry or dead letter (a broker alarm
+    /// holds those, and they must not take every slot from records that can be written), or the
+    /// adaptive limit's ceiling.
     pub fn prefetch(&self) -> u16 {
         match self.concurrency {
-            pace::Concurrency::Fixed(n) => n,
+            pace::Concurrency::Fixed(n) => n.saturating_add(n.max(16)),
             pace::Concurrency::Auto => self.concurrency_max,
         }
     }
@@ -238,28 +241,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pace: config.pace(),
         config: config.clone(),
     });
-    let reconnects = shared.metrics.reconnects.clone();
+    let broker_metrics = shared.metrics.broker.clone();
     let name = orderflow_shared::amqp::connection_name("writer", &config.broker.ns);
-    supervise(&config.broker, &name, &shutdown, &readiness, &reconnects, |connection| {
-        session(connection, shared.clone(), shutdown.clone(), readiness.clone())
+    supervise(&config.broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
+        session(connections, shared.clone(), shutdown.clone(), readiness.clone())
     })
     .await
 }
 
+/// One broker session: records are consumed and acked on one connection, retries, parked records
+/// and dead letters published on the other (a broker alarm that blocks publishing never stops the
+/// acks of records written).
 async fn session(
-    connection: Arc<Connection>,
+    connections: Connections,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     readiness: Readiness,
 ) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
+    let channel = connections.consume.create_channel().await?;
     if shared.config.broker.declare_topology {
         shared.topology.declare(&channel).await?;
     }
-    let publisher = Publisher::open(&connection).await?;
+    let publisher =
+        Publisher::open(&connections.publish).await?.with_confirm_timeout(shared.config.broker.amqp_confirm_timeout);
     let queue = shared.topology.records_queue();
     let stop = shutdown.clone();
-    let lost_acks = shared.metrics.lost_acks.clone();
+    let lost_acks = shared.metrics.broker.lost_acks.clone();
     consume::run(channel, &queue, shared.config.prefetch(), &shutdown, &readiness, &lost_acks, |delivery, acks| {
         let shared = shared.clone();
         let publisher = publisher.clone();

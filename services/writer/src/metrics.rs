@@ -1,5 +1,6 @@
 //! The writer's Prometheus metrics.
 
+use orderflow_shared::amqp::BrokerMetrics;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
@@ -29,8 +30,7 @@ pub struct Metrics {
     /// Transient failures retried in place (before any retry tier).
     pub retries_in_place: IntCounter,
     pub throttled: IntCounter,
-    pub reconnects: IntCounter,
-    pub lost_acks: IntCounter,
+    pub broker: BrokerMetrics,
 }
 
 impl Metrics {
@@ -122,14 +122,7 @@ impl Metrics {
         )
         .expect("metric");
         reg(Box::new(throttled.clone()));
-        let reconnects =
-            IntCounter::new("orderflow_broker_reconnects_total", "Broker reconnections after a lost connection.")
-                .expect("metric");
-        reg(Box::new(reconnects.clone()));
-        let lost_acks =
-            IntCounter::new("orderflow_lost_acks_total", "Acks that could not be sent because the channel was gone.")
-                .expect("metric");
-        reg(Box::new(lost_acks.clone()));
+        let broker = BrokerMetrics::register(&registry);
         writes.with_label_values(&["written"]);
         for (class, reason) in [("permanent", "target_rejected"), ("exhausted", "exhausted")] {
             dead_letters.with_label_values(&[class, reason]);
@@ -154,8 +147,7 @@ impl Metrics {
             latency_floor,
             retries_in_place,
             throttled,
-            reconnects,
-            lost_acks,
+            broker,
         }
     }
 }

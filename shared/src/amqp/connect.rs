@@ -79,6 +79,7 @@ mod tests {
             amqp_ca_file: Some("/nonexistent/ca.pem".into()),
             ns: "t".into(),
             declare_topology: true,
+            amqp_confirm_timeout: crate::amqp::publisher::DEFAULT_CONFIRM_TIMEOUT,
         };
         let err = connect(&args, "test").await.expect_err("no CA file");
         let text = err.to_string();
@@ -107,6 +108,7 @@ mod tests {
             amqp_ca_file: None,
             ns: "t".into(),
             declare_topology: true,
+            amqp_confirm_timeout: crate::amqp::publisher::DEFAULT_CONFIRM_TIMEOUT,
         };
         let uri = broker_uri(&args).expect("valid");
         assert_eq!(uri.authority.userinfo.username, "writer");

@@ -12,7 +12,7 @@ pub mod topology;
 pub use connect::connect;
 pub use deadletter::{DeadLetter, ErrorClass};
 pub use publisher::{PublishError, Publisher};
-pub use session::{Fatal, connection_name, supervise};
+pub use session::{BrokerMetrics, Connections, Fatal, connection_name, supervise};
 pub use topology::{Stage, Topology};
 
 pub use lapin;

@@ -1,0 +1,155 @@
+//! Broker resource alarms and the broker's ack timeout, set on purpose for the fault suite's
+//! "broker alarms" scenario and the tests: a memory alarm (`set_vm_memory_high_watermark` below
+//! what the node uses), a disk alarm (`set_disk_free_limit` above the free space) and a short
+//! `consumer_timeout`. Each is a guard that puts the broker's own setting back when dropped, so a
+//! failing test or an interrupted run never leaves the broker blocking everyone.
+
+use std::time::{Duration, Instant};
+
+use crate::broker::rabbitmqctl;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Memory,
+    Disk,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::Memory => "memory",
+            Resource::Disk => "disk",
+        }
+    }
+}
+
+/// A raised alarm; dropping it (or [`Alarm::clear`]) restores the broker's threshold.
+pub struct Alarm {
+    ctl: String,
+    resource: Resource,
+    restore: Vec<String>,
+    cleared: bool,
+}
+
+/// The `rabbitmqctl` arguments that put a threshold back as `eval` printed it: `0.4` or
+/// `{absolute,1073741824}` for memory, a byte count for disk.
+fn restore_args(resource: Resource, printed: &str) -> anyhow::Result<Vec<String>> {
+    let printed = printed.trim();
+    let args = match resource {
+        Resource::Memory => match printed.strip_prefix("{absolute,").and_then(|r| r.strip_suffix('}')) {
+            Some(bytes) => vec!["set_vm_memory_high_watermark".into(), "absolute".into(), bytes.trim().to_string()],
+            None => {
+                let relative: f64 =
+                    printed.parse().map_err(|_| anyhow::anyhow!("unexpected memory watermark {printed:?}"))?;
+                vec!["set_vm_memory_high_watermark".into(), relative.to_string()]
+            }
+        },
+        Resource::Disk => {
+            let bytes: u64 = printed.parse().map_err(|_| anyhow::anyhow!("unexpected disk free limit {printed:?}"))?;
+            vec!["set_disk_free_limit".into(), bytes.to_string()]
+        }
+    };
+    Ok(args)
+}
+
+/// True while the broker reports an alarm for `resource`.
+pub fn alarm_active(ctl: &str, resource: Resource) -> anyhow::Result<bool> {
+    let alarms = rabbitmqctl(ctl, &["eval", "rabbit_alarm:get_alarms()."])?;
+    Ok(alarms.contains(&format!("resource_limit,{}", resource.as_str())))
+}
+
+async fn wait_alarm(ctl: &str, resource: Resource, active: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alarm_active(ctl, resource)? != active {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the broker's {} alarm did not {} within 30 s",
+            resource.as_str(),
+            if active { "go on" } else { "clear" }
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+impl Alarm {
+    /// Raises the alarm and returns once the broker reports it.
+    pub async fn raise(ctl: &str, resource: Resource) -> anyhow::Result<Alarm> {
+        let current = match resource {
+            Resource::Memory => rabbitmqctl(ctl, &["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])?,
+            Resource::Disk => rabbitmqctl(ctl, &["eval", "rabbit_disk_monitor:get_disk_free_limit()."])?,
+        };
+        let restore = restore_args(resource, &current)?;
+        let alarm = Alarm { ctl: ctl.to_string(), resource, restore, cleared: false };
+        match resource {
+            Resource::Memory => rabbitmqctl(ctl, &["set_vm_memory_high_watermark", "absolute", "1MB"])?,
+            Resource::Disk => rabbitmqctl(ctl, &["set_disk_free_limit", "100000GB"])?,
+        };
+        wait_alarm(ctl, resource, true).await?;
+        Ok(alarm)
+    }
+
+    /// Restores the threshold and returns once the broker reports the alarm gone.
+    pub async fn clear(mut self) -> anyhow::Result<()> {
+        let args: Vec<&str> = self.restore.iter().map(String::as_str).collect();
+        rabbitmqctl(&self.ctl, &args)?;
+        self.cleared = true;
+        wait_alarm(&self.ctl, self.resource, false).await
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        if !self.cleared {
+            let args: Vec<&str> = self.restore.iter().map(String::as_str).collect();
+            if let Err(error) = rabbitmqctl(&self.ctl, &args) {
+                eprintln!("could not clear the broker's {} alarm: {error:#}", self.resource.as_str());
+            }
+        }
+    }
+}
+
+/// The broker's `consumer_timeout` (how long a delivery may stay unacked before the broker
+/// closes its channel) set for channels opened from now on; dropping it restores the setting.
+pub struct ConsumerTimeout {
+    ctl: String,
+    restore: String,
+}
+
+impl ConsumerTimeout {
+    pub fn set(ctl: &str, timeout: Duration) -> anyhow::Result<ConsumerTimeout> {
+        let current = rabbitmqctl(ctl, &["eval", "application:get_env(rabbit, consumer_timeout)."])?;
+        let current = current.trim();
+        let restore = match current.strip_prefix("{ok,").and_then(|r| r.strip_suffix('}')) {
+            Some(value) => format!("application:set_env(rabbit, consumer_timeout, {}).", value.trim()),
+            None => "application:unset_env(rabbit, consumer_timeout).".to_string(),
+        };
+        let set = format!("application:set_env(rabbit, consumer_timeout, {}).", timeout.as_millis());
+        rabbitmqctl(ctl, &["eval", &set])?;
+        Ok(ConsumerTimeout { ctl: ctl.to_string(), restore })
+    }
+}
+
+impl Drop for ConsumerTimeout {
+    fn drop(&mut self) {
+        if let Err(error) = rabbitmqctl(&self.ctl, &["eval", &self.restore]) {
+            eprintln!("could not restore the broker's consumer_timeout: {error:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_are_put_back_as_the_broker_printed_them() {
+        assert_eq!(restore_args(Resource::Memory, "0.4\n").expect("parses"), ["set_vm_memory_high_watermark", "0.4"]);
+        assert_eq!(
+            restore_args(Resource::Memory, "{absolute,1073741824}\n").expect("parses"),
+            ["set_vm_memory_high_watermark", "absolute", "1073741824"]
+        );
+        assert_eq!(restore_args(Resource::Disk, "50000000\n").expect("parses"), ["set_disk_free_limit", "50000000"]);
+        assert!(restore_args(Resource::Disk, "{badrpc,nodedown}").is_err());
+    }
+}
