@@ -18,6 +18,9 @@ async fn scenario(n: u8) {
         .await
         .unwrap_or_else(|e| panic!("scenario {n} could not run: {e:#}"));
     eprintln!("{}", orderflow_cli::faults::table(std::slice::from_ref(&result)));
+    for note in &result.notes {
+        eprintln!("scenario {n}: {note}");
+    }
     assert!(result.crashes.is_empty(), "scenario {n}: stages exited on their own: {:#?}", result.crashes);
     assert!(result.orders > 0, "scenario {n}: the source confirmed no orders: {result:#?}");
     assert_eq!(result.lost, 0, "scenario {n}: Confirmed orders missing from the target: {result:#?}");
