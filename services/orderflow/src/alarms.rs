@@ -37,7 +37,14 @@ fn restore_args(resource: Resource, printed: &str) -> anyhow::Result<Vec<String>
     let printed = printed.trim();
     let args = match resource {
         Resource::Memory => match printed.strip_prefix("{absolute,").and_then(|r| r.strip_suffix('}')) {
-            Some(bytes) => vec!["set_vm_memory_high_watermark".into(), "absolute".into(), bytes.trim().to_string()],
+            // A byte count, or a string with a unit (`"2GB"`) as the broker's config may give it.
+            Some(limit) => {
+                vec![
+                    "set_vm_memory_high_watermark".into(),
+                    "absolute".into(),
+                    limit.trim().trim_matches('"').to_string(),
+                ]
+            }
             None => {
                 let relative: f64 =
                     printed.parse().map_err(|_| anyhow::anyhow!("unexpected memory watermark {printed:?}"))?;
@@ -148,6 +155,10 @@ mod tests {
         assert_eq!(
             restore_args(Resource::Memory, "{absolute,1073741824}\n").expect("parses"),
             ["set_vm_memory_high_watermark", "absolute", "1073741824"]
+        );
+        assert_eq!(
+            restore_args(Resource::Memory, "{absolute,\"2GB\"}").expect("parses"),
+            ["set_vm_memory_high_watermark", "absolute", "2GB"]
         );
         assert_eq!(restore_args(Resource::Disk, "50000000\n").expect("parses"), ["set_disk_free_limit", "50000000"]);
         assert!(restore_args(Resource::Disk, "{badrpc,nodedown}").is_err());

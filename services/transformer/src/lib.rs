@@ -313,9 +313,13 @@ async fn publish_retrying(
     }
 }
 
+/// How soon a park the broker refused is tried again.
+const PARK_RETRY: Duration = Duration::from_secs(5);
+
 /// Republishes a page held past `HOLD_LIMIT` to the back of the pages queue (confirmed), counting
-/// `x-orderflow-parked`. `false` when the broker refused that too: the page is held on.
-async fn park(shared: &Shared, publisher: &Publisher, delivery: &Delivery, page_id: &str) -> bool {
+/// `x-orderflow-parked`. `Ok(false)` when the broker refused that too: the page is held on; an
+/// error that ends the session (a lost channel, no confirm) is returned.
+async fn park(shared: &Shared, publisher: &Publisher, delivery: &Delivery, page_id: &str) -> anyhow::Result<bool> {
     let parked = orderflow_shared::amqp::headers::get_i64(&delivery.properties, header::PARKED).unwrap_or(0) + 1;
     let mut headers = orderflow_shared::amqp::headers::headers_of(&delivery.properties);
     set_i64(&mut headers, header::PARKED, parked);
@@ -325,11 +329,12 @@ async fn park(shared: &Shared, publisher: &Publisher, delivery: &Delivery, page_
         Ok(()) => {
             shared.metrics.parked.inc();
             tracing::warn!(message = "Page held too long while the broker refused its records; parked at the back of the pages queue.", message_id = %page_id, parked, hold_limit = ?shared.hold_limit);
-            true
+            Ok(true)
         }
+        Err(error) if error.ends_session() => Err(anyhow::Error::from(error).context("parking a page")),
         Err(error) => {
             tracing::warn!(message = "Could not park a page held too long; holding it on.", message_id = %page_id, %error);
-            false
+            Ok(false)
         }
     }
 }
@@ -461,11 +466,14 @@ async fn handle_page(
         }));
     }
     let mut all = std::pin::pin!(futures_util::future::join_all(publishes));
+    let mut park_at = tokio::time::Instant::now() + shared.hold_limit;
     let results = loop {
         tokio::select! {
             results = &mut all => break results,
-            _ = tokio::time::sleep(shared.hold_limit) => {
-                if park(shared, publisher, &delivery, &page_id).await {
+            _ = tokio::time::sleep_until(park_at) => {
+                // A refused park is tried again soon: the ack timeout is not far off.
+                park_at = tokio::time::Instant::now() + PARK_RETRY.min(shared.hold_limit);
+                if park(shared, publisher, &delivery, &page_id).await? {
                     // The records confirmed so far are published again with the page: the
                     // writer's idempotency key and the target's idCheck absorb them.
                     acks.ack(&delivery)?;

@@ -59,6 +59,8 @@ impl PublishError {
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    /// One publish at a time enters lapin's numbering (see [`Publisher::send`]).
+    order: std::sync::Arc<tokio::sync::Mutex<()>>,
     status: ConnectionStatus,
     confirm_timeout: Duration,
 }
@@ -67,7 +69,12 @@ impl Publisher {
     pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Self { channel, status: connection.status().clone(), confirm_timeout: DEFAULT_CONFIRM_TIMEOUT })
+        Ok(Self {
+            channel,
+            order: std::sync::Arc::default(),
+            status: connection.status().clone(),
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+        })
     }
 
     /// The same publisher with another confirm timeout (`AMQP_CONFIRM_TIMEOUT`).
@@ -101,16 +108,28 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<impl Future<Output = Result<(), PublishError>> + Send + 'static, PublishError> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                body,
-                properties,
-            )
-            .await?;
+        let mut publish = Box::pin(self.channel.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+            body,
+            properties,
+        ));
+        // lapin numbers a publish for its confirm when `basic_publish` starts and queues its
+        // frames a moment later; the broker numbers publishes in wire order. Two tasks racing on
+        // two threads could swap places on the wire and receive each other's confirms (a refused
+        // publish reported as confirmed: tests/tests/publisher.rs saw 641 "confirmed" into a
+        // queue that stored 63). The first poll runs both steps without yielding, so one poll at
+        // a time per channel keeps the two orders the same; waiting for the frames to be written
+        // happens outside the lock, so publishes stay pipelined.
+        let first = {
+            let _turn = self.order.lock().await;
+            futures_util::poll!(publish.as_mut())
+        };
+        let confirm = match first {
+            std::task::Poll::Ready(result) => result?,
+            std::task::Poll::Pending => publish.await?,
+        };
         let (status, timeout) = (self.status.clone(), self.confirm_timeout);
         Ok(async move {
             let blocked = move || status.blocked();

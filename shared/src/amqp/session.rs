@@ -77,19 +77,24 @@ impl BrokerMetrics {
     }
 }
 
-/// A session's two connections: `consume` for consuming, acking and declaring (the broker never
-/// blocks it: it publishes nothing), `publish` for confirmed publishes.
+/// A session's two connections: `consume` for consuming, acking and declaring (the broker blocks a
+/// connection only once it publishes: the transformer's and writer's never do; the fetcher's
+/// carries its checkpoint commits), `publish` for confirmed publishes.
 #[derive(Clone)]
 pub struct Connections {
     pub consume: Arc<Connection>,
     pub publish: Arc<Connection>,
 }
 
+/// A blocked connection sends nothing, so its close-ok never comes while an alarm lasts: a close
+/// waits this long, then the connection is dropped (the broker cleans up when the socket goes).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Connections {
     async fn close(&self) {
         for connection in [&self.consume, &self.publish] {
             if connection.status().connected() {
-                let _ = connection.close(200, "bye".into()).await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
             }
         }
     }
@@ -102,7 +107,7 @@ async fn open(broker: &BrokerArgs, name: &str) -> Result<Connections, super::con
     match super::connect(broker, &format!("{name}/publish")).await {
         Ok(publish) => Ok(Connections { consume, publish: Arc::new(publish) }),
         Err(error) => {
-            let _ = consume.close(200, "bye".into()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, consume.close(200, "bye".into())).await;
             Err(error)
         }
     }
