@@ -9,6 +9,7 @@ pub mod body;
 pub mod json;
 pub mod jst;
 pub mod messages;
+pub mod metrics;
 pub mod otel;
 pub mod replica;
 pub mod rng;

@@ -4,31 +4,33 @@
 
 pub mod check;
 pub mod mapping;
+pub mod metrics;
 pub mod page;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
-use lapin::{BasicProperties, message::Delivery, types::FieldTable};
 use orderflow_shared::{
     admin::{self, Readiness},
     amqp::{
-        BrokerMetrics, Connections, DeadLetter, ErrorClass, Fatal, PublishError, Publisher, Stage, Topology, consume,
-        headers::{get_str, json_properties, set_i64, set_str},
+        Applied, Connections, DeadLetter, ErrorClass, Fatal, Headers, Message, Outgoing, Settlement, Stage, Topology,
+        consume::{self, Handler, Serve},
+        headers::{json_properties, set_i64, set_str},
+        settle::{Policy, SettleMetrics},
         supervise,
         topology::{PAGE_ROUTING_KEY, RECORD_ROUTING_KEY},
     },
-    backoff::Backoff,
     messages::{PAGE_SCHEMA, header},
     settings::{BrokerArgs, LogArgs},
     trace::child_traceparent,
 };
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::IntGauge;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     mapping::Mapping,
+    metrics::Metrics,
     page::{PageOutcome, transform_page},
 };
 
@@ -81,102 +83,6 @@ pub fn load_mapping(path: Option<&PathBuf>) -> Result<Mapping, String> {
             let text = std::fs::read_to_string(path).map_err(|e| format!("MAPPING_FILE {}: {e}", path.display()))?;
             Mapping::parse_str(&text).map_err(|e| format!("MAPPING_FILE {}: {e}", path.display()))
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct Metrics {
-    pub registry: Registry,
-    pub pages: IntCounterVec,
-    pub records: IntCounter,
-    pub rejected: IntCounterVec,
-    pub dropped: IntCounter,
-    pub duplicates: IntCounter,
-    pub publish_retries: IntCounter,
-    pub page_seconds: Histogram,
-    pub pages_in_flight: IntGauge,
-    pub parked: IntCounter,
-    pub broker: BrokerMetrics,
-}
-
-impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect("unique metric");
-        let pages = IntCounterVec::new(
-            Opts::new("orderflow_transform_pages_total", "Pages handled, by outcome (ok, poison)."),
-            &["outcome"],
-        )
-        .expect("metric");
-        reg(Box::new(pages.clone()));
-        let records =
-            IntCounter::new("orderflow_transform_records_total", "Records published (confirmed).").expect("metric");
-        reg(Box::new(records.clone()));
-        let rejected = IntCounterVec::new(
-            Opts::new("orderflow_transform_rejected_total", "Orders dead-lettered, by reason."),
-            &["reason"],
-        )
-        .expect("metric");
-        reg(Box::new(rejected.clone()));
-        let dropped = IntCounter::new("orderflow_transform_dropped_total", "Orders dropped by a mapping filter.")
-            .expect("metric");
-        reg(Box::new(dropped.clone()));
-        let duplicates = IntCounter::new(
-            "orderflow_transform_duplicates_total",
-            "Orders repeated inside a page (highest version kept).",
-        )
-        .expect("metric");
-        reg(Box::new(duplicates.clone()));
-        let publish_retries = IntCounter::new(
-            "orderflow_transform_publish_retries_total",
-            "Record publishes retried after a nack or return.",
-        )
-        .expect("metric");
-        reg(Box::new(publish_retries.clone()));
-        let page_seconds = Histogram::with_opts(
-            HistogramOpts::new("orderflow_transform_page_seconds", "Time from receiving a page to acking it.")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
-        )
-        .expect("metric");
-        reg(Box::new(page_seconds.clone()));
-        let pages_in_flight = IntGauge::new(
-            "orderflow_transform_pages_in_flight",
-            "Pages received and not yet acked (records being published and confirmed).",
-        )
-        .expect("metric");
-        reg(Box::new(pages_in_flight.clone()));
-        let parked = IntCounter::new(
-            "orderflow_transform_parked_total",
-            "Pages held past HOLD_LIMIT while the broker refused their records, parked back in the pages queue.",
-        )
-        .expect("metric");
-        reg(Box::new(parked.clone()));
-        let broker = BrokerMetrics::register(&registry);
-        for outcome in ["ok", "poison"] {
-            pages.with_label_values(&[outcome]);
-        }
-        for reason in ["invalid_record", "amount_mismatch", "poison_page", "unknown_schema", "oversized"] {
-            rejected.with_label_values(&[reason]);
-        }
-        Self {
-            registry,
-            pages,
-            records,
-            rejected,
-            dropped,
-            duplicates,
-            publish_retries,
-            page_seconds,
-            pages_in_flight,
-            parked,
-            broker,
-        }
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -260,86 +166,30 @@ async fn session(
     shutdown: CancellationToken,
     readiness: Readiness,
 ) -> anyhow::Result<()> {
-    let channel = connections.consume.create_channel().await?;
-    if shared.declare_topology {
-        shared.topology.declare(&channel).await?;
-    }
-    let publisher = Publisher::open(&connections.publish).await?.with_confirm_timeout(shared.confirm_timeout);
-    let queue = shared.topology.pages_queue();
-    let lost_acks = shared.metrics.broker.lost_acks.clone();
-    consume::run(channel, &queue, prefetch, &shutdown, &readiness, &lost_acks, |delivery, acks| {
-        let shared = shared.clone();
-        let publisher = publisher.clone();
-        async move { handle_page(&shared, &publisher, &acks, delivery).await }
-    })
-    .await
+    let topology = shared.topology.clone();
+    let policy = Policy {
+        park_to: (topology.pages_exchange(), PAGE_ROUTING_KEY.to_string()),
+        topology,
+        hold_limit: shared.hold_limit,
+        metrics: SettleMetrics {
+            publish_retries: shared.metrics.publish_retries.clone(),
+            parked: shared.metrics.parked.clone(),
+        },
+    };
+    let serve = Serve {
+        queue: shared.topology.pages_queue(),
+        prefetch,
+        declare: shared.declare_topology,
+        confirm_timeout: shared.confirm_timeout,
+        shutdown: &shutdown,
+        readiness: &readiness,
+        lost_acks: shared.metrics.broker.lost_acks.clone(),
+        policy,
+    };
+    consume::serve(&connections, serve, Arc::new(Transformer(shared))).await
 }
 
-/// Publishes a record, retrying with backoff (up to 5 s apart):
-/// - a nack (the broker refuses: typically a full queue with reject-publish) is backpressure, so it
-///   is retried for as long as it lasts. The page waits unacked, which holds the pipeline back
-///   without failing the page to the broker: a failed page counts towards its delivery limit and
-///   would end as a dead letter however healthy it is;
-/// - a return (unroutable) is retried a few times, then the session reconnects (re-declaring the
-///   topology) and the page is redelivered;
-/// - a channel error is returned at once (same).
-async fn publish_retrying(
-    publisher: &Publisher,
-    metrics: &Metrics,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    props: &BasicProperties,
-) -> anyhow::Result<()> {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        match publisher.publish(exchange, routing_key, body, props.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(error) if error.ends_session() => return Err(error.into()),
-            Err(error) if matches!(error, PublishError::Nacked) || backoff.attempts() < 5 => {
-                metrics.publish_retries.inc();
-                // The first refusal, then every 12th retry (under a minute apart) while it lasts.
-                if backoff.attempts().is_multiple_of(12) {
-                    tracing::warn!(
-                        message = "Publish not confirmed; retrying.", %error, exchange, attempts = backoff.attempts() + 1
-                    );
-                }
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Err(error) => {
-                return Err(anyhow::Error::from(error).context(format!("publishing to {exchange} kept failing")));
-            }
-        }
-    }
-}
-
-/// How soon a park the broker refused is tried again.
-const PARK_RETRY: Duration = Duration::from_secs(5);
-
-/// Republishes a page held past `HOLD_LIMIT` to the back of the pages queue (confirmed), counting
-/// `x-orderflow-parked`. `Ok(false)` when the broker refused that too: the page is held on; an
-/// error that ends the session (a lost channel, no confirm) is returned.
-async fn park(shared: &Shared, publisher: &Publisher, delivery: &Delivery, page_id: &str) -> anyhow::Result<bool> {
-    let parked = orderflow_shared::amqp::headers::get_i64(&delivery.properties, header::PARKED).unwrap_or(0) + 1;
-    let mut headers = orderflow_shared::amqp::headers::headers_of(&delivery.properties);
-    set_i64(&mut headers, header::PARKED, parked);
-    let props = delivery.properties.clone().with_headers(headers);
-    let exchange = shared.topology.pages_exchange();
-    match publisher.publish(&exchange, PAGE_ROUTING_KEY, &delivery.data, props).await {
-        Ok(()) => {
-            shared.metrics.parked.inc();
-            tracing::warn!(message = "Page held too long while the broker refused its records; parked at the back of the pages queue.", message_id = %page_id, parked, hold_limit = ?shared.hold_limit);
-            Ok(true)
-        }
-        Err(error) if error.ends_session() => Err(anyhow::Error::from(error).context("parking a page")),
-        Err(error) => {
-            tracing::warn!(message = "Could not park a page held too long; holding it on.", message_id = %page_id, %error);
-            Ok(false)
-        }
-    }
-}
-
-/// Counts a page in flight until dropped (acked, failed or cancelled).
+/// Counts a page in flight until dropped (settled, failed or cancelled).
 struct InFlight(IntGauge);
 
 impl InFlight {
@@ -355,150 +205,188 @@ impl Drop for InFlight {
     }
 }
 
-async fn handle_page(
-    shared: &Shared,
-    publisher: &Publisher,
-    acks: &consume::Acks,
-    delivery: Delivery,
-) -> anyhow::Result<()> {
-    let _in_flight = InFlight::new(&shared.metrics.pages_in_flight);
-    let timer = shared.metrics.page_seconds.start_timer();
-    let received_nanos = orderflow_shared::otel::now_nanos();
-    let metrics = &shared.metrics;
-    let topology = &shared.topology;
-    let page_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
-    let outcome = if delivery.data.len() > shared.max_page_bytes {
-        PageOutcome::Poison {
-            reason: "oversized",
-            detail: format!(
+/// The transformer's handler: a page in, its records and rejected orders out.
+struct Transformer(Arc<Shared>);
+
+/// What a page turned into, for the metrics and spans once it is settled.
+struct Note {
+    _in_flight: InFlight,
+    outcome: Counts,
+    spans: Vec<orderflow_shared::otel::Span>,
+}
+
+enum Counts {
+    Poison { reason: &'static str },
+    Transformed { records: u64, rejects: Vec<&'static str>, dropped: u64, duplicates: u64 },
+}
+
+impl Handler for Transformer {
+    type Note = Note;
+
+    async fn decide(&self, message: &Message) -> (Settlement, Note) {
+        let shared = &self.0;
+        let in_flight = InFlight::new(&shared.metrics.pages_in_flight);
+        let outcome = if message.body.len() > shared.max_page_bytes {
+            let detail = format!(
                 "the page is {} bytes; TRANSFORMER_MAX_PAGE_BYTES is {}",
-                delivery.data.len(),
+                message.body.len(),
                 shared.max_page_bytes
-            ),
-        }
-    } else {
-        transform_page(&shared.mapping, &delivery.data)
-    };
-    let page_dead_letter = |reason: &str, error: String| DeadLetter {
-        stage: Stage::Transformer,
-        class: ErrorClass::Permanent,
-        reason: reason.to_string(),
-        error,
-        origin_exchange: topology.pages_exchange(),
-        origin_routing_key: PAGE_ROUTING_KEY.to_string(),
-    };
-    let transformed = match outcome {
-        PageOutcome::Poison { reason, detail } => {
-            tracing::warn!(message = "Poison page dead-lettered.", message_id = %page_id, reason, %detail);
-            page_dead_letter(reason, detail).publish(publisher, topology, &delivery.data, &delivery.properties).await?;
-            metrics.pages.with_label_values(&["poison"]).inc();
-            metrics.rejected.with_label_values(&[reason]).inc();
-            acks.ack(&delivery)?;
-            timer.observe_duration();
-            return Ok(());
-        }
-        PageOutcome::Transformed(t) => t,
-    };
-    shared.id_check.lock().unwrap_or_else(|e| e.into_inner()).see(&shared.mapping, &transformed.account);
-    let parent_trace = get_str(&delivery.properties, header::TRACEPARENT);
-    let fetched_at = orderflow_shared::amqp::headers::get_i64(&delivery.properties, header::FETCHED_AT_MS);
-    let records_exchange = topology.records_exchange();
-    let mut publishes = Vec::with_capacity(transformed.records.len() + transformed.rejects.len());
-    let mut spans = Vec::new();
-    let parent_span = parent_trace.as_deref().and_then(orderflow_shared::otel::ids).map(|(_, span)| span);
-    for record in &transformed.records {
-        let mut headers = FieldTable::default();
-        set_i64(&mut headers, header::ATTEMPT, 0);
-        let traceparent = child_traceparent(parent_trace.as_deref());
-        if shared.tracer.enabled()
-            && let Some((trace_id, span_id)) = orderflow_shared::otel::ids(&traceparent)
-        {
-            let io_id = record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default();
-            spans.push(orderflow_shared::otel::Span {
-                trace_id,
-                span_id,
-                parent_span_id: parent_span.clone(),
-                name: "transform record",
-                kind: 5,
-                start_unix_nanos: received_nanos,
-                end_unix_nanos: 0,
-                attributes: vec![
-                    ("o_id", record.id.clone()),
-                    ("io_id", io_id),
-                    ("account", record.account.clone()),
-                    ("messaging.message_id", record.message_id()),
-                ],
-                error: None,
-            });
-        }
-        set_str(&mut headers, header::TRACEPARENT, &traceparent);
-        set_str(&mut headers, header::ORDER_ID, &record.id);
-        if let Some(at) = fetched_at {
-            set_i64(&mut headers, header::FETCHED_AT_MS, at);
-        }
-        let body = serde_json::to_vec(record)?;
-        let props = json_properties(&record.message_id(), headers);
-        let exchange = records_exchange.clone();
-        publishes.push(futures_util::future::Either::Left(async move {
-            publish_retrying(publisher, metrics, &exchange, RECORD_ROUTING_KEY, &body, &props).await
-        }));
+            );
+            PageOutcome::Poison { reason: "oversized", detail }
+        } else {
+            transform_page(&shared.mapping, &message.body)
+        };
+        let (settlement, outcome, spans) = match outcome {
+            PageOutcome::Poison { reason, detail } => {
+                tracing::warn!(message = "Poison page dead-lettered.", message_id = %message.message_id(), reason, %detail);
+                (Settlement::DeadLetter(shared.dead_letter(reason, detail)), Counts::Poison { reason }, Vec::new())
+            }
+            PageOutcome::Transformed(t) => {
+                shared.id_check.lock().unwrap_or_else(|e| e.into_inner()).see(&shared.mapping, &t.account);
+                let mut spans = Vec::new();
+                let mut out = shared.records(message, &t, &mut spans);
+                out.extend(shared.rejects(message, &t));
+                let counts = Counts::Transformed {
+                    records: t.records.len() as u64,
+                    rejects: t.rejects.iter().map(|r| r.reason.as_str()).collect(),
+                    dropped: t.dropped as u64,
+                    duplicates: t.duplicates as u64,
+                };
+                (Settlement::Forward(out), counts, spans)
+            }
+        };
+        (settlement, Note { _in_flight: in_flight, outcome, spans })
     }
-    for reject in &transformed.rejects {
-        // The dead letter is a one-order page, so a replay (after fixing the mapping) re-transforms it.
-        let single = json!({
-            "schema": PAGE_SCHEMA, "account": transformed.account, "cursor": transformed.cursor,
-            "fetched_at": orderflow_shared::time::rfc3339_china(jiff::Timestamp::now()), "orders": [reject.order],
-        });
-        let body = serde_json::to_vec(&single)?;
-        let order_id = reject
-            .order
-            .get("o_id")
-            .and_then(orderflow_shared::json::scalar_text)
-            .unwrap_or_else(|| format!("#{}", reject.index));
-        tracing::warn!(message = "Order dead-lettered.", message_id = %page_id, o_id = %order_id, reason = reject.reason.as_str(), detail = %reject.detail);
-        let mut headers = FieldTable::default();
-        set_str(&mut headers, header::TRACEPARENT, &child_traceparent(parent_trace.as_deref()));
-        set_str(&mut headers, header::ORDER_ID, &order_id);
-        let props = json_properties(&format!("{page_id}:order:{}", reject.index), headers);
-        let dl = page_dead_letter(reject.reason.as_str(), format!("{}: {}", reject.reason.as_str(), reject.detail));
-        publishes.push(futures_util::future::Either::Right(async move {
-            dl.publish(publisher, topology, &body, &props).await.map_err(anyhow::Error::from)
-        }));
-    }
-    let mut all = std::pin::pin!(futures_util::future::join_all(publishes));
-    let mut park_at = tokio::time::Instant::now() + shared.hold_limit;
-    let results = loop {
-        tokio::select! {
-            results = &mut all => break results,
-            _ = tokio::time::sleep_until(park_at) => {
-                // A refused park is tried again soon: the ack timeout is not far off.
-                park_at = tokio::time::Instant::now() + PARK_RETRY.min(shared.hold_limit);
-                if park(shared, publisher, &delivery, &page_id).await? {
-                    // The records confirmed so far are published again with the page: the
-                    // writer's idempotency key and the target's idCheck absorb them.
-                    acks.ack(&delivery)?;
-                    timer.observe_duration();
-                    return Ok(());
+
+    fn settled(&self, message: &Message, note: Note, applied: Applied) {
+        let metrics = &self.0.metrics;
+        if applied != Applied::Done {
+            return;
+        }
+        match note.outcome {
+            Counts::Poison { reason } => {
+                metrics.pages.with_label_values(&["poison"]).inc();
+                metrics.rejected.with_label_values(&[reason]).inc();
+            }
+            Counts::Transformed { records, rejects, dropped, duplicates } => {
+                metrics.records.inc_by(records);
+                for reason in rejects {
+                    metrics.rejected.with_label_values(&[reason]).inc();
                 }
+                metrics.dropped.inc_by(dropped);
+                metrics.duplicates.inc_by(duplicates);
+                metrics.pages.with_label_values(&["ok"]).inc();
             }
         }
-    };
-    for result in results {
-        result?;
+        metrics.page_seconds.observe(message.received.elapsed().as_secs_f64());
+        let confirmed_nanos = orderflow_shared::otel::now_nanos();
+        for mut span in note.spans {
+            span.end_unix_nanos = confirmed_nanos;
+            self.0.tracer.record(span);
+        }
     }
-    let confirmed_nanos = orderflow_shared::otel::now_nanos();
-    for mut span in spans {
-        span.end_unix_nanos = confirmed_nanos;
-        shared.tracer.record(span);
+}
+
+impl Shared {
+    fn dead_letter(&self, reason: &str, error: String) -> DeadLetter {
+        DeadLetter {
+            stage: Stage::Transformer,
+            class: ErrorClass::Permanent,
+            reason: reason.to_string(),
+            error,
+            origin_exchange: self.topology.pages_exchange(),
+            origin_routing_key: PAGE_ROUTING_KEY.to_string(),
+        }
     }
-    metrics.records.inc_by(transformed.records.len() as u64);
-    for reject in &transformed.rejects {
-        metrics.rejected.with_label_values(&[reject.reason.as_str()]).inc();
+
+    /// The page's records, each with its trace context (and its span, when tracing).
+    fn records(
+        &self,
+        message: &Message,
+        t: &page::Transformed,
+        spans: &mut Vec<orderflow_shared::otel::Span>,
+    ) -> Vec<Outgoing> {
+        let parent_trace = message.header_str(header::TRACEPARENT);
+        let fetched_at = message.header_i64(header::FETCHED_AT_MS);
+        let parent_span = parent_trace.as_deref().and_then(orderflow_shared::otel::ids).map(|(_, span)| span);
+        let exchange = self.topology.records_exchange();
+        t.records
+            .iter()
+            .map(|record| {
+                let mut headers = Headers::default();
+                set_i64(&mut headers, header::ATTEMPT, 0);
+                let traceparent = child_traceparent(parent_trace.as_deref());
+                if self.tracer.enabled()
+                    && let Some((trace_id, span_id)) = orderflow_shared::otel::ids(&traceparent)
+                {
+                    spans.push(record_span(record, trace_id, span_id, parent_span.clone(), message));
+                }
+                set_str(&mut headers, header::TRACEPARENT, &traceparent);
+                set_str(&mut headers, header::ORDER_ID, &record.id);
+                if let Some(at) = fetched_at {
+                    set_i64(&mut headers, header::FETCHED_AT_MS, at);
+                }
+                Outgoing {
+                    exchange: exchange.clone(),
+                    routing_key: RECORD_ROUTING_KEY.to_string(),
+                    body: serde_json::to_vec(record).expect("a record serializes"),
+                    properties: json_properties(&record.message_id(), headers),
+                }
+            })
+            .collect()
     }
-    metrics.dropped.inc_by(transformed.dropped as u64);
-    metrics.duplicates.inc_by(transformed.duplicates as u64);
-    metrics.pages.with_label_values(&["ok"]).inc();
-    acks.ack(&delivery)?;
-    timer.observe_duration();
-    Ok(())
+
+    /// The dead letters of the page's rejected orders, each a one-order page so a replay (after
+    /// fixing the mapping) re-transforms it.
+    fn rejects(&self, message: &Message, t: &page::Transformed) -> Vec<Outgoing> {
+        let page_id = message.message_id();
+        let parent_trace = message.header_str(header::TRACEPARENT);
+        t.rejects
+            .iter()
+            .map(|reject| {
+                let single = json!({
+                    "schema": PAGE_SCHEMA, "account": t.account, "cursor": t.cursor,
+                    "fetched_at": orderflow_shared::time::rfc3339_china(jiff::Timestamp::now()), "orders": [reject.order],
+                });
+                let order_id = reject
+                    .order
+                    .get("o_id")
+                    .and_then(orderflow_shared::json::scalar_text)
+                    .unwrap_or_else(|| format!("#{}", reject.index));
+                tracing::warn!(message = "Order dead-lettered.", message_id = %page_id, o_id = %order_id, reason = reject.reason.as_str(), detail = %reject.detail);
+                let mut headers = Headers::default();
+                set_str(&mut headers, header::TRACEPARENT, &child_traceparent(parent_trace.as_deref()));
+                set_str(&mut headers, header::ORDER_ID, &order_id);
+                let props = json_properties(&format!("{page_id}:order:{}", reject.index), headers);
+                let dl = self.dead_letter(reject.reason.as_str(), format!("{}: {}", reject.reason.as_str(), reject.detail));
+                dl.outgoing(&self.topology, serde_json::to_vec(&single).expect("JSON serializes"), &props)
+            })
+            .collect()
+    }
+}
+
+fn record_span(
+    record: &orderflow_shared::messages::Record,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: Option<String>,
+    message: &Message,
+) -> orderflow_shared::otel::Span {
+    let io_id = record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default();
+    orderflow_shared::otel::Span {
+        trace_id,
+        span_id,
+        parent_span_id,
+        name: "transform record",
+        kind: 5,
+        start_unix_nanos: orderflow_shared::otel::now_nanos().saturating_sub(message.received.elapsed().as_nanos()),
+        end_unix_nanos: 0,
+        attributes: vec![
+            ("o_id", record.id.clone()),
+            ("io_id", io_id),
+            ("account", record.account.clone()),
+            ("messaging.message_id", record.message_id()),
+        ],
+        error: None,
+    }
 }

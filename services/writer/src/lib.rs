@@ -18,12 +18,12 @@ use std::{
 };
 
 use clap::Parser;
-use lapin::message::Delivery;
 use orderflow_shared::{
     admin::{self, Readiness},
     amqp::{
-        Connections, DeadLetter, ErrorClass, Fatal, Publisher, Stage, Topology, consume,
-        headers::{get_i64, headers_of, set_i64, strip_broker_death_headers},
+        Applied, Connections, DeadLetter, ErrorClass, Fatal, Message, Settlement, Stage, Topology,
+        consume::{self, Handler, Serve},
+        settle::{Policy, SettleMetrics},
         supervise,
         topology::{RECORD_ROUTING_KEY, tier_label},
     },
@@ -258,22 +258,28 @@ async fn session(
     shutdown: CancellationToken,
     readiness: Readiness,
 ) -> anyhow::Result<()> {
-    let channel = connections.consume.create_channel().await?;
-    if shared.config.broker.declare_topology {
-        shared.topology.declare(&channel).await?;
-    }
-    let publisher =
-        Publisher::open(&connections.publish).await?.with_confirm_timeout(shared.config.broker.amqp_confirm_timeout);
-    let queue = shared.topology.records_queue();
-    let stop = shutdown.clone();
-    let lost_acks = shared.metrics.broker.lost_acks.clone();
-    consume::run(channel, &queue, shared.config.prefetch(), &shutdown, &readiness, &lost_acks, |delivery, acks| {
-        let shared = shared.clone();
-        let publisher = publisher.clone();
-        let stop = stop.clone();
-        async move { handle_record(&shared, &publisher, &acks, &stop, delivery).await }
-    })
-    .await
+    let topology = shared.topology.clone();
+    let longest = topology.retry_tiers.last().copied().ok_or_else(|| Fatal("no retry tiers configured".into()))?;
+    let policy = Policy {
+        park_to: (topology.retry_exchange(), tier_label(longest)),
+        topology,
+        hold_limit: shared.config.hold_limit,
+        metrics: SettleMetrics {
+            publish_retries: shared.metrics.publish_retries.clone(),
+            parked: shared.metrics.parked.clone(),
+        },
+    };
+    let serve = Serve {
+        queue: shared.topology.records_queue(),
+        prefetch: shared.config.prefetch(),
+        declare: shared.config.broker.declare_topology,
+        confirm_timeout: shared.config.broker.amqp_confirm_timeout,
+        shutdown: &shutdown,
+        readiness: &readiness,
+        lost_acks: shared.metrics.broker.lost_acks.clone(),
+        policy,
+    };
+    consume::serve(&connections, serve, Arc::new(Writer { shared, shutdown: shutdown.clone() })).await
 }
 
 /// The write API's body; `data` is the record's JSON text as the transformer wrote it.
@@ -354,15 +360,16 @@ fn transport_outcome(timeout: bool, connect: bool, detail: String) -> WriteOutco
     WriteOutcome::Transient { reason, detail, retry_after: None, connection: connect, refused: timeout }
 }
 
-fn dead_letter(shared: &Shared, class: ErrorClass, reason: &str, error: String) -> DeadLetter {
-    DeadLetter {
+fn dead_letter(shared: &Shared, class: ErrorClass, reason: &'static str, error: String) -> (Settlement, Note) {
+    let dead = DeadLetter {
         stage: Stage::Writer,
         class,
         reason: reason.to_string(),
         error,
         origin_exchange: shared.topology.records_exchange(),
         origin_routing_key: RECORD_ROUTING_KEY.to_string(),
-    }
+    };
+    (Settlement::DeadLetter(dead), Note::DeadLettered { class, reason })
 }
 
 fn note_breaker(shared: &Shared, changed: Option<State>) {
@@ -428,153 +435,171 @@ fn unreadable(body: &[u8], parsed: Result<RawRecord<'_>, serde_json::Error>) -> 
     }
 }
 
-/// What one delivery is, for the steps below.
-struct Work<'a> {
-    shared: &'a Shared,
-    publisher: &'a Publisher,
-    acks: &'a consume::Acks,
-    delivery: &'a Delivery,
-    message_id: String,
+/// The writer's handler: read the record, write it until the target answers something final,
+/// decide its settlement.
+struct Writer {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
 }
 
-impl Work<'_> {
-    /// Dead-letters the delivery (confirmed), then acks it.
-    async fn dead_letter(&self, class: ErrorClass, reason: &str, error: String) -> anyhow::Result<()> {
-        let d = self.delivery;
-        dead_letter(self.shared, class, reason, error)
-            .publish(self.publisher, &self.shared.topology, &d.data, &d.properties)
-            .await?;
-        self.shared.metrics.dead_letters.with_label_values(&[class.as_str(), reason]).inc();
-        self.acks.ack(d)
-    }
+/// What the writer decided, for its metrics once the settlement is applied.
+enum Note {
+    Written { fetched_at_ms: Option<i64> },
+    DeadLettered { class: ErrorClass, reason: &'static str },
+    Retried { tier: String },
+    Other,
+}
 
-    /// Republishes the delivery (confirmed) to a retry tier with these attempt and parked counts,
-    /// then acks it.
-    async fn to_tier(&self, tier: Duration, attempts: u32, parked: Option<i64>) -> anyhow::Result<String> {
-        let mut headers = strip_broker_death_headers(&headers_of(&self.delivery.properties));
-        set_i64(&mut headers, header::ATTEMPT, i64::from(attempts));
-        if let Some(parked) = parked {
-            set_i64(&mut headers, header::PARKED, parked);
+impl Handler for Writer {
+    type Note = Note;
+
+    async fn decide(&self, message: &Message) -> (Settlement, Note) {
+        match read(&self.shared, message) {
+            Ok(record) => self.write_until_final(message, &record).await,
+            Err((reason, detail)) => {
+                tracing::warn!(message = "Unreadable record dead-lettered.", message_id = %message.message_id(), reason, %detail);
+                dead_letter(&self.shared, ErrorClass::Permanent, reason, detail)
+            }
         }
-        let props = self.delivery.properties.clone().with_headers(headers);
-        let label = tier_label(tier);
-        self.publisher.publish(&self.shared.topology.retry_exchange(), &label, &self.delivery.data, props).await?;
-        self.acks.ack(self.delivery)?;
-        Ok(label)
     }
 
-    /// Held for `HOLD_LIMIT` while the target refused everyone: moved to the longest tier with
-    /// its attempts unchanged, so the broker's ack timeout never closes the channel on it and a
-    /// long outage never moves it toward the delivery limit.
-    async fn park(&self, attempts: u32) -> anyhow::Result<()> {
-        let Some(tier) = self.shared.topology.retry_tiers.last().copied() else {
-            anyhow::bail!("no retry tiers configured");
-        };
-        let parked = get_i64(&self.delivery.properties, header::PARKED).unwrap_or(0).saturating_add(1);
-        let label = self.to_tier(tier, attempts, Some(parked)).await?;
-        self.shared.metrics.parked.inc();
-        tracing::info!(message = "Record held too long while the target refuses writes; parked.", message_id = %self.message_id, tier = %label, parked);
-        Ok(())
+    fn settled(&self, message: &Message, note: Note, applied: Applied) {
+        let metrics = &self.shared.metrics;
+        match (note, applied) {
+            (Note::Written { fetched_at_ms: Some(fetched) }, Applied::Done) => {
+                metrics.fetch_to_write_seconds.observe((now_ms() - fetched).max(0) as f64 / 1000.0);
+            }
+            (Note::DeadLettered { class, reason }, Applied::Done) => {
+                metrics.dead_letters.with_label_values(&[class.as_str(), reason]).inc();
+            }
+            (Note::Retried { tier }, Applied::Done) => {
+                metrics.retries.with_label_values(&[&tier]).inc();
+                tracing::debug!(message = "Write failed; retrying later.", message_id = %message.message_id(), %tier);
+            }
+            _ => {}
+        }
     }
 }
 
-async fn handle_record(
-    shared: &Shared,
-    publisher: &Publisher,
-    acks: &consume::Acks,
-    shutdown: &CancellationToken,
-    delivery: Delivery,
-) -> anyhow::Result<()> {
-    let hold_until = tokio::time::Instant::now() + shared.config.hold_limit;
-    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
-    let work = Work { shared, publisher, acks, delivery: &delivery, message_id };
-    if delivery.data.len() > shared.config.max_record_bytes {
-        let detail = format!(
-            "the record is {} bytes; WRITER_MAX_RECORD_BYTES is {}",
-            delivery.data.len(),
-            shared.config.max_record_bytes
-        );
-        tracing::warn!(message = "Oversized record dead-lettered.", message_id = %work.message_id, %detail);
-        return work.dead_letter(ErrorClass::Permanent, "oversized", detail).await;
+/// The record in a delivery, or why it is not one (the dead letter's reason and detail).
+fn read<'m>(shared: &Shared, message: &'m Message) -> Result<RawRecord<'m>, (&'static str, String)> {
+    let max = shared.config.max_record_bytes;
+    if message.body.len() > max {
+        return Err((
+            "oversized",
+            format!("the record is {} bytes; WRITER_MAX_RECORD_BYTES is {max}", message.body.len()),
+        ));
     }
     // One parse for a good record; a bad one is looked at again to say why.
-    let record = match serde_json::from_slice::<RawRecord>(&delivery.data) {
-        Ok(record) if record.schema == RECORD_SCHEMA => record,
-        parsed => {
-            let (reason, detail) = unreadable(&delivery.data, parsed);
-            tracing::warn!(message = "Unreadable record dead-lettered.", message_id = %work.message_id, %detail);
-            return work.dead_letter(ErrorClass::Permanent, reason, detail).await;
-        }
-    };
-    let attempts_before = u32::try_from(get_i64(&delivery.properties, header::ATTEMPT).unwrap_or(0)).unwrap_or(0);
-    let (mut in_place, mut throttled, mut first_write) = (0u32, 0u32, attempts_before == 0);
-    loop {
-        let probe = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()), // unacked: redelivered when the channel closes
-            _ = tokio::time::sleep_until(hold_until) => return work.park(attempts_before).await,
-            // The breaker lets the write go, then any `Retry-After` pause in force is waited out.
-            probe = async {
-                let probe = shared.breaker.acquire().await;
-                shared.pace.unpaused().await;
-                probe
-            } => probe,
-        };
-        let outcome = attempt(&work, &record, attempts_before).await;
-        note_target(shared, &outcome);
-        let changed = match &outcome {
-            WriteOutcome::TargetDown { .. } => shared.breaker.trip(probe),
-            WriteOutcome::Written | WriteOutcome::Permanent { .. } => {
-                shared.breaker.record(true, false, probe, first_write)
+    match serde_json::from_slice::<RawRecord>(&message.body) {
+        Ok(record) if record.schema == RECORD_SCHEMA => Ok(record),
+        parsed => Err(unreadable(&message.body, parsed)),
+    }
+}
+
+/// What a write's answer leads to: another write, or the record's settlement.
+enum Next {
+    Again,
+    Settle(Settlement, Note),
+}
+
+/// How one record's writes have gone so far.
+struct Tries {
+    /// Attempts spent before this delivery (the `x-orderflow-attempt` header).
+    before: u32,
+    in_place: u32,
+    throttled: u32,
+    /// No write of this record has been tried in this delivery yet (the breaker's probe rule).
+    first: bool,
+}
+
+impl Writer {
+    /// Writes until the answer settles the record; holds it (spending no attempt) while the
+    /// breaker is open or a pause is in force, parks it at `HOLD_LIMIT`, requeues it on shutdown.
+    async fn write_until_final(&self, message: &Message, record: &RawRecord<'_>) -> (Settlement, Note) {
+        let shared = &self.shared;
+        let before = u32::try_from(message.header_i64(header::ATTEMPT).unwrap_or(0)).unwrap_or(0);
+        let mut tries = Tries { before, in_place: 0, throttled: 0, first: before == 0 };
+        let hold_until = message.received + shared.config.hold_limit;
+        loop {
+            let probe = tokio::select! {
+                _ = self.shutdown.cancelled() => return (Settlement::Requeue, Note::Other),
+                _ = tokio::time::sleep_until(hold_until) => return (Settlement::Park, Note::Other),
+                // The breaker lets the write go, then any `Retry-After` pause in force is waited out.
+                probe = async {
+                    let probe = shared.breaker.acquire().await;
+                    shared.pace.unpaused().await;
+                    probe
+                } => probe,
+            };
+            let outcome = attempt(shared, message, record, tries.before).await;
+            note_target(shared, &outcome);
+            note_breaker(shared, judge(&shared.breaker, &outcome, probe, tries.first));
+            match self.next(message, record, outcome, &mut tries).await {
+                Next::Again => continue,
+                Next::Settle(settlement, note) => return (settlement, note),
             }
-            WriteOutcome::Transient { connection, .. } => shared.breaker.record(false, *connection, probe, first_write),
-        };
-        note_breaker(shared, changed);
-        match outcome {
+        }
+    }
+
+    /// Decides what follows one write's answer.
+    async fn next(&self, message: &Message, record: &RawRecord<'_>, outcome: WriteOutcome, tries: &mut Tries) -> Next {
+        let shared = &self.shared;
+        let (reason, detail, retry_after) = match outcome {
             WriteOutcome::Written => {
-                if let Some(fetched) = get_i64(&delivery.properties, header::FETCHED_AT_MS) {
-                    shared.metrics.fetch_to_write_seconds.observe((now_ms() - fetched).max(0) as f64 / 1000.0);
-                }
-                return acks.ack(&delivery);
+                let fetched_at_ms = message.header_i64(header::FETCHED_AT_MS);
+                return Next::Settle(Settlement::Ack, Note::Written { fetched_at_ms });
             }
             WriteOutcome::Permanent { detail } => {
-                tracing::warn!(message = "Target rejected the record; dead-lettered.", message_id = %work.message_id, o_id = %record.id, %detail);
+                tracing::warn!(message = "Target rejected the record; dead-lettered.", message_id = %message.message_id(), o_id = %record.id, %detail);
                 let error = format!("target rejected the record: {detail}");
-                return work.dead_letter(ErrorClass::Permanent, "target_rejected", error).await;
+                let (settlement, note) = dead_letter(shared, ErrorClass::Permanent, "target_rejected", error);
+                return Next::Settle(settlement, note);
             }
             WriteOutcome::TargetDown { .. } => {
                 // Not the record's fault: wait for the breaker, spending no attempt.
                 shared.metrics.held_during_outage.inc();
+                return Next::Again;
             }
-            WriteOutcome::Transient { reason, detail, retry_after, .. } => {
-                if shared.breaker.state() != State::Closed {
-                    // An outage: wait for the breaker instead of spending an attempt.
-                    shared.metrics.held_during_outage.inc();
-                    continue;
-                }
-                // A 429 says "not so fast", not "this record failed": every write already waits
-                // out its Retry-After, and the record waits with them (up to HOLD_LIMIT, then it
-                // is parked) instead of spending attempts and climbing the tiers.
-                if reason == "http_429" {
-                    if retry_after.is_none() {
-                        tokio::time::sleep(in_place_delay(throttled.min(4))).await;
-                    }
-                    throttled = throttled.saturating_add(1);
-                    first_write = false;
-                    shared.metrics.throttled.inc();
-                    continue;
-                }
-                // A flaky second: try again at once (jittered, well under a second in all) rather
-                // than sending the record to a tier for a one-off failure.
-                if in_place < shared.config.retry_in_place && retry_after.is_none_or(|d| d <= IN_PLACE_WAIT_MAX) {
-                    tokio::time::sleep(in_place_delay(in_place)).await;
-                    in_place += 1;
-                    first_write = false;
-                    shared.metrics.retries_in_place.inc();
-                    continue;
-                }
-                return retry_later(&work, &record, attempts_before + 1, reason, detail, retry_after).await;
-            }
+            WriteOutcome::Transient { reason, detail, retry_after, .. } => (reason, detail, retry_after),
+        };
+        if shared.breaker.state() != State::Closed {
+            // An outage: wait for the breaker instead of spending an attempt.
+            shared.metrics.held_during_outage.inc();
+            return Next::Again;
         }
+        // A 429 says "not so fast", not "this record failed": every write already waits out its
+        // Retry-After, and the record waits with them (up to HOLD_LIMIT, then it is parked)
+        // instead of spending attempts and climbing the tiers.
+        if reason == "http_429" {
+            if retry_after.is_none() {
+                tokio::time::sleep(in_place_delay(tries.throttled.min(4))).await;
+            }
+            tries.throttled = tries.throttled.saturating_add(1);
+            tries.first = false;
+            shared.metrics.throttled.inc();
+            return Next::Again;
+        }
+        // A flaky second: try again at once (jittered, well under a second in all) rather than
+        // sending the record to a tier for a one-off failure.
+        if tries.in_place < shared.config.retry_in_place && retry_after.is_none_or(|d| d <= IN_PLACE_WAIT_MAX) {
+            tokio::time::sleep(in_place_delay(tries.in_place)).await;
+            tries.in_place += 1;
+            tries.first = false;
+            shared.metrics.retries_in_place.inc();
+            return Next::Again;
+        }
+        let (settlement, note) = retry_later(shared, message, record, tries.before + 1, reason, detail, retry_after);
+        Next::Settle(settlement, note)
+    }
+}
+
+/// Tells the breaker how a write went; the new state if it changed.
+fn judge(breaker: &Breaker, outcome: &WriteOutcome, probe: bool, first_write: bool) -> Option<State> {
+    match outcome {
+        WriteOutcome::TargetDown { .. } => breaker.trip(probe),
+        WriteOutcome::Written | WriteOutcome::Permanent { .. } => breaker.record(true, false, probe, first_write),
+        WriteOutcome::Transient { connection, .. } => breaker.record(false, *connection, probe, first_write),
     }
 }
 
@@ -589,14 +614,13 @@ fn in_place_delay(n: u32) -> Duration {
 }
 
 /// One write of the record, measured and traced.
-async fn attempt(work: &Work<'_>, record: &RawRecord<'_>, attempts_before: u32) -> WriteOutcome {
-    let shared = work.shared;
+async fn attempt(shared: &Shared, message: &Message, record: &RawRecord<'_>, attempts_before: u32) -> WriteOutcome {
     let metrics = &shared.metrics;
     let slot = shared.pace.acquire().await;
     metrics.inflight.inc();
     let timer = metrics.write_seconds.start_timer();
     let started_nanos = orderflow_shared::otel::now_nanos();
-    let outcome = write(&shared.target, record, &work.message_id).await;
+    let outcome = write(&shared.target, record, &message.message_id()).await;
     timer.observe_duration();
     metrics.inflight.dec();
     let adaptive = shared.pace.done(slot, outcome.signal());
@@ -609,19 +633,20 @@ async fn attempt(work: &Work<'_>, record: &RawRecord<'_>, attempts_before: u32) 
     }
     metrics.writes.with_label_values(&[outcome.label()]).inc();
     if shared.tracer.enabled() {
-        trace_attempt(work, record, attempts_before, started_nanos, &outcome);
+        trace_attempt(shared, message, record, attempts_before, started_nanos, &outcome);
     }
     outcome
 }
 
 fn trace_attempt(
-    work: &Work<'_>,
+    shared: &Shared,
+    message: &Message,
     record: &RawRecord<'_>,
     attempts_before: u32,
     started_nanos: u128,
     outcome: &WriteOutcome,
 ) {
-    let parent = orderflow_shared::amqp::headers::get_str(&work.delivery.properties, header::TRACEPARENT);
+    let parent = message.header_str(header::TRACEPARENT);
     let Some((trace_id, parent_span)) = parent.as_deref().and_then(orderflow_shared::otel::ids) else { return };
     let span_id = orderflow_shared::otel::ids(&orderflow_shared::trace::child_traceparent(parent.as_deref()))
         .map(|(_, s)| s)
@@ -630,7 +655,7 @@ fn trace_attempt(
         .ok()
         .and_then(|d| d.get("io_id").and_then(orderflow_shared::json::scalar_text))
         .unwrap_or_default();
-    work.shared.tracer.record(orderflow_shared::otel::Span {
+    shared.tracer.record(orderflow_shared::otel::Span {
         trace_id,
         span_id,
         parent_span_id: Some(parent_span),
@@ -641,7 +666,7 @@ fn trace_attempt(
         attributes: vec![
             ("o_id", record.id.clone()),
             ("io_id", io_id),
-            ("messaging.message_id", work.message_id.clone()),
+            ("messaging.message_id", message.message_id()),
             ("outcome", outcome.label().to_string()),
             ("attempt", (attempts_before + 1).to_string()),
         ],
@@ -650,27 +675,26 @@ fn trace_attempt(
 }
 
 /// A transient failure: into the retry tier for this attempt, or dead-lettered as exhausted.
-async fn retry_later(
-    work: &Work<'_>,
+fn retry_later(
+    shared: &Shared,
+    message: &Message,
     record: &RawRecord<'_>,
     attempts: u32,
     reason: &str,
     detail: String,
     retry_after: Option<Duration>,
-) -> anyhow::Result<()> {
-    let shared = work.shared;
-    if attempts >= shared.config.max_attempts {
-        tracing::warn!(message = "Record exhausted its attempts; dead-lettered.", message_id = %work.message_id, o_id = %record.id, attempts, %detail);
-        let error = format!("{attempts} attempts; last error ({reason}): {detail}");
-        return work.dead_letter(ErrorClass::Exhausted, "exhausted", error).await;
+) -> (Settlement, Note) {
+    let tier = choose_tier(&shared.topology.retry_tiers, attempts, retry_after);
+    match tier {
+        Some(tier) if attempts < shared.config.max_attempts => {
+            (Settlement::Retry { tier, attempts }, Note::Retried { tier: tier_label(tier) })
+        }
+        _ => {
+            tracing::warn!(message = "Record exhausted its attempts; dead-lettered.", message_id = %message.message_id(), o_id = %record.id, attempts, %detail);
+            let error = format!("{attempts} attempts; last error ({reason}): {detail}");
+            dead_letter(shared, ErrorClass::Exhausted, "exhausted", error)
+        }
     }
-    let Some(tier) = choose_tier(&shared.topology.retry_tiers, attempts, retry_after) else {
-        anyhow::bail!("no retry tiers configured");
-    };
-    let label = work.to_tier(tier, attempts, None).await?;
-    shared.metrics.retries.with_label_values(&[&label]).inc();
-    tracing::debug!(message = "Write failed; retrying later.", message_id = %work.message_id, attempts, tier = %label, %detail);
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! the raw relay benchmark.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     future::Future,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{
-    Acker, Channel,
+    Acker,
     message::Delivery,
     options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
@@ -26,6 +26,10 @@ use prometheus::IntCounter;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::{
+    Connections, Publisher,
+    settle::{Applied, Live, Message, Policy, Settlement, Settler},
+};
 use crate::admin::Readiness;
 
 /// Readiness check name for "consuming its work queue".
@@ -51,8 +55,9 @@ struct AcksInner {
 
 /// The bookkeeping of one channel's acks; `A` is what acks one delivery (lapin's `Acker`).
 struct AckState<A> {
-    /// Delivery tags received and not yet done (being worked on, or given up for redelivery).
-    open: BTreeSet<u64>,
+    /// Deliveries received and not yet done (being worked on, or left for redelivery), with what
+    /// acks each.
+    open: BTreeMap<u64, A>,
     /// Done deliveries whose ack is not sent yet, with when they were done.
     done: BTreeMap<u64, (A, Instant)>,
     /// The channel is gone: no ack can be sent any more.
@@ -61,7 +66,7 @@ struct AckState<A> {
 
 impl<A> Default for AckState<A> {
     fn default() -> Self {
-        Self { open: BTreeSet::new(), done: BTreeMap::new(), closed: false }
+        Self { open: BTreeMap::new(), done: BTreeMap::new(), closed: false }
     }
 }
 
@@ -73,11 +78,26 @@ struct Flush<A> {
 }
 
 impl<A> AckState<A> {
+    fn receive(&mut self, tag: u64, acker: A) {
+        self.open.insert(tag, acker);
+    }
+
+    /// Moves a delivery from open to done; `false` when it was not open (already done).
+    fn complete(&mut self, tag: u64, now: Instant) -> bool {
+        match self.open.remove(&tag) {
+            Some(acker) => {
+                self.done.insert(tag, (acker, now));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Takes what can be acked now: every done tag below the oldest open one (one `multiple`
     /// ack at the highest of them: it covers no open tag), and done tags above it that waited
     /// `STRAGGLER_AFTER` (or all of them when `everything`).
     fn take(&mut self, now: Instant, everything: bool) -> Flush<A> {
-        let oldest_open = self.open.first().copied().unwrap_or(u64::MAX);
+        let oldest_open = self.open.first_key_value().map_or(u64::MAX, |(tag, _)| *tag);
         let rest = self.done.split_off(&oldest_open);
         let prefix = std::mem::replace(&mut self.done, rest);
         let count = prefix.len() as u64;
@@ -109,13 +129,13 @@ impl Acks {
     }
 
     /// Registers a delivery as received (the consume loop does this, in delivery-tag order).
-    fn received(&self, tag: u64) {
-        self.state().open.insert(tag);
+    fn received(&self, delivery: &Delivery) {
+        self.state().receive(delivery.delivery_tag, delivery.acker.clone());
     }
 
     /// Marks the delivery done: its ack goes out with the next batch (within milliseconds).
     /// Fails when the channel is already gone (the broker will redeliver it).
-    pub fn ack(&self, delivery: &Delivery) -> anyhow::Result<()> {
+    pub fn ack(&self, tag: u64) -> anyhow::Result<()> {
         {
             let mut state = self.state();
             if state.closed {
@@ -123,8 +143,9 @@ impl Acks {
                 self.inner.lost_acks.inc();
                 anyhow::bail!("ack not sent: the channel is closed (the broker will redeliver)");
             }
-            state.open.remove(&delivery.delivery_tag);
-            state.done.insert(delivery.delivery_tag, (delivery.acker.clone(), Instant::now()));
+            if !state.complete(tag, Instant::now()) {
+                anyhow::bail!("delivery {tag} acked twice, or never received on this channel");
+            }
         }
         self.inner.wake.notify_one();
         Ok(())
@@ -181,62 +202,111 @@ impl Acks {
     }
 }
 
-/// Consumes `queue` until `shutdown` or a failure, running `handle` per delivery on its own task.
-/// `handle` must ack (or dead-letter then ack) the delivery through the [`Acks`] it is given; an
-/// `Err` ends the session (unacked messages return to the queue when the channel closes).
-pub async fn run<F, Fut>(
-    channel: Channel,
-    queue: &str,
-    prefetch: u16,
-    shutdown: &CancellationToken,
-    readiness: &Readiness,
-    lost_acks: &IntCounter,
-    handle: F,
-) -> anyhow::Result<()>
-where
-    F: Fn(Delivery, Acks) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await?;
-    let mut consumer =
-        channel.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+/// A consuming stage's deciding half: what should happen to each delivery. The [`Settler`]
+/// applies it; the handler never talks to the broker.
+pub trait Handler: Send + Sync + 'static {
+    /// What the handler wants back once the delivery is settled (for its metrics and spans).
+    type Note: Send + 'static;
+
+    /// Decides the delivery's fate. A stopping handler answers [`Settlement::Requeue`].
+    fn decide(&self, message: &Message) -> impl Future<Output = (Settlement, Self::Note)> + Send;
+
+    /// Called once the settlement is applied (confirmed and acked, parked, or left unacked).
+    fn settled(&self, message: &Message, note: Self::Note, applied: Applied);
+}
+
+/// How a stage consumes: its work queue, prefetch and settlement rules.
+pub struct Serve<'a> {
+    pub queue: String,
+    pub prefetch: u16,
+    /// Declare the topology before consuming (`AMQP_DECLARE_TOPOLOGY`).
+    pub declare: bool,
+    pub confirm_timeout: Duration,
+    pub shutdown: &'a CancellationToken,
+    pub readiness: &'a Readiness,
+    pub lost_acks: IntCounter,
+    pub policy: Policy,
+}
+
+/// One broker session of a consuming stage: consumes and acks on the consuming connection,
+/// publishes (confirmed) on the publishing one, until `shutdown` or a failure.
+pub async fn serve<H: Handler>(connections: &Connections, serve: Serve<'_>, handler: Arc<H>) -> anyhow::Result<()> {
+    let channel = connections.consume.create_channel().await?;
+    if serve.declare {
+        serve.policy.topology.declare(&channel).await?;
+    }
+    let publisher = Publisher::open(&connections.publish).await?.with_confirm_timeout(serve.confirm_timeout);
+    channel.basic_qos(serve.prefetch.max(1), BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(serve.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
     let tag = consumer.tag();
-    readiness.set_ok(CONSUMING_CHECK);
-    tracing::info!(message = "Consuming.", queue, prefetch);
-    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    let acks = Acks::new(lost_acks.clone());
+    serve.readiness.set_ok(CONSUMING_CHECK);
+    tracing::info!(message = "Consuming.", queue = %serve.queue, prefetch = serve.prefetch);
+    let acks = Acks::new(serve.lost_acks.clone());
     let stop_acks = CancellationToken::new();
     let ack_task = tokio::spawn(acks.clone().run(stop_acks.clone()));
-    let mut outcome: anyhow::Result<()> = Ok(());
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(error) = joined.map_err(anyhow::Error::from).and_then(|r| r) {
-                    outcome = Err(error);
-                    break;
-                }
-            }
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    acks.received(delivery.delivery_tag);
-                    tasks.spawn(handle(delivery, acks.clone()));
-                }
-                Some(Err(error)) => {
-                    outcome = Err(anyhow::Error::from(error).context("consumer failed"));
-                    break;
-                }
-                None => {
-                    outcome = Err(anyhow::anyhow!("the broker cancelled the consumer of {queue}"));
-                    break;
-                }
-            }
+    let settler = Arc::new(Settler::new(Live { publisher, acks: acks.clone() }, serve.policy.clone()));
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let outcome = consume(&mut consumer, &serve, &acks, &mut tasks, |message| {
+        let (settler, handler) = (settler.clone(), handler.clone());
+        async move {
+            let (settlement, note) = handler.decide(&message).await;
+            let applied = settler.settle(&message, settlement).await?;
+            handler.settled(&message, note, applied);
+            Ok(())
         }
-    }
-    readiness.set_failing(CONSUMING_CHECK, if outcome.is_ok() { "stopping" } else { "consumer failed" });
+    })
+    .await;
+    serve.readiness.set_failing(CONSUMING_CHECK, if outcome.is_ok() { "stopping" } else { "consumer failed" });
     if channel.status().connected() {
         let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
     }
+    drain(&mut tasks).await;
+    // Every finished delivery is acked before the channel closes (so a graceful stop leaves
+    // nothing to redeliver but the work that was cut off).
+    stop_acks.cancel();
+    let _ = ack_task.await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "bye".into()).await;
+    }
+    outcome
+}
+
+/// Receives deliveries, each worked on its own task, until shutdown or a failure (a task's
+/// error, a lost consumer).
+async fn consume<F, Fut>(
+    consumer: &mut lapin::Consumer,
+    serve: &Serve<'_>,
+    acks: &Acks,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    work: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Message) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = serve.shutdown.cancelled() => return Ok(()),
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                joined.map_err(anyhow::Error::from).and_then(|r| r)?;
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    acks.received(&delivery);
+                    let message = Message::new(delivery.delivery_tag, delivery.data, delivery.properties);
+                    tasks.spawn(work(message));
+                }
+                Some(Err(error)) => return Err(anyhow::Error::from(error).context("consumer failed")),
+                None => anyhow::bail!("the broker cancelled the consumer of {}", serve.queue),
+            }
+        }
+    }
+}
+
+/// Lets in-flight work finish within [`DRAIN_TIMEOUT`]; what does not is cut off (redelivered).
+async fn drain(tasks: &mut JoinSet<anyhow::Result<()>>) {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while let Some(joined) = tasks.join_next().await {
             if let Err(error) = joined.map_err(anyhow::Error::from).and_then(|r| r) {
@@ -252,24 +322,18 @@ where
         );
         tasks.abort_all();
     }
-    // Every finished delivery is acked before the channel closes (so a graceful stop leaves
-    // nothing to redeliver but the work that was cut off).
-    stop_acks.cancel();
-    let _ = ack_task.await;
-    if channel.status().connected() {
-        let _ = channel.close(200, "bye".into()).await;
-    }
-    outcome
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn state(open: &[u64], done: &[(u64, Duration)]) -> (AckState<u64>, Instant) {
         let now = Instant::now();
         let mut s = AckState::default();
-        s.open.extend(open);
+        s.open.extend(open.iter().map(|t| (*t, *t)));
         for (tag, ago) in done {
             s.done.insert(*tag, (*tag, now - *ago));
         }
@@ -285,8 +349,7 @@ mod tests {
         assert!(flush.singles.is_empty(), "5 and 6 wait behind 4 for a moment");
         assert_eq!(s.done.keys().copied().collect::<Vec<_>>(), vec![5, 6]);
         // 4 finishes: 5 and 6 go with it; 7 stays open.
-        s.open.remove(&4);
-        s.done.insert(4, (4, now));
+        assert!(s.complete(4, now));
         let flush = s.take(now, false);
         assert_eq!(flush.multiple, Some((6, 3)));
         assert!(s.done.is_empty());
@@ -300,6 +363,74 @@ mod tests {
         assert_eq!(flush.singles, vec![3], "3 waited long enough; 4 just finished");
         let flush = s.take(now, true);
         assert_eq!(flush.singles, vec![4], "on stop, everything done is acked");
-        assert!(s.open.contains(&2), "an open tag is never acked");
+        assert!(s.open.contains_key(&2), "an open tag is never acked");
+        assert!(!s.complete(3, now), "a delivery is done once");
+    }
+
+    /// One step of a channel's life: a delivery arrives, one in work finishes (an index into the
+    /// open ones), or the ack task flushes (after `millis`, maybe for everything).
+    #[derive(Debug, Clone)]
+    enum Step {
+        Receive,
+        Finish(usize),
+        Flush { millis: u64, everything: bool },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => Just(Step::Receive),
+            3 => any::<usize>().prop_map(Step::Finish),
+            2 => (0u64..50, proptest::bool::weighted(0.1)).prop_map(|(millis, everything)| Step::Flush { millis, everything }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever order deliveries finish in and whenever flushes happen, no ack ever covers a
+        /// delivery still in work, no delivery is acked twice, and every finished one is acked by
+        /// the final flush.
+        #[test]
+        fn random_completion_orders_never_ack_a_delivery_in_work(steps in proptest::collection::vec(step(), 1..200)) {
+            let mut s = AckState::<u64>::default();
+            let mut now = Instant::now();
+            let (mut next_tag, mut acked) = (1u64, BTreeSet::new());
+            let mut check = |flush: Flush<u64>, s: &AckState<u64>| -> Result<(), proptest::test_runner::TestCaseError> {
+                if let Some((top, count)) = flush.multiple {
+                    // `multiple` acks every unacked tag up to `top` on the channel.
+                    let covered: Vec<u64> = (1..=top).filter(|t| !acked.contains(t)).collect();
+                    proptest::prop_assert_eq!(covered.len() as u64, count, "the count is what the ack covers");
+                    for tag in covered {
+                        proptest::prop_assert!(!s.open.contains_key(&tag), "multiple ack at {} covers {} in work", top, tag);
+                        acked.insert(tag);
+                    }
+                }
+                for tag in flush.singles {
+                    proptest::prop_assert!(!s.open.contains_key(&tag) && acked.insert(tag), "single ack of {} in work or twice", tag);
+                }
+                Ok(())
+            };
+            for step in steps {
+                match step {
+                    Step::Receive => {
+                        s.receive(next_tag, next_tag);
+                        next_tag += 1;
+                    }
+                    Step::Finish(i) => {
+                        if let Some(tag) = s.open.keys().nth(i % s.open.len().max(1)).copied() {
+                            proptest::prop_assert!(s.complete(tag, now));
+                        }
+                    }
+                    Step::Flush { millis, everything } => {
+                        now += Duration::from_millis(millis);
+                        let flush = s.take(now, everything);
+                        check(flush, &s)?;
+                    }
+                }
+            }
+            let finished: BTreeSet<u64> = (1..next_tag).filter(|t| !s.open.contains_key(t)).collect();
+            let flush = s.take(now, true);
+            check(flush, &s)?;
+            proptest::prop_assert_eq!(acked, finished, "every finished delivery acked once, no other");
+        }
     }
 }

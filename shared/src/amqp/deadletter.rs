@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{
     headers::{clip, headers_of, set_i64, set_str, strip_broker_death_headers},
-    publisher::{PublishError, Publisher},
+    settle::Outgoing,
     topology::{Stage, Topology},
 };
 use crate::messages::{header, now_ms};
@@ -69,14 +69,14 @@ impl DeadLetter {
 
     /// Publishes the dead letter (confirmed). Only after this succeeds may the caller ack the
     /// original.
-    pub async fn publish(
-        &self,
-        publisher: &Publisher,
-        topology: &Topology,
-        body: &[u8],
-        original: &BasicProperties,
-    ) -> Result<(), PublishError> {
-        publisher.publish(&topology.dead_exchange(), self.stage.as_str(), body, self.properties(original)).await
+    /// The dead letter of a message with this body and these properties, ready to publish.
+    pub fn outgoing(&self, topology: &Topology, body: Vec<u8>, original: &BasicProperties) -> Outgoing {
+        Outgoing {
+            exchange: topology.dead_exchange(),
+            routing_key: self.stage.as_str().to_string(),
+            body,
+            properties: self.properties(original),
+        }
     }
 }
 

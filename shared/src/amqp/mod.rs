@@ -5,14 +5,17 @@ pub mod connect;
 pub mod consume;
 pub mod deadletter;
 pub mod headers;
+pub mod ops;
 pub mod publisher;
 pub mod session;
+pub mod settle;
 pub mod topology;
 
 pub use connect::connect;
 pub use deadletter::{DeadLetter, ErrorClass};
 pub use publisher::{PublishError, Publisher};
 pub use session::{BrokerMetrics, Connections, Fatal, connection_name, supervise};
+pub use settle::{Applied, Headers, Message, Outgoing, Properties, Settlement};
 pub use topology::{Stage, Topology};
 
 pub use lapin;
