@@ -97,7 +97,7 @@ pub fn lock() -> anyhow::Result<DockerLock> {
 /// binaries; cached by content hash, so only the first run (or changed binaries) builds.
 pub async fn test_images() -> anyhow::Result<BTreeMap<String, String>> {
     crate::ensure_binaries();
-    let bin_dir = orderflow_cli::stack::default_bin_dir();
+    let bin_dir = orderflow_lab::stack::default_bin_dir();
     let script = repo().join("deploy/test-images/build");
     let start = Instant::now();
     let out = run(

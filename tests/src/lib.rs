@@ -1,6 +1,6 @@
 //! Test harness: a broker (AMQP_URL, else a local RabbitMQ on 127.0.0.1:5672, else one started
 //! with testcontainers), a unique namespace per test, condition waits with timeouts, and the local
-//! stack runner of the `orderflow` CLI.
+//! stack runner of `orderflow-lab`.
 
 use std::{
     future::Future,
@@ -14,7 +14,7 @@ use orderflow_shared::settings::BrokerArgs;
 pub mod docker;
 use tokio::sync::OnceCell;
 
-pub use orderflow_cli::stack::{Progress, Role, Stack, StackOptions};
+pub use orderflow_lab::stack::{Progress, Role, Stack, StackOptions};
 
 static BROKER: OnceCell<String> = OnceCell::const_new();
 static BINARIES: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
@@ -23,7 +23,7 @@ static BINARIES: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::
 /// test` builds test harnesses, not the binaries the end-to-end tests start as processes.
 pub fn ensure_binaries() {
     let result = BINARIES.get_or_init(|| {
-        let dir = orderflow_cli::stack::default_bin_dir();
+        let dir = orderflow_lab::stack::default_bin_dir();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");

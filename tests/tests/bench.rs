@@ -2,14 +2,17 @@
 //! reports throughput, latency and per-process usage; the raw relay moves the same pages and
 //! records through plain lapin. (The figures themselves are the README's, measured in release.)
 
-use orderflow_cli::e2e::{E2eOptions, pipeline, relay};
+use orderflow_lab::{
+    e2e::{E2eOptions, pipeline},
+    relay::relay,
+};
 use orderflow_tests::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_e2e_bench_measures_the_pipeline_and_the_raw_relay() {
     let _guard = heavy().await;
     let broker = broker_args("unused").await;
-    let bin_dir = orderflow_cli::stack::default_bin_dir();
+    let bin_dir = orderflow_lab::stack::default_bin_dir();
     let options = E2eOptions { orders: 3000, accounts: 2, replicas: 1, rate: 0, writer_concurrency: 32, relay: true };
     let (result, _) = pipeline(&bin_dir, &broker, &options).await.expect("the pipeline run");
     assert!(result.orders > 1000, "{result:?}");

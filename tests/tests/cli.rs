@@ -7,13 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use orderflow_shared::amqp::{Stage, Topology};
+use orderflow_shared::amqp::{Stage, Topology, ops::Client};
 use orderflow_tests::*;
 use serde_json::{Value, json};
 
 fn orderflow(ns: &str, amqp_url: &str, args: &[&str]) -> (i32, Value, String) {
     ensure_binaries();
-    let out = Command::new(orderflow_cli::stack::default_bin_dir().join("orderflow"))
+    let out = Command::new(orderflow_lab::stack::default_bin_dir().join("orderflow"))
         .args(args)
         .env("AMQP_URL", amqp_url)
         .env("ORDERFLOW_NS", ns)
@@ -26,10 +26,10 @@ fn orderflow(ns: &str, amqp_url: &str, args: &[&str]) -> (i32, Value, String) {
 }
 
 async fn dead(ns: &str) -> anyhow::Result<u32> {
-    let connection = orderflow_shared::amqp::connect(&broker_args(ns).await, "test").await?;
-    let q = orderflow_cli::broker::queue_state(&connection, &Topology::new(ns.to_string()).dead_queue(Stage::Writer))
-        .await?;
-    let _ = connection.close(200, "bye".into()).await;
+    let client = Client::connect(&broker_args(ns).await, "test").await?;
+    let q = client.queue_state(&Topology::new(ns.to_string()).dead_queue(Stage::Writer)).await;
+    client.close().await;
+    let q = q?;
     Ok(q.map(|q| q.messages).unwrap_or(0))
 }
 
@@ -150,7 +150,7 @@ async fn a_replay_whose_connection_drops_mid_way_loses_no_message() -> anyhow::R
     let outcome = async {
         stack.target_faults(&json!({"reject_ids": ""})).await?;
         let broker = broker_args(&ns).await;
-        let connection = std::sync::Arc::new(orderflow_shared::amqp::connect(&broker, "orderflow-dlq-test").await?);
+        let client = std::sync::Arc::new(Client::connect(&broker, "orderflow-dlq-test").await?);
         let topology = Topology::new(ns.clone());
         let options = orderflow_cli::dlq::ReplayOptions {
             stage: Stage::Writer,
@@ -163,11 +163,11 @@ async fn a_replay_whose_connection_drops_mid_way_loses_no_message() -> anyhow::R
             progress: false,
         };
         let replay = {
-            let (c, t) = (connection.clone(), topology.clone());
+            let (c, t) = (client.clone(), topology.clone());
             tokio::spawn(async move { orderflow_cli::dlq::replay(&c, &t, &options).await })
         };
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        connection.close(320, "closed by the test mid-replay".into()).await?;
+        client.close().await;
         let result = replay.await?;
         eprintln!("replay after the connection dropped: {result:?}");
         // Everything replayed gets written; everything else is still a dead letter. Nothing is lost.
@@ -226,8 +226,8 @@ async fn a_stack_whose_replica_cannot_start_names_it_and_leaves_no_queues_behind
     let broker = broker_args(&ns).await;
     let topology = Topology::new(ns.clone());
     // What the replicas started before the failing one declare.
-    let connection = orderflow_shared::amqp::connect(&broker, "test").await?;
-    topology.declare(&connection.create_channel().await?).await?;
+    let client = Client::connect(&broker, "test").await?;
+    client.declare(&topology).await?;
     let mut options = StackOptions::new(&broker.amqp_url, &ns, &log_dir(&ns));
     options.orders = 10;
     options.env = vec![("FETCH_INTERVAL".into(), "not-a-duration".into())];
@@ -241,11 +241,11 @@ async fn a_stack_whose_replica_cannot_start_names_it_and_leaves_no_queues_behind
     assert!(error.contains("fetcher #0") && error.contains("exited at start"), "{error}");
     let mut left = Vec::new();
     for name in topology.queue_names() {
-        if orderflow_cli::broker::queue_state(&connection, &name).await?.is_some() {
+        if client.queue_state(&name).await?.is_some() {
             left.push(name);
         }
     }
-    let _ = connection.close(200, "bye".into()).await;
+    client.close().await;
     assert!(left.is_empty(), "queues left behind: {left:?}");
     Ok(())
 }
@@ -255,7 +255,7 @@ async fn a_stack_whose_replica_cannot_start_names_it_and_leaves_no_queues_behind
 #[test]
 fn hostile_settings_are_refused_by_name_and_nothing_panics() {
     ensure_binaries();
-    let bin = orderflow_cli::stack::default_bin_dir();
+    let bin = orderflow_lab::stack::default_bin_dir();
     type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: [Case; 8] = [
         ("writer", &["--timeout", "99999999999999999999999d"], &[], "--timeout"),

@@ -347,7 +347,7 @@ async fn the_demo_without_a_broker_starts_one_in_docker_or_prints_the_command_th
     let _docker = docker::lock()?;
     // A local port nothing listens on stands for "no broker on this machine".
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let bin = orderflow_cli::stack::default_bin_dir().join("orderflow");
+    let bin = orderflow_lab::stack::default_bin_dir().join("orderflow");
     let t = Instant::now();
     let out = tokio::time::timeout(
         Duration::from_secs(600),
@@ -363,7 +363,7 @@ async fn the_demo_without_a_broker_starts_one_in_docker_or_prints_the_command_th
     if out.status.success() {
         assert!(said.contains("RabbitMQ is running in Docker") && said.contains("synced"), "{said}");
     } else {
-        assert!(said.contains(orderflow_cli::demo_broker::GET_A_BROKER), "{said}");
+        assert!(said.contains(orderflow_lab::demo_broker::GET_A_BROKER), "{said}");
     }
     eprintln!("demo without a broker ({:.1}s): {}", t.elapsed().as_secs_f64(), said.lines().last().unwrap_or(""));
     Ok(())

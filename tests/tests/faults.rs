@@ -4,7 +4,8 @@
 //! target, a work queue does not drain, a dead letter has no reason, or an injected bad message
 //! was not dead-lettered.
 
-use orderflow_cli::faults::{Profile, run_scenario};
+use orderflow_lab::faults::{Profile, run_scenario};
+use orderflow_shared::amqp::ops::Client;
 use orderflow_tests::*;
 
 async fn scenario(n: u8) {
@@ -13,11 +14,11 @@ async fn scenario(n: u8) {
     let mut profile = Profile::short();
     profile.rabbitmqctl = rabbitmqctl_command();
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1);
-    let bin_dir = orderflow_cli::stack::default_bin_dir();
+    let bin_dir = orderflow_lab::stack::default_bin_dir();
     let result = run_scenario(n, &profile, &url, &bin_dir, seed)
         .await
         .unwrap_or_else(|e| panic!("scenario {n} could not run: {e:#}"));
-    eprintln!("{}", orderflow_cli::faults::table(std::slice::from_ref(&result)));
+    eprintln!("{}", orderflow_lab::faults::table(std::slice::from_ref(&result)));
     for note in &result.notes {
         eprintln!("scenario {n}: {note}");
     }
@@ -78,8 +79,8 @@ async fn scenario_8_broker_alarms_and_a_short_ack_timeout() {
     scenario(8).await;
 }
 
-async fn depth(connection: &lapin::Connection, queue: &str) -> anyhow::Result<u32> {
-    Ok(orderflow_cli::broker::queue_state(connection, queue).await?.map_or(0, |q| q.messages))
+async fn depth(client: &Client, queue: &str) -> anyhow::Result<u32> {
+    Ok(client.queue_state(queue).await?.map_or(0, |q| q.messages))
 }
 
 /// RabbitMQ blocks a connection that publishes while a memory alarm lasts and stops reading from
@@ -89,7 +90,7 @@ async fn depth(connection: &lapin::Connection, queue: &str) -> anyhow::Result<u3
 /// must keep draining through a 60 s alarm, and the writer must say it is blocked.
 #[tokio::test(flavor = "multi_thread")]
 async fn writers_keep_writing_and_acking_through_a_memory_alarm() -> anyhow::Result<()> {
-    use orderflow_cli::alarms::{Alarm, Resource};
+    use orderflow_lab::alarms::{Alarm, Resource};
     use std::time::Duration;
     let _guard = heavy().await;
     let url = broker_url().await;
@@ -102,12 +103,12 @@ async fn writers_keep_writing_and_acking_through_a_memory_alarm() -> anyhow::Res
         ["--latency-ms", "40", "--latency-max-ms", "40", "--reject-ids", "*777"].map(String::from).to_vec();
     options.env = vec![("FETCH_INTERVAL".into(), "1s".into()), ("WRITER_CONCURRENCY".into(), "4".into())];
     let mut stack = Stack::start(options).await?;
-    let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+    let client = Client::connect(&broker_args(&ns).await, "test").await?;
     let records = stack.options.stage_topology().records_queue();
     let ctl = rabbitmqctl_command();
     let outcome = async {
         wait_for("a backlog of records", Duration::from_secs(180), Duration::from_millis(500), || async {
-            let n = depth(&connection, &records).await?;
+            let n = depth(&client, &records).await?;
             Ok(if n >= 7000 { Ok(()) } else { Err(format!("{n} records queued")) })
         })
         .await?;
@@ -120,7 +121,7 @@ async fn writers_keep_writing_and_acking_through_a_memory_alarm() -> anyhow::Res
         .await?;
         let alarm = Alarm::raise(&ctl, Resource::Memory).await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let early = depth(&connection, &records).await?;
+        let early = depth(&client, &records).await?;
         let (mut blocked_seen, end) = (false, tokio::time::Instant::now() + Duration::from_secs(50));
         while tokio::time::Instant::now() < end {
             let body: serde_json::Value =
@@ -128,7 +129,7 @@ async fn writers_keep_writing_and_acking_through_a_memory_alarm() -> anyhow::Res
             blocked_seen |= body["checks"]["broker_blocked"].as_str().is_some_and(|c| c.contains("blocks publishing"));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let late = depth(&connection, &records).await?;
+        let late = depth(&client, &records).await?;
         let gauge = metric(writer, "orderflow_broker_blocked", None).await?;
         alarm.clear().await?;
         eprintln!("records queued 5 s into the alarm: {early}; 55 s in: {late}; writer blocked gauge {gauge}");
@@ -155,7 +156,7 @@ async fn writers_keep_writing_and_acking_through_a_memory_alarm() -> anyhow::Res
         anyhow::Ok(())
     }
     .await;
-    let _ = connection.close(200, "bye".into()).await;
+    client.close().await;
     teardown(stack).await;
     outcome
 }
@@ -181,7 +182,7 @@ async fn the_suite_fails_a_run_in_which_a_stage_exits_on_its_own() {
     // A small run: the point is the crash, not the load.
     let mut profile = Profile { orders: 1500, fault_secs: 8, ..Profile::short() };
     profile.rabbitmqctl = rabbitmqctl_command();
-    let bin_dir = orderflow_cli::stack::default_bin_dir();
+    let bin_dir = orderflow_lab::stack::default_bin_dir();
     let transformer = bin_dir.join("transformer");
     let run = tokio::spawn({
         let bin_dir = bin_dir.clone();
@@ -230,7 +231,7 @@ impl Drop for Policy {
 /// transformer ends, pages are parked, and once the queue drains every order is written.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_records_queue_parks_pages_instead_of_outliving_the_ack_timeout() -> anyhow::Result<()> {
-    use orderflow_cli::alarms::ConsumerTimeout;
+    use orderflow_lab::alarms::ConsumerTimeout;
     use std::time::Duration;
     let _guard = heavy().await;
     let url = broker_url().await;
@@ -266,9 +267,10 @@ async fn a_full_records_queue_parks_pages_instead_of_outliving_the_ack_timeout()
         max_length(10_000_000)?;
         stack.spawn_stage(Role::Writer, 0).await?;
         wait_synced(&stack, Duration::from_secs(180)).await?;
-        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
-        let dead = depth(&connection, &format!("{ns}.transformer.dead")).await?;
-        let _ = connection.close(200, "bye".into()).await;
+        let client = Client::connect(&broker_args(&ns).await, "test").await?;
+        let dead = depth(&client, &format!("{ns}.transformer.dead")).await;
+        client.close().await;
+        let dead = dead?;
         anyhow::ensure!(dead == 0, "{dead} pages dead-lettered");
         anyhow::Ok(())
     }

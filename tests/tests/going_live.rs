@@ -165,7 +165,7 @@ async fn the_health_probe_ignores_proxy_variables() -> anyhow::Result<()> {
     // A proxy that refuses every connection: a probe that used it would fail.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let proxy = format!("http://{dead}");
-    let bin = orderflow_cli::stack::default_bin_dir().join("orderflow");
+    let bin = orderflow_lab::stack::default_bin_dir().join("orderflow");
     let status = tokio::process::Command::new(bin)
         .args(["probe", &format!("http://{addr}/readyz")])
         .env("HTTP_PROXY", &proxy)

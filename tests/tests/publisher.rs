@@ -12,7 +12,7 @@ use lapin::{
     options::{QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use orderflow_shared::amqp::{Publisher, headers::json_properties};
+use orderflow_shared::amqp::{Publisher, headers::json_properties, ops::Client};
 use orderflow_tests::*;
 
 async fn declare(channel: &lapin::Channel, name: &str, max_length: Option<i64>) -> anyhow::Result<()> {
@@ -37,6 +37,7 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() -> any
     declare(&channel, &full, Some(10)).await?;
     declare(&channel, &open, None).await?;
     let publisher = Publisher::open(&connection).await?;
+    let client = Client::connect(&broker, "test").await?;
     let outcome = async {
         let mut tasks = tokio::task::JoinSet::new();
         let big = Arc::new(vec![b'x'; 32 * 1024]);
@@ -59,8 +60,8 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() -> any
             }
         }
         let depth = |q: String| {
-            let connection = &connection;
-            async move { Ok::<u32, anyhow::Error>(orderflow_cli::broker::queue_state(connection, &q).await?.map_or(0, |s| s.messages)) }
+            let client = &client;
+            async move { Ok::<u32, anyhow::Error>(client.queue_state(&q).await?.map_or(0, |s| s.messages)) }
         };
         let (in_full, in_open) = (depth(full.clone()).await?, depth(open.clone()).await?);
         eprintln!("confirmed: {acked_full} to the full queue (holds {in_full}), {acked_open} to the open one (holds {in_open})");

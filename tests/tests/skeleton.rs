@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use orderflow_shared::amqp::{Stage, Topology};
+use orderflow_shared::amqp::{Stage, Topology, ops::Client};
 use orderflow_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,25 +21,24 @@ async fn seeded_orders_flow_from_jst_sim_to_target_sim_exactly() -> anyhow::Resu
         assert_eq!(written, confirmed, "target-sim must hold exactly the Confirmed orders");
         let stats = stack.target_stats().await?;
         assert_eq!(stats["stats"]["invalid"], 0, "{stats}");
-        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        let client = Client::connect(&broker_args(&ns).await, "test").await?;
         let topology = Topology::new(ns.clone());
         for stage in Stage::ALL {
-            let dead =
-                orderflow_cli::broker::queue_state(&connection, &topology.dead_queue(stage)).await?.map(|q| q.messages);
+            let dead = client.queue_state(&topology.dead_queue(stage)).await?.map(|q| q.messages);
             assert_eq!(dead, Some(0), "no dead letters in {stage}");
         }
         for queue in [topology.pages_queue(), topology.records_queue()] {
             wait_for("work queues to drain", Duration::from_secs(30), Duration::from_millis(200), || {
-                let c = &connection;
+                let c = &client;
                 let q = queue.clone();
                 async move {
-                    let depth = orderflow_cli::broker::queue_state(c, &q).await?.map(|s| s.messages).unwrap_or(0);
+                    let depth = c.queue_state(&q).await?.map(|s| s.messages).unwrap_or(0);
                     Ok(if depth == 0 { Ok(()) } else { Err(format!("{q} holds {depth}")) })
                 }
             })
             .await?;
         }
-        let _ = connection.close(200, "bye".into()).await;
+        client.close().await;
         anyhow::Ok(())
     }
     .await;
@@ -49,12 +48,12 @@ async fn seeded_orders_flow_from_jst_sim_to_target_sim_exactly() -> anyhow::Resu
 
 fn bin(name: &str) -> std::path::PathBuf {
     ensure_binaries();
-    orderflow_cli::stack::default_bin_dir().join(name)
+    orderflow_lab::stack::default_bin_dir().join(name)
 }
 
 #[test]
 fn every_binary_answers_help() {
-    for name in ["fetcher", "transformer", "writer", "orderflow", "jst-sim", "target-sim"] {
+    for name in ["fetcher", "transformer", "writer", "orderflow", "orderflow-lab", "jst-sim", "target-sim"] {
         let out = Command::new(bin(name)).arg("--help").output().unwrap_or_else(|e| panic!("{name}: {e}"));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{name} --help failed: {}", String::from_utf8_lossy(&out.stderr));

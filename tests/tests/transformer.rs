@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 
 use clap::Parser;
 use orderflow_shared::{
-    amqp::{Stage, Topology, topology::PAGE_ROUTING_KEY},
+    amqp::{Stage, Topology, ops::Client, topology::PAGE_ROUTING_KEY},
     messages::header,
 };
 use orderflow_tests::*;
@@ -71,13 +71,15 @@ async fn a_bad_order_is_dead_lettered_with_its_reason_and_the_rest_of_the_page_g
 
     stop.cancel();
     handle.await??;
-    orderflow_cli::broker::delete_namespace(&connection, &topology, &[]).await?;
+    let client = Client::connect(&broker, "test").await?;
+    client.delete_namespace(&topology, &[]).await?;
+    client.close().await;
     Ok(())
 }
 
 fn transformer_bin() -> std::path::PathBuf {
     ensure_binaries();
-    orderflow_cli::stack::default_bin_dir().join("transformer")
+    orderflow_lab::stack::default_bin_dir().join("transformer")
 }
 
 fn repo(path: &str) -> String {
@@ -159,12 +161,12 @@ async fn a_full_records_queue_holds_pages_back_without_dead_letters_or_reconnect
         // Held back for 15 s, far longer than a few quick retries: the pages wait unacked in the
         // transformer; none is failed back to the broker (which would count towards its delivery
         // limit and end as a dead letter) and the session is not torn down.
-        let connection = orderflow_shared::amqp::connect(&broker_args(&ns).await, "test").await?;
+        let client = Client::connect(&broker_args(&ns).await, "test").await?;
         let dead = topology.dead_queue(Stage::Transformer);
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(15) {
             let reconnects = metric(transformer, "orderflow_broker_reconnects_total", None).await?;
-            let dead_letters = orderflow_cli::broker::queue_state(&connection, &dead).await?.map_or(0, |q| q.messages);
+            let dead_letters = client.queue_state(&dead).await?.map_or(0, |q| q.messages);
             anyhow::ensure!(
                 (reconnects, dead_letters) == (0.0, 0),
                 "while the records queue was full: {reconnects} reconnects, {dead_letters} dead letters"
@@ -176,8 +178,8 @@ async fn a_full_records_queue_holds_pages_back_without_dead_letters_or_reconnect
         stack.spawn_stage(Role::Writer, 0).await?;
         let progress = wait_synced(&stack, Duration::from_secs(180)).await?;
         let reconnects = metric(transformer, "orderflow_broker_reconnects_total", None).await?;
-        let dead_letters = orderflow_cli::broker::queue_state(&connection, &dead).await?.map_or(0, |q| q.messages);
-        let _ = connection.close(200, "bye".into()).await;
+        let dead_letters = client.queue_state(&dead).await?.map_or(0, |q| q.messages);
+        client.close().await;
         anyhow::ensure!(
             (reconnects, dead_letters) == (0.0, 0),
             "after the queue drained: {reconnects} reconnects, {dead_letters} dead letters; {progress:?}"

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use orderflow_shared::{
-    amqp::{Stage, Topology},
+    amqp::{Stage, Topology, ops::Client},
     messages::header,
 };
 use orderflow_tests::*;
@@ -19,9 +19,10 @@ fn pipeline(ns: &str, amqp_url: &str, orders: u64) -> StackOptions {
 }
 
 async fn dead_count(ns: &str, stage: Stage) -> anyhow::Result<u32> {
-    let connection = orderflow_shared::amqp::connect(&broker_args(ns).await, "test").await?;
-    let q = orderflow_cli::broker::queue_state(&connection, &Topology::new(ns.to_string()).dead_queue(stage)).await?;
-    let _ = connection.close(200, "bye".into()).await;
+    let client = Client::connect(&broker_args(ns).await, "test").await?;
+    let q = client.queue_state(&Topology::new(ns.to_string()).dead_queue(stage)).await;
+    client.close().await;
+    let q = q?;
     Ok(q.map(|q| q.messages).unwrap_or(0))
 }
 

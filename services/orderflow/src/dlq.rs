@@ -14,22 +14,17 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use jiff::Timestamp;
-use lapin::{
-    BasicProperties, Connection,
-    options::{BasicAckOptions, BasicGetOptions},
-};
 use orderflow_shared::{
     amqp::{
-        Publisher, Stage, Topology,
-        headers::{clip, get_i64, get_str, headers_of, set_i64, set_str, strip_broker_death_headers},
+        PublishError, Publisher, Stage, Topology,
+        headers::clip,
+        ops::{Client, Reader, Taken, close_publisher},
     },
     messages::header,
     settings::parse_duration,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
-
-use crate::broker::queue_state;
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum DlqCommand {
@@ -103,14 +98,12 @@ pub struct ReplayArgs {
 /// A dead letter as read from its queue.
 #[derive(Debug, Clone)]
 pub struct DeadLetterView {
-    pub tag: u64,
-    pub properties: BasicProperties,
-    pub body: Vec<u8>,
+    pub message: Taken,
 }
 
 impl DeadLetterView {
     fn h(&self, key: &str) -> Option<String> {
-        get_str(&self.properties, key)
+        self.message.header_str(key)
     }
     pub fn reason(&self) -> String {
         self.h(header::REASON).unwrap_or_else(|| "unknown".into())
@@ -119,19 +112,19 @@ impl DeadLetterView {
         self.h(header::ERROR_CLASS).unwrap_or_else(|| "unknown".into())
     }
     pub fn replays(&self) -> i64 {
-        get_i64(&self.properties, header::REPLAYS).unwrap_or(0)
+        self.message.header_i64(header::REPLAYS).unwrap_or(0)
     }
     pub fn dead_at_ms(&self) -> Option<i64> {
-        get_i64(&self.properties, header::DEAD_AT_MS)
+        self.message.header_i64(header::DEAD_AT_MS)
     }
     pub fn message_id(&self) -> String {
-        self.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default()
+        self.message.message_id()
     }
     /// Every id a person might use for this message: message id, order id, record id, page order ids.
     pub fn ids(&self) -> Vec<String> {
         let mut ids = vec![self.message_id()];
         ids.extend(self.h(header::ORDER_ID));
-        if let Ok(body) = serde_json::from_slice::<Value>(&self.body) {
+        if let Ok(body) = serde_json::from_slice::<Value>(&self.message.body) {
             ids.extend(body.get("id").and_then(orderflow_shared::json::scalar_text));
             for order in body.get("orders").and_then(Value::as_array).into_iter().flatten() {
                 ids.extend(order.get("o_id").and_then(orderflow_shared::json::scalar_text));
@@ -146,37 +139,23 @@ impl DeadLetterView {
             "reason": self.reason(),
             "class": self.class(),
             "error": self.h(header::ERROR),
-            "attempts": get_i64(&self.properties, header::ATTEMPT),
+            "attempts": self.message.header_i64(header::ATTEMPT),
             "replays": self.replays(),
             "stage": self.h(header::STAGE),
             "origin": {"exchange": self.h(header::ORIGIN_EXCHANGE), "routing_key": self.h(header::ORIGIN_ROUTING_KEY)},
             "age_seconds": self.dead_at_ms().map(|at| (now_ms - at).max(0) / 1000),
             "order_id": self.h(header::ORDER_ID),
-            "body_excerpt": clip(&String::from_utf8_lossy(&self.body), 300),
+            "body_excerpt": clip(&String::from_utf8_lossy(&self.message.body), 300),
         })
     }
 }
 
-/// Reads up to `max` messages without removing them: they return to the queue when `channel` closes.
-async fn browse(channel: &lapin::Channel, queue: &str, max: usize) -> anyhow::Result<Vec<DeadLetterView>> {
-    let mut out = Vec::new();
-    while out.len() < max {
-        match channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await? {
-            Some(m) => out.push(DeadLetterView {
-                tag: m.delivery.delivery_tag,
-                properties: m.delivery.properties,
-                body: m.delivery.data,
-            }),
-            None => break,
-        }
-    }
-    Ok(out)
-}
-
-async fn close(channel: lapin::Channel) {
-    if channel.status().connected() {
-        let _ = channel.close(200, "done".into()).await;
-    }
+/// Reads up to `max` dead letters without removing them: they go back when the reader closes.
+async fn browse(client: &Client, queue: &str, max: usize) -> anyhow::Result<Vec<DeadLetterView>> {
+    let reader = client.reader().await?;
+    let taken = reader.take_up_to(queue, max).await;
+    reader.close().await;
+    Ok(taken?.into_iter().map(|message| DeadLetterView { message }).collect())
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -189,41 +168,37 @@ pub struct StageStats {
     pub oldest_age_seconds: Option<i64>,
 }
 
-pub async fn stats(connection: &Connection, topology: &Topology) -> anyhow::Result<Vec<StageStats>> {
+impl StageStats {
+    fn of(stage: Stage, queue: String, count: u32, messages: &[DeadLetterView], now_ms: i64) -> StageStats {
+        let mut s = StageStats { stage: stage.as_str(), queue, count, ..StageStats::default() };
+        for m in messages {
+            *s.reasons.entry(m.reason()).or_default() += 1;
+            *s.classes.entry(m.class()).or_default() += 1;
+            if let Some(at) = m.dead_at_ms() {
+                let age = (now_ms - at).max(0) / 1000;
+                s.oldest_age_seconds = Some(s.oldest_age_seconds.map_or(age, |o| o.max(age)));
+            }
+        }
+        s
+    }
+}
+
+pub async fn stats(client: &Client, topology: &Topology) -> anyhow::Result<Vec<StageStats>> {
     let now = Timestamp::now().as_millisecond();
     let mut all = Vec::new();
     for stage in Stage::ALL {
         let queue = topology.dead_queue(stage);
-        let count = queue_state(connection, &queue).await?.map(|q| q.messages).unwrap_or(0);
-        let channel = connection.create_channel().await?;
-        let messages = browse(&channel, &queue, count as usize).await?;
-        close(channel).await;
-        let mut s = StageStats { stage: stage.as_str(), queue, count, ..StageStats::default() };
-        for m in &messages {
-            *s.reasons.entry(m.reason()).or_default() += 1;
-            *s.classes.entry(m.class()).or_default() += 1;
-            if let Some(at) = m.dead_at_ms() {
-                let age = (now - at).max(0) / 1000;
-                s.oldest_age_seconds = Some(s.oldest_age_seconds.map_or(age, |o| o.max(age)));
-            }
-        }
-        all.push(s);
+        let count = client.queue_state(&queue).await?.map(|q| q.messages).unwrap_or(0);
+        let messages = browse(client, &queue, count as usize).await?;
+        all.push(StageStats::of(stage, queue, count, &messages, now));
     }
     Ok(all)
 }
 
-pub async fn peek(
-    connection: &Connection,
-    topology: &Topology,
-    stage: Stage,
-    limit: usize,
-) -> anyhow::Result<Vec<Value>> {
-    let channel = connection.create_channel().await?;
-    let messages = browse(&channel, &topology.dead_queue(stage), limit).await?;
+pub async fn peek(client: &Client, topology: &Topology, stage: Stage, limit: usize) -> anyhow::Result<Vec<Value>> {
+    let messages = browse(client, &topology.dead_queue(stage), limit).await?;
     let now = Timestamp::now().as_millisecond();
-    let out = messages.iter().map(|m| m.describe(now)).collect();
-    close(channel).await;
-    Ok(out)
+    Ok(messages.iter().map(|m| m.describe(now)).collect())
 }
 
 /// Which dead letters a replay or purge takes.
@@ -292,34 +267,27 @@ pub struct ReplaySummary {
     pub seconds: f64,
 }
 
-/// The replayed message's properties: attempts reset, replays + 1, dead-letter and broker death
-/// headers dropped (the last reason and error are kept as history).
-pub fn replay_properties(m: &DeadLetterView) -> BasicProperties {
-    let mut headers = strip_broker_death_headers(&headers_of(&m.properties));
-    let last_reason = m.reason();
-    let last_error = m.h(header::ERROR).unwrap_or_default();
-    let mut kept = lapin::types::FieldTable::default();
-    for (k, v) in headers.inner() {
-        let dead_letter_header = [
-            header::STAGE,
-            header::ERROR_CLASS,
-            header::ERROR,
-            header::REASON,
-            header::ORIGIN_EXCHANGE,
-            header::ORIGIN_ROUTING_KEY,
-            header::DEAD_AT_MS,
-        ]
-        .contains(&k.as_str());
-        if !dead_letter_header {
-            kept.insert(k.clone(), v.clone());
-        }
-    }
-    headers = kept;
-    set_i64(&mut headers, header::ATTEMPT, 0);
-    set_i64(&mut headers, header::REPLAYS, m.replays() + 1);
-    set_str(&mut headers, "x-orderflow-last-reason", &last_reason);
-    set_str(&mut headers, "x-orderflow-last-error", &clip(&last_error, 1000));
-    m.properties.clone().with_headers(headers)
+/// The headers of a dead letter that a replay drops (the last reason and error are kept as
+/// history under other names).
+const DEAD_LETTER_HEADERS: [&str; 7] = [
+    header::STAGE,
+    header::ERROR_CLASS,
+    header::ERROR,
+    header::REASON,
+    header::ORIGIN_EXCHANGE,
+    header::ORIGIN_ROUTING_KEY,
+    header::DEAD_AT_MS,
+];
+
+/// The message a replay publishes: same id and body, attempts reset, replays + 1, dead-letter and
+/// broker death headers dropped (the last reason and error are kept as history).
+pub fn replayed(m: &DeadLetterView) -> Taken {
+    let (last_reason, last_error) = (m.reason(), clip(&m.h(header::ERROR).unwrap_or_default(), 1000));
+    m.message.republished(
+        &DEAD_LETTER_HEADERS,
+        &[(header::ATTEMPT, 0), (header::REPLAYS, m.replays() + 1)],
+        &[("x-orderflow-last-reason", &last_reason), ("x-orderflow-last-error", &last_error)],
+    )
 }
 
 /// Where a replay sends a dead letter: its recorded origin, else the stage's work exchange.
@@ -346,135 +314,181 @@ pub struct ReplayOptions {
 
 /// One pass over the dead letters present now. Errors from the broker end the pass early; the
 /// summary says what happened (nothing is lost either way).
-pub async fn replay(
-    connection: &Connection,
-    topology: &Topology,
-    options: &ReplayOptions,
-) -> anyhow::Result<ReplaySummary> {
+pub async fn replay(client: &Client, topology: &Topology, options: &ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let started = Instant::now();
     let queue = topology.dead_queue(options.stage);
-    let present = queue_state(connection, &queue).await?.with_context(|| format!("{queue} does not exist"))?.messages;
-    let channel = connection.create_channel().await?;
-    let publisher = if options.dry_run { None } else { Some(Publisher::open(connection).await?) };
-    let mut summary = ReplaySummary { dry_run: options.dry_run, ..ReplaySummary::default() };
-    let mut ticker = options.rate.filter(|r| *r > 0.0).map(|r| {
-        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
-    let tty = options.progress && std::io::stderr().is_terminal();
-    let mut last_line = Instant::now();
-    let mut broker_error = None;
-    for _ in 0..present {
-        let got = match channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) => {
-                broker_error = Some(e);
-                break;
-            }
-        };
-        summary.scanned += 1;
-        let m = DeadLetterView {
-            tag: got.delivery.delivery_tag,
-            properties: got.delivery.properties,
-            body: got.delivery.data,
-        };
-        let wanted = options.filter.matches(&m) && options.limit.is_none_or(|l| (summary.matched as usize) < l);
-        if wanted {
-            summary.matched += 1;
-            if m.replays() >= options.max_replays && !options.force {
-                summary.refused += 1;
-            } else if let Some(publisher) = &publisher {
-                if let Some(t) = ticker.as_mut() {
-                    t.tick().await;
-                }
-                let (exchange, routing_key) = replay_route(&m, topology, options.stage);
-                match publisher.publish(&exchange, &routing_key, &m.body, replay_properties(&m)).await {
-                    Ok(()) => match channel.basic_ack(m.tag, BasicAckOptions::default()).await {
-                        Ok(()) => summary.replayed += 1,
-                        Err(e) => {
-                            summary.failed += 1;
-                            broker_error = Some(e);
-                            break;
-                        }
-                    },
-                    Err(e) => {
-                        summary.failed += 1;
-                        if let orderflow_shared::amqp::PublishError::Channel(e) = e {
-                            broker_error = Some(e);
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        if options.progress && (tty || last_line.elapsed() >= Duration::from_secs(5)) {
-            let line = format!(
-                "{} {}/{present} scanned · {} matched · {} replayed · {} refused · {} failed",
-                if options.dry_run { "dry run:" } else { "replaying:" },
-                summary.scanned,
-                summary.matched,
-                summary.replayed,
-                summary.refused,
-                summary.failed
-            );
-            if tty {
-                eprint!("\r{line}")
-            } else {
-                eprintln!("{line}")
-            }
-            last_line = Instant::now();
-        }
-    }
-    if tty {
-        eprintln!();
-    }
+    let present = client.queue_state(&queue).await?.with_context(|| format!("{queue} does not exist"))?.messages;
+    let reader = client.reader().await?;
+    let publisher = if options.dry_run { None } else { Some(client.publisher().await?) };
+    let mut pass = Pass::new(options, topology, present);
+    let broker_error = pass.run(&reader, publisher.as_ref(), &queue).await.err();
+    pass.progress.end();
     // Everything not acked goes back to the dead queue here.
-    close(channel).await;
-    if let Some(p) = publisher {
-        let _ = p.channel().close(200, "done".into()).await;
+    reader.close().await;
+    if let Some(p) = &publisher {
+        close_publisher(p).await;
     }
+    let mut summary = pass.summary;
     summary.seconds = (started.elapsed().as_secs_f64() * 100.0).round() / 100.0;
-    summary.left = match queue_state(connection, &queue).await {
+    summary.left = match client.queue_state(&queue).await {
         Ok(Some(q)) => u64::from(q.messages),
         _ => u64::from(present) - summary.replayed,
     };
     if let Some(e) = broker_error {
         summary.failed = summary.failed.max(1);
-        tracing::warn!(message = "The broker connection failed during the replay; unfinished messages stay in the dead queue.", error = %e);
+        tracing::warn!(message = "The broker connection failed during the replay; unfinished messages stay in the dead queue.", error = %format!("{e:#}"));
     }
     Ok(summary)
 }
 
+/// A replay under way: what it has done, its pace, its progress line.
+struct Pass<'a> {
+    options: &'a ReplayOptions,
+    topology: &'a Topology,
+    present: u32,
+    summary: ReplaySummary,
+    ticker: Option<tokio::time::Interval>,
+    progress: ProgressLine,
+}
+
+impl<'a> Pass<'a> {
+    fn new(options: &'a ReplayOptions, topology: &'a Topology, present: u32) -> Self {
+        let ticker = options.rate.filter(|r| *r > 0.0).map(|r| {
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        Pass {
+            options,
+            topology,
+            present,
+            summary: ReplaySummary { dry_run: options.dry_run, ..ReplaySummary::default() },
+            ticker,
+            progress: ProgressLine::new(options.progress),
+        }
+    }
+
+    /// Takes each dead letter present at the start once (so it cannot loop); a broker failure
+    /// ends the pass.
+    async fn run(&mut self, reader: &Reader, publisher: Option<&Publisher>, queue: &str) -> anyhow::Result<()> {
+        for _ in 0..self.present {
+            let Some(message) = reader.take(queue).await? else { break };
+            self.summary.scanned += 1;
+            let m = DeadLetterView { message };
+            if self.wanted(&m) {
+                self.replay_one(reader, publisher, &m).await?;
+            }
+            let (s, present, dry) = (&self.summary, self.present, self.options.dry_run);
+            self.progress.show(|| {
+                format!(
+                    "{} {}/{present} scanned · {} matched · {} replayed · {} refused · {} failed",
+                    if dry { "dry run:" } else { "replaying:" },
+                    s.scanned,
+                    s.matched,
+                    s.replayed,
+                    s.refused,
+                    s.failed
+                )
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the filter and the limit take this dead letter (counted as matched).
+    fn wanted(&mut self, m: &DeadLetterView) -> bool {
+        let wanted =
+            self.options.filter.matches(m) && self.options.limit.is_none_or(|l| (self.summary.matched as usize) < l);
+        self.summary.matched += u64::from(wanted);
+        wanted
+    }
+
+    /// Publishes one matching dead letter to its origin (confirmed), then acks it; refuses one
+    /// replayed too often; does neither in a dry run (no publisher).
+    async fn replay_one(
+        &mut self,
+        reader: &Reader,
+        publisher: Option<&Publisher>,
+        m: &DeadLetterView,
+    ) -> anyhow::Result<()> {
+        if m.replays() >= self.options.max_replays && !self.options.force {
+            self.summary.refused += 1;
+            return Ok(());
+        }
+        let Some(publisher) = publisher else { return Ok(()) };
+        if let Some(t) = self.ticker.as_mut() {
+            t.tick().await;
+        }
+        let (exchange, routing_key) = replay_route(m, self.topology, self.options.stage);
+        let out = replayed(m);
+        match publisher.publish(&exchange, &routing_key, &out.body, out.properties).await {
+            Ok(()) => {}
+            Err(e) => {
+                self.summary.failed += 1;
+                // A refused publish leaves the message where it is; a lost channel ends the pass.
+                return if let PublishError::Channel(e) = e { Err(e.into()) } else { Ok(()) };
+            }
+        }
+        if let Err(e) = reader.ack(m.message.tag).await {
+            self.summary.failed += 1;
+            return Err(e);
+        }
+        self.summary.replayed += 1;
+        Ok(())
+    }
+}
+
+/// A progress line on stderr: redrawn in place on a terminal, else printed every 5 s.
+struct ProgressLine {
+    on: bool,
+    tty: bool,
+    last: Instant,
+}
+
+impl ProgressLine {
+    fn new(on: bool) -> Self {
+        ProgressLine { on, tty: on && std::io::stderr().is_terminal(), last: Instant::now() }
+    }
+
+    fn show(&mut self, line: impl FnOnce() -> String) {
+        if self.on && (self.tty || self.last.elapsed() >= Duration::from_secs(5)) {
+            if self.tty {
+                eprint!("\r{}", line());
+            } else {
+                eprintln!("{}", line());
+            }
+            self.last = Instant::now();
+        }
+    }
+
+    fn end(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
 /// Deletes matching dead letters (one pass, like a replay).
-pub async fn purge(connection: &Connection, topology: &Topology, stage: Stage, filter: &Filter) -> anyhow::Result<u64> {
+pub async fn purge(client: &Client, topology: &Topology, stage: Stage, filter: &Filter) -> anyhow::Result<u64> {
     let queue = topology.dead_queue(stage);
-    let present = queue_state(connection, &queue).await?.map(|q| q.messages).unwrap_or(0);
-    let channel = connection.create_channel().await?;
+    let present = client.queue_state(&queue).await?.map(|q| q.messages).unwrap_or(0);
+    let reader = client.reader().await?;
     let mut deleted = 0;
     for _ in 0..present {
-        let Some(got) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await? else {
-            break;
-        };
-        let m = DeadLetterView {
-            tag: got.delivery.delivery_tag,
-            properties: got.delivery.properties,
-            body: got.delivery.data,
-        };
+        let Some(message) = reader.take(&queue).await? else { break };
+        let m = DeadLetterView { message };
         if filter.matches(&m) {
-            channel.basic_ack(m.tag, BasicAckOptions::default()).await?;
+            reader.ack(m.message.tag).await?;
             deleted += 1;
         }
     }
-    close(channel).await;
+    reader.close().await;
     Ok(deleted)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::FieldTable;
+    use orderflow_shared::amqp::headers::{get, get_i64, get_str, json_properties, set_i64, set_str};
 
     #[test]
     fn replay_rates_that_would_panic_are_refused() {
@@ -485,7 +499,7 @@ mod tests {
     }
 
     fn dead(reason: &str, replays: i64, dead_at_ms: i64, body: &str) -> DeadLetterView {
-        let mut h = FieldTable::default();
+        let mut h = Default::default();
         set_str(&mut h, header::REASON, reason);
         set_str(&mut h, header::ERROR_CLASS, "permanent");
         set_str(&mut h, header::ERROR, "HTTP 422: nope");
@@ -495,12 +509,10 @@ mod tests {
         set_i64(&mut h, header::DEAD_AT_MS, dead_at_ms);
         set_i64(&mut h, header::ATTEMPT, 3);
         set_i64(&mut h, header::REPLAYS, replays);
-        h.insert("x-death".into(), lapin::types::AMQPValue::FieldArray(Default::default()));
+        set_str(&mut h, "x-death", "(the broker's dead-letter history)");
         set_str(&mut h, "traceparent", "00-abc-def-01");
         DeadLetterView {
-            tag: 1,
-            properties: BasicProperties::default().with_message_id("acme:42:7".into()).with_headers(h),
-            body: body.as_bytes().to_vec(),
+            message: Taken { tag: 1, properties: json_properties("acme:42:7", h), body: body.as_bytes().to_vec() },
         }
     }
 
@@ -527,19 +539,17 @@ mod tests {
     #[test]
     fn a_replay_resets_attempts_counts_replays_and_drops_death_headers() {
         let m = dead("target_rejected", 1, 1, "{}");
-        let props = replay_properties(&m);
-        assert_eq!(get_i64(&props, header::ATTEMPT), Some(0));
-        assert_eq!(get_i64(&props, header::REPLAYS), Some(2));
+        let out = replayed(&m);
+        let props = &out.properties;
+        assert_eq!(get_i64(props, header::ATTEMPT), Some(0));
+        assert_eq!(get_i64(props, header::REPLAYS), Some(2));
         for gone in ["x-death", header::REASON, header::ERROR, header::ERROR_CLASS, header::STAGE, header::DEAD_AT_MS] {
-            assert!(orderflow_shared::amqp::headers::get(&props, gone).is_none(), "{gone} must be dropped");
+            assert!(get(props, gone).is_none(), "{gone} must be dropped");
         }
-        assert_eq!(get_str(&props, "x-orderflow-last-reason").as_deref(), Some("target_rejected"));
-        assert_eq!(get_str(&props, "traceparent").as_deref(), Some("00-abc-def-01"));
-        assert_eq!(
-            props.message_id().as_ref().map(|s| s.as_str()),
-            Some("acme:42:7"),
-            "same id: idempotent downstream"
-        );
+        assert_eq!(get_str(props, "x-orderflow-last-reason").as_deref(), Some("target_rejected"));
+        assert_eq!(get_str(props, "traceparent").as_deref(), Some("00-abc-def-01"));
+        assert_eq!(out.message_id(), "acme:42:7", "same id: idempotent downstream");
+        assert_eq!(out.body, m.message.body);
     }
 
     #[test]
@@ -547,7 +557,7 @@ mod tests {
         let topology = Topology::new("ns");
         let m = dead("x", 0, 1, "{}");
         assert_eq!(replay_route(&m, &topology, Stage::Writer), ("ns.records".into(), "record".into()));
-        let bare = DeadLetterView { tag: 1, properties: BasicProperties::default(), body: vec![] };
+        let bare = DeadLetterView { message: Taken { tag: 1, properties: Default::default(), body: vec![] } };
         assert_eq!(replay_route(&bare, &topology, Stage::Transformer), ("ns.pages".into(), "page".into()));
     }
 

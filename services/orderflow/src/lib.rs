@@ -1,15 +1,8 @@
-//! The `orderflow` operator CLI as a library: the local stack runner (used by `demo` and by the
-//! tests), broker helpers, and the subcommands.
+//! The `orderflow` operator CLI as a library: dead letters, status, the topology, and the entry
+//! to the lab commands (run by the separate `orderflow-lab` binary).
 
-pub mod alarms;
-pub mod bench;
-pub mod broker;
-pub mod demo;
-pub mod demo_broker;
 pub mod dlq;
-pub mod e2e;
-pub mod faults;
-pub mod pace_bench;
-pub mod stack;
+pub mod dlq_cmd;
+pub mod lab;
 pub mod status;
 pub mod topology_cmd;

@@ -1,15 +1,23 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use orderflow_cli::{bench, broker::parse_tiers, demo, dlq, faults, status, topology_cmd};
+use clap::{Args, Parser, Subcommand};
+use orderflow_cli::{dlq, dlq_cmd, lab, status, topology_cmd};
 use orderflow_shared::{
-    amqp::Topology,
+    amqp::{
+        Topology,
+        ops::{Client, parse_retry_tiers},
+    },
     settings::{BrokerArgs, LogArgs},
 };
 
-/// Operator CLI for orderflow: the broker topology, dead letters, status, and a local demo.
+/// Operator CLI for orderflow: the broker topology, dead letters, status; and the lab commands
+/// (a local demo, the fault suite, benchmarks), which run orderflow-lab.
 #[derive(Debug, Parser)]
 #[command(name = "orderflow", version, about, long_about = None)]
+#[command(
+    after_help = "Lab commands (demo, fault-suite, bench) run orderflow-lab with the same arguments: it is built \
+    beside orderflow by `cargo build`, and the production image leaves it out. `orderflow demo --help` shows its options."
+)]
 struct Cli {
     #[command(flatten)]
     broker: BrokerArgs,
@@ -21,6 +29,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Operate(Operation),
+    #[command(flatten)]
+    Lab(LabCommand),
+}
+
+/// The operator commands.
+#[derive(Debug, Subcommand)]
+enum Operation {
     /// Print the broker topology (exchanges, queues, bindings); --declare creates it.
     Topology {
         /// Declare everything on the broker (idempotent).
@@ -50,37 +67,60 @@ enum Command {
         #[arg(long, env = "RETRY_TIERS", default_value = orderflow_shared::amqp::topology::DEFAULT_RETRY_TIERS)]
         retry_tiers: String,
     },
-    /// Run the whole pipeline locally (simulators + every stage) against AMQP_URL until synced.
-    Demo(demo::DemoArgs),
-    /// Inject the faults real integrations see and check that no order is lost (README table).
-    FaultSuite(faults::FaultArgs),
-    /// Measure speed on this machine (see the README's benchmark table).
-    Bench(bench::BenchArgs),
     /// Exit 0 when an HTTP URL answers 2xx (container healthchecks; no curl in the image).
     #[command(hide = true)]
     Probe { url: String },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    orderflow_shared::init_process();
+/// The lab commands: each runs orderflow-lab with the same arguments.
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Lab: run the whole pipeline locally (simulators + every stage) against AMQP_URL until synced.
+    #[command(disable_help_flag = true)]
+    Demo(LabArgs),
+    /// Lab: inject the faults real integrations see and check that no order is lost (README table).
+    #[command(disable_help_flag = true)]
+    FaultSuite(LabArgs),
+    /// Lab: measure speed on this machine (see the README's benchmark table).
+    #[command(disable_help_flag = true)]
+    Bench(LabArgs),
+}
+
+impl LabCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            LabCommand::Demo(_) => "demo",
+            LabCommand::FaultSuite(_) => "fault-suite",
+            LabCommand::Bench(_) => "bench",
+        }
+    }
+}
+
+/// A lab command's arguments, passed to orderflow-lab as they are (`--help` included).
+#[derive(Debug, Args)]
+struct LabArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<std::ffi::OsString>,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    orderflow_shared::telemetry::init(cli.log.log_format);
-    let result = match cli.command {
-        Command::Topology { declare, json, retry_tiers } => topology(&cli.broker, declare, json, &retry_tiers).await,
-        Command::Probe { url } => probe(&url).await,
-        Command::Dlq(command) => run_dlq(&cli.broker, command).await,
-        Command::Status { json, max_lag, sample, retry_tiers } => {
-            run_status(&cli.broker, json, max_lag, sample, &retry_tiers).await
-        }
-        Command::FaultSuite(args) => faults::run(args, &cli.broker.amqp_url)
-            .await
-            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }),
-        Command::Bench(args) => {
-            bench::run(args, cli.broker.clone()).await.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
-        Command::Demo(args) => {
-            demo::run(args, cli.broker.clone()).await.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    match cli.command {
+        Command::Lab(command) => lab::run(command.name()),
+        Command::Operate(operation) => operate(cli.broker, cli.log, operation),
+    }
+}
+
+#[tokio::main]
+async fn operate(broker: BrokerArgs, log: LogArgs, operation: Operation) -> ExitCode {
+    orderflow_shared::init_process();
+    orderflow_shared::telemetry::init(log.log_format);
+    let result = match operation {
+        Operation::Topology { declare, json, retry_tiers } => topology(&broker, declare, json, &retry_tiers).await,
+        Operation::Probe { url } => probe(&url).await,
+        Operation::Dlq(command) => run_dlq(&broker, command).await,
+        Operation::Status { json, max_lag, sample, retry_tiers } => {
+            run_status(&broker, json, max_lag, sample, &retry_tiers).await
         }
     };
     match result {
@@ -92,10 +132,6 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(broker: &BrokerArgs, name: &str) -> anyhow::Result<lapin::Connection> {
-    orderflow_shared::amqp::connect(broker, name).await.map_err(anyhow::Error::from)
-}
-
 async fn run_status(
     broker: &BrokerArgs,
     json: bool,
@@ -103,10 +139,11 @@ async fn run_status(
     sample: std::time::Duration,
     tiers: &str,
 ) -> anyhow::Result<ExitCode> {
-    let topology = Topology::new(broker.ns.clone()).with_retry_tiers(parse_tiers(tiers)?);
-    let connection = connect(broker, "orderflow-status").await?;
-    let report = status::report(&connection, &topology, max_lag, sample).await?;
-    let _ = connection.close(200, "bye".into()).await;
+    let topology = Topology::new(broker.ns.clone()).with_retry_tiers(parse_retry_tiers(tiers)?);
+    let client = Client::connect(broker, "orderflow-status").await?;
+    let report = status::report(&client, &topology, max_lag, sample).await;
+    client.close().await;
+    let report = report?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -117,122 +154,24 @@ async fn run_status(
 
 async fn run_dlq(broker: &BrokerArgs, command: dlq::DlqCommand) -> anyhow::Result<ExitCode> {
     let topology = Topology::new(broker.ns.clone());
-    let connection = connect(broker, "orderflow-dlq").await?;
-    let code = match command {
-        dlq::DlqCommand::Stats { json } => {
-            let stats = dlq::stats(&connection, &topology).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
-            } else {
-                for s in &stats {
-                    println!("{:<12} {:>7} dead letters in {}", s.stage, s.count, s.queue);
-                    if let Some(age) = s.oldest_age_seconds {
-                        println!("             oldest {age} s ago");
-                    }
-                    let mut reasons: Vec<_> = s.reasons.iter().collect();
-                    reasons.sort_by(|a, b| b.1.cmp(a.1));
-                    for (reason, n) in reasons.iter().take(5) {
-                        println!("             {n:>7} {reason}");
-                    }
-                    for (class, n) in &s.classes {
-                        println!("             {n:>7} class {class}");
-                    }
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        dlq::DlqCommand::Peek { stage, limit, json } => {
-            let messages = dlq::peek(&connection, &topology, stage, limit).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&messages)?);
-            } else if messages.is_empty() {
-                println!("no dead letters in {}", topology.dead_queue(stage));
-            } else {
-                for m in &messages {
-                    println!(
-                        "{}  reason={} class={} attempts={} replays={} age={}s\n  error: {}\n  origin: {} / {}\n  body: {}\n",
-                        m["message_id"].as_str().unwrap_or(""),
-                        m["reason"].as_str().unwrap_or(""),
-                        m["class"].as_str().unwrap_or(""),
-                        m["attempts"],
-                        m["replays"],
-                        m["age_seconds"],
-                        m["error"].as_str().unwrap_or(""),
-                        m["origin"]["exchange"].as_str().unwrap_or("-"),
-                        m["origin"]["routing_key"].as_str().unwrap_or("-"),
-                        m["body_excerpt"].as_str().unwrap_or("")
-                    );
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        dlq::DlqCommand::Replay(args) => {
-            let since_ms = args.since.as_deref().map(dlq::parse_since).transpose().map_err(anyhow::Error::msg)?;
-            if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
-                anyhow::bail!("--rate must be a positive number of messages per second");
-            }
-            let options = dlq::ReplayOptions {
-                stage: args.stage,
-                filter: dlq::Filter { reason: args.reason.clone(), ids: args.ids.clone(), since_ms, before_ms: None },
-                limit: args.limit,
-                rate: args.rate,
-                dry_run: args.dry_run,
-                force: args.force,
-                max_replays: args.max_replays,
-                progress: !args.json,
-            };
-            let summary = dlq::replay(&connection, &topology, &options).await?;
-            if args.json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else {
-                println!(
-                    "{}scanned {} · matched {} · replayed {} · refused {} (replayed > {} times; --force) · failed {} · left in queue {} · {:.1} s",
-                    if summary.dry_run { "DRY RUN (nothing changed): " } else { "" },
-                    summary.scanned,
-                    summary.matched,
-                    summary.replayed,
-                    summary.refused,
-                    args.max_replays,
-                    summary.failed,
-                    summary.left,
-                    summary.seconds
-                );
-            }
-            if summary.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
-        }
-        dlq::DlqCommand::Purge { stage, reason, older_than, yes, json } => {
-            if !yes {
-                anyhow::bail!(
-                    "purge deletes dead letters for good: add --yes (see them first with `orderflow dlq peek --stage {stage}`)"
-                );
-            }
-            let before_ms = older_than.map(|d| jiff::Timestamp::now().as_millisecond() - d.as_millis() as i64);
-            let filter = dlq::Filter { reason, ids: Vec::new(), since_ms: None, before_ms };
-            let deleted = dlq::purge(&connection, &topology, stage, &filter).await?;
-            if json {
-                println!("{}", serde_json::json!({"deleted": deleted}));
-            } else {
-                println!("deleted {deleted} dead letters from {}", topology.dead_queue(stage));
-            }
-            ExitCode::SUCCESS
-        }
-    };
-    let _ = connection.close(200, "bye".into()).await;
-    Ok(code)
+    let client = Client::connect(broker, "orderflow-dlq").await?;
+    let code = dlq_cmd::run(&client, &topology, command).await;
+    client.close().await;
+    code
 }
 
 async fn topology(broker: &BrokerArgs, declare: bool, json: bool, tiers: &str) -> anyhow::Result<ExitCode> {
-    let topology = Topology::new(broker.ns.clone()).with_retry_tiers(parse_tiers(tiers)?);
+    let topology = Topology::new(broker.ns.clone()).with_retry_tiers(parse_retry_tiers(tiers)?);
     if json {
         println!("{}", serde_json::to_string_pretty(&topology_cmd::render_json(&topology))?);
     } else {
         print!("{}", topology_cmd::render_text(&topology));
     }
     if declare {
-        let connection = orderflow_shared::amqp::connect(broker, "orderflow-cli").await?;
-        let channel = connection.create_channel().await?;
-        topology.declare(&channel).await?;
-        let _ = connection.close(200, "bye".into()).await;
+        let client = Client::connect(broker, "orderflow-cli").await?;
+        let declared = client.declare(&topology).await;
+        client.close().await;
+        declared?;
         eprintln!("declared on the broker");
     }
     Ok(ExitCode::SUCCESS)

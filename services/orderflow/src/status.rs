@@ -7,12 +7,12 @@ use std::{
 };
 
 use jiff::Timestamp;
-use lapin::{Connection, options::BasicGetOptions};
-use orderflow_shared::amqp::{Stage, Topology};
+use orderflow_shared::amqp::{
+    Stage, Topology,
+    ops::{Client, QueueState},
+};
 use serde::Serialize;
 use serde_json::Value;
-
-use crate::broker::queue_state;
 
 #[derive(Debug, Serialize)]
 pub struct QueueRow {
@@ -57,92 +57,116 @@ fn queues_of(topology: &Topology) -> Vec<(String, &'static str)> {
 }
 
 /// The newest status of every account (from `<ns>.fetch.status`, read without removing anything).
-async fn accounts(connection: &Connection, topology: &Topology) -> anyhow::Result<Vec<Value>> {
+async fn accounts(client: &Client, topology: &Topology) -> anyhow::Result<Vec<Value>> {
     let queue = topology.fetch_status_queue();
-    let Some(state) = queue_state(connection, &queue).await? else { return Ok(Vec::new()) };
-    let channel = connection.create_channel().await?;
+    let Some(state) = client.queue_state(&queue).await? else { return Ok(Vec::new()) };
+    let reader = client.reader().await?;
+    let taken = reader.take_up_to(&queue, state.messages as usize).await;
+    reader.close().await;
     let mut latest: BTreeMap<String, Value> = BTreeMap::new();
-    for _ in 0..state.messages {
-        let Some(m) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await? else { break };
-        let Ok(v) = serde_json::from_slice::<Value>(&m.delivery.data) else { continue };
+    for m in taken? {
+        let Ok(v) = serde_json::from_slice::<Value>(&m.body) else { continue };
         let Some(account) = v["account"].as_str().map(str::to_string) else { continue };
         let newer = latest.get(&account).is_none_or(|old| old["updated_at"].as_str() <= v["updated_at"].as_str());
         if newer {
             latest.insert(account, v);
         }
     }
-    let _ = channel.close(200, "done".into()).await;
     Ok(latest.into_values().collect())
 }
 
 pub async fn report(
-    connection: &Connection,
+    client: &Client,
     topology: &Topology,
     max_lag: Duration,
     sample: Duration,
 ) -> anyhow::Result<Report> {
+    let mut problems = Vec::new();
+    let queues = sample_queues(client, topology, sample, &mut problems).await?;
+    let now_ms = Timestamp::now().as_millisecond();
+    let accounts = accounts(client, topology).await?;
+    let accounts = accounts.iter().map(|v| account_row(v, now_ms, max_lag, &mut problems)).collect();
+    Ok(Report { namespace: topology.ns.clone(), healthy: problems.is_empty(), queues, accounts, problems })
+}
+
+/// Every queue's state now and `sample` later: depths, consumers and rates, and the problems seen.
+async fn sample_queues(
+    client: &Client,
+    topology: &Topology,
+    sample: Duration,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<Vec<QueueRow>> {
     let names = queues_of(topology);
     let mut first = Vec::new();
     for (name, _) in &names {
-        first.push(queue_state(connection, name).await?);
+        first.push(client.queue_state(name).await?);
     }
     let t0 = Instant::now();
     tokio::time::sleep(sample).await;
     let mut queues = Vec::new();
-    let mut problems = Vec::new();
     for ((name, role), before) in names.into_iter().zip(first) {
-        let Some(now) = queue_state(connection, &name).await? else {
+        let Some(now) = client.queue_state(&name).await? else {
             problems.push(format!("{name} does not exist (run `orderflow topology --declare`, or start a service)"));
             continue;
         };
-        let change = before
-            .map(|b| (f64::from(now.messages) - f64::from(b.messages)) / t0.elapsed().as_secs_f64())
-            .unwrap_or(0.0);
-        if role == "dead" && now.messages > 0 {
-            problems.push(format!("{} dead letters in {name} (see `orderflow dlq stats`)", now.messages));
-        }
-        if role == "work" && now.messages > 0 && now.consumers == 0 {
-            problems.push(format!("{name} holds {} messages and has no consumer", now.messages));
-        }
-        queues.push(QueueRow {
-            name,
-            role,
-            messages: now.messages,
-            consumers: now.consumers,
-            depth_change_per_sec: (change * 10.0).round() / 10.0,
-        });
+        queues.push(queue_row(name, role, before, now, t0.elapsed(), problems));
     }
-    let now_ms = Timestamp::now().as_millisecond();
-    let mut rows = Vec::new();
-    for v in accounts(connection, topology).await? {
-        let account = v["account"].as_str().unwrap_or_default().to_string();
-        let age = v["updated_at"]
-            .as_str()
-            .and_then(|s| s.parse::<Timestamp>().ok())
-            .map(|t| (now_ms - t.as_millisecond()).max(0) as f64 / 1000.0);
-        let stopped = v["stopped"].as_str().map(str::to_string);
-        let lag = v["lag_seconds"].as_f64().map(|l| l + age.unwrap_or(0.0));
-        if let Some(reason) = &stopped {
-            problems.push(format!("account {account} is stopped: {reason}"));
-        }
-        if let Some(lag) = lag.filter(|l| *l > max_lag.as_secs_f64()) {
-            problems.push(format!("account {account} is {lag:.0} s behind the source"));
-        }
-        if let Some(age) = age.filter(|a| *a > max_lag.as_secs_f64()) {
-            problems.push(format!("account {account} has not completed a pass for {age:.0} s (is a fetcher running?)"));
-        }
-        rows.push(AccountRow {
-            account,
-            seq: v["seq"].as_u64().unwrap_or(0),
-            caught_up: v["caught_up"].as_bool().unwrap_or(false),
-            lag_seconds: lag.map(|l| (l * 10.0).round() / 10.0),
-            last_pass_age_seconds: age.map(|a| (a * 10.0).round() / 10.0),
-            orders_total: v["orders_total"].as_u64().unwrap_or(0),
-            cursor: v["cursor"].clone(),
-            stopped,
-        });
+    Ok(queues)
+}
+
+fn queue_row(
+    name: String,
+    role: &'static str,
+    before: Option<QueueState>,
+    now: QueueState,
+    elapsed: Duration,
+    problems: &mut Vec<String>,
+) -> QueueRow {
+    let change =
+        before.map(|b| (f64::from(now.messages) - f64::from(b.messages)) / elapsed.as_secs_f64()).unwrap_or(0.0);
+    if role == "dead" && now.messages > 0 {
+        problems.push(format!("{} dead letters in {name} (see `orderflow dlq stats`)", now.messages));
     }
-    Ok(Report { namespace: topology.ns.clone(), healthy: problems.is_empty(), queues, accounts: rows, problems })
+    if role == "work" && now.messages > 0 && now.consumers == 0 {
+        problems.push(format!("{name} holds {} messages and has no consumer", now.messages));
+    }
+    QueueRow {
+        name,
+        role,
+        messages: now.messages,
+        consumers: now.consumers,
+        depth_change_per_sec: (change * 10.0).round() / 10.0,
+    }
+}
+
+/// One account's row from its newest status, and the problems it shows.
+fn account_row(v: &Value, now_ms: i64, max_lag: Duration, problems: &mut Vec<String>) -> AccountRow {
+    let account = v["account"].as_str().unwrap_or_default().to_string();
+    let age = v["updated_at"]
+        .as_str()
+        .and_then(|s| s.parse::<Timestamp>().ok())
+        .map(|t| (now_ms - t.as_millisecond()).max(0) as f64 / 1000.0);
+    let stopped = v["stopped"].as_str().map(str::to_string);
+    let lag = v["lag_seconds"].as_f64().map(|l| l + age.unwrap_or(0.0));
+    if let Some(reason) = &stopped {
+        problems.push(format!("account {account} is stopped: {reason}"));
+    }
+    if let Some(lag) = lag.filter(|l| *l > max_lag.as_secs_f64()) {
+        problems.push(format!("account {account} is {lag:.0} s behind the source"));
+    }
+    if let Some(age) = age.filter(|a| *a > max_lag.as_secs_f64()) {
+        problems.push(format!("account {account} has not completed a pass for {age:.0} s (is a fetcher running?)"));
+    }
+    AccountRow {
+        account,
+        seq: v["seq"].as_u64().unwrap_or(0),
+        caught_up: v["caught_up"].as_bool().unwrap_or(false),
+        lag_seconds: lag.map(|l| (l * 10.0).round() / 10.0),
+        last_pass_age_seconds: age.map(|a| (a * 10.0).round() / 10.0),
+        orders_total: v["orders_total"].as_u64().unwrap_or(0),
+        cursor: v["cursor"].clone(),
+        stopped,
+    }
 }
 
 pub fn render(r: &Report) -> String {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::broker::rabbitmqctl;
+use crate::rabbitmqctl::rabbitmqctl;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resource {

@@ -11,6 +11,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use orderflow_shared::amqp::{
+    Topology,
+    ops::{Client, parse_retry_tiers},
+};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -20,12 +24,12 @@ use tokio::{
 /// Deletes everything a stack's processes declared on the broker: the stages' topology with
 /// the accounts' fetch queues, and the default retry tiers (which a harness's own connections
 /// declare) when the stages used others.
-pub async fn delete_stack_namespace(connection: &lapin::Connection, options: &StackOptions) -> anyhow::Result<()> {
+pub async fn delete_stack_namespace(client: &Client, options: &StackOptions) -> anyhow::Result<()> {
     let stage = options.stage_topology();
-    crate::broker::delete_namespace(connection, &stage, &options.account_names()).await?;
-    let default = orderflow_shared::amqp::Topology::new(options.ns.clone());
+    client.delete_namespace(&stage, &options.account_names()).await?;
+    let default = Topology::new(options.ns.clone());
     if default.retry_tiers != stage.retry_tiers {
-        crate::broker::delete_namespace(connection, &default, &[]).await?;
+        client.delete_namespace(&default, &[]).await?;
     }
     Ok(())
 }
@@ -89,9 +93,9 @@ impl StackOptions {
 
     /// The topology the stages declare: the retry tiers `env` gives them in `RETRY_TIERS`, else
     /// the default ones.
-    pub fn stage_topology(&self) -> orderflow_shared::amqp::Topology {
-        let topology = orderflow_shared::amqp::Topology::new(self.ns.clone());
-        match self.env.iter().find(|(k, _)| k == "RETRY_TIERS").and_then(|(_, v)| crate::broker::parse_tiers(v).ok()) {
+    pub fn stage_topology(&self) -> Topology {
+        let topology = Topology::new(self.ns.clone());
+        match self.env.iter().find(|(k, _)| k == "RETRY_TIERS").and_then(|(_, v)| parse_retry_tiers(v).ok()) {
             Some(tiers) => topology.with_retry_tiers(tiers),
             None => topology,
         }
@@ -225,87 +229,112 @@ pub async fn spawn_sim(bin: &Path, args: &[String], log: &Path) -> anyhow::Resul
     Ok((child, url))
 }
 
+/// Fails naming the first binary the stack needs that is not in `bin_dir`.
+fn check_binaries(bin_dir: &Path) -> anyhow::Result<()> {
+    for role in [Role::JstSim, Role::TargetSim, Role::Fetcher, Role::Transformer, Role::Writer] {
+        if !bin_dir.join(role.binary()).exists() {
+            bail!(
+                "{} not found in {}: build the workspace first (cargo build --release)",
+                role.binary(),
+                bin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts jst-sim (the stack's merchants, orders and limits) and target-sim; returns them with
+/// jst-sim's URL and target-sim's base URL.
+async fn start_sims(options: &StackOptions) -> anyhow::Result<(Vec<Proc>, String, String)> {
+    let mut jst_args = vec![
+        "--accounts".to_string(),
+        options.accounts.to_string(),
+        "--orders".to_string(),
+        options.orders.to_string(),
+        "--rate-per-sec".to_string(),
+        options.rate_per_sec.to_string(),
+        "--rate-per-min".to_string(),
+        options.rate_per_min.to_string(),
+    ];
+    jst_args.extend(options.jst_args.iter().cloned());
+    let log = options.log_dir.join("jst-sim.log");
+    let (child, jst_url) = spawn_sim(&options.bin_dir.join("jst-sim"), &jst_args, &log).await?;
+    let mut procs = vec![Proc { role: Role::JstSim, index: 0, child, admin: None, log }];
+    let log = options.log_dir.join("target-sim.log");
+    let (child, target_base) = spawn_sim(&options.bin_dir.join("target-sim"), &options.target_args, &log).await?;
+    procs.push(Proc { role: Role::TargetSim, index: 0, child, admin: None, log });
+    Ok((procs, jst_url, target_base))
+}
+
+/// Writes the fetchers' accounts file: every merchant jst-sim created, with its credentials and
+/// the stack's budget.
+async fn write_accounts(http: &reqwest::Client, jst_url: &str, options: &StackOptions) -> anyhow::Result<PathBuf> {
+    let accounts: Value =
+        http.get(format!("{jst_url}/admin/accounts")).send().await?.error_for_status()?.json().await?;
+    let entries: Vec<Value> = accounts["accounts"]
+        .as_array()
+        .context("accounts list")?
+        .iter()
+        .map(|a| account_entry(a, jst_url, options))
+        .collect();
+    let accounts_file = options.log_dir.join("accounts.json");
+    std::fs::write(&accounts_file, serde_json::to_vec_pretty(&json!({ "accounts": entries }))?)?;
+    Ok(accounts_file)
+}
+
+/// One merchant of jst-sim as a fetcher account.
+fn account_entry(a: &Value, jst_url: &str, options: &StackOptions) -> Value {
+    let mut entry = if options.legacy {
+        json!({
+            "name": a["account"], "base_url": jst_url, "api": "legacy",
+            "partner_id": a["partner_id"], "partner_key": a["partner_key"], "token": a["token"],
+        })
+    } else {
+        json!({
+            "name": a["account"], "base_url": jst_url, "app_key": a["app_key"], "app_secret": a["app_secret"],
+            "access_token": a["access_token"], "refresh_token": a["refresh_token"],
+        })
+    };
+    let (per_sec, per_min) = options.fetch_budget.unwrap_or((options.rate_per_sec, options.rate_per_min));
+    entry["rate_per_sec"] = json!(per_sec);
+    entry["rate_per_min"] = json!(per_min);
+    if let Some(path) = &options.request_config {
+        entry["request_config"] = json!(path.display().to_string());
+    }
+    entry
+}
+
 impl Stack {
     pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
         orderflow_shared::init_process();
         std::fs::create_dir_all(&options.log_dir)?;
-        for role in [Role::JstSim, Role::TargetSim, Role::Fetcher, Role::Transformer, Role::Writer] {
-            let bin = options.bin_dir.join(role.binary());
-            if !bin.exists() {
-                bail!(
-                    "{} not found in {}: build the workspace first (cargo build --release)",
-                    role.binary(),
-                    options.bin_dir.display()
-                );
-            }
-        }
-        let mut procs = Vec::new();
-        let mut jst_args = vec![
-            "--accounts".to_string(),
-            options.accounts.to_string(),
-            "--orders".to_string(),
-            options.orders.to_string(),
-            "--rate-per-sec".to_string(),
-            options.rate_per_sec.to_string(),
-            "--rate-per-min".to_string(),
-            options.rate_per_min.to_string(),
-        ];
-        jst_args.extend(options.jst_args.iter().cloned());
-        let log = options.log_dir.join("jst-sim.log");
-        let (child, jst_url) = spawn_sim(&options.bin_dir.join("jst-sim"), &jst_args, &log).await?;
-        procs.push(Proc { role: Role::JstSim, index: 0, child, admin: None, log });
-        let log = options.log_dir.join("target-sim.log");
-        let (child, target_base) = spawn_sim(&options.bin_dir.join("target-sim"), &options.target_args, &log).await?;
-        procs.push(Proc { role: Role::TargetSim, index: 0, child, admin: None, log });
+        check_binaries(&options.bin_dir)?;
+        let (procs, jst_url, target_base) = start_sims(&options).await?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        let accounts: Value =
-            http.get(format!("{jst_url}/admin/accounts")).send().await?.error_for_status()?.json().await?;
-        let entries: Vec<Value> = accounts["accounts"]
-            .as_array()
-            .context("accounts list")?
-            .iter()
-            .map(|a| {
-                let mut entry = if options.legacy {
-                    json!({
-                        "name": a["account"], "base_url": jst_url, "api": "legacy",
-                        "partner_id": a["partner_id"], "partner_key": a["partner_key"], "token": a["token"],
-                    })
-                } else {
-                    json!({
-                        "name": a["account"], "base_url": jst_url, "app_key": a["app_key"], "app_secret": a["app_secret"],
-                        "access_token": a["access_token"], "refresh_token": a["refresh_token"],
-                    })
-                };
-                let (per_sec, per_min) = options.fetch_budget.unwrap_or((options.rate_per_sec, options.rate_per_min));
-                entry["rate_per_sec"] = json!(per_sec);
-                entry["rate_per_min"] = json!(per_min);
-                if let Some(path) = &options.request_config {
-                    entry["request_config"] = json!(path.display().to_string());
-                }
-                entry
-            })
-            .collect();
-        let accounts_file = options.log_dir.join("accounts.json");
-        std::fs::write(&accounts_file, serde_json::to_vec_pretty(&json!({ "accounts": entries }))?)?;
-        let mut stack =
-            Stack { jst_url, target_url: format!("{target_base}/data/write"), accounts_file, procs, http, options };
-        for (role, count) in [
-            (Role::Writer, stack.options.writers),
-            (Role::Transformer, stack.options.transformers),
-            (Role::Fetcher, stack.options.fetchers),
-        ] {
+        let accounts_file = write_accounts(&http, &jst_url, &options).await?;
+        let target_url = format!("{target_base}/data/write");
+        let mut stack = Stack { jst_url, target_url, accounts_file, procs, http, options };
+        stack.start_stages().await?;
+        Ok(stack)
+    }
+
+    /// Starts every stage replica: writers, transformers, then fetchers. When one cannot start,
+    /// stops everything and deletes what the replicas already started declared.
+    async fn start_stages(&mut self) -> anyhow::Result<()> {
+        let o = &self.options;
+        let counts = [(Role::Writer, o.writers), (Role::Transformer, o.transformers), (Role::Fetcher, o.fetchers)];
+        for (role, count) in counts {
             for index in 0..count {
-                if let Err(error) = stack.spawn_stage(role, index).await {
-                    // Leave nothing behind: the replicas already started have declared queues.
-                    stack.stop().await;
-                    if let Err(cleanup) = stack.delete_namespace().await {
+                if let Err(error) = self.spawn_stage(role, index).await {
+                    self.stop().await;
+                    if let Err(cleanup) = self.delete_namespace().await {
                         tracing::warn!(message = "Could not delete the stack's queues.", error = %format!("{cleanup:#}"));
                     }
                     return Err(error);
                 }
             }
         }
-        Ok(stack)
+        Ok(())
     }
 
     /// The broker settings of the stack's namespace, for a harness's own connections (the CA file,
@@ -323,9 +352,9 @@ impl Stack {
 
     /// Deletes what the stack's processes declared on the broker (after [`Stack::stop`]).
     pub async fn delete_namespace(&self) -> anyhow::Result<()> {
-        let connection = orderflow_shared::amqp::connect(&self.broker_args(), "orderflow-cleanup").await?;
-        let result = delete_stack_namespace(&connection, &self.options).await;
-        let _ = connection.close(200, "bye".into()).await;
+        let client = Client::connect(&self.broker_args(), "orderflow-cleanup").await?;
+        let result = delete_stack_namespace(&client, &self.options).await;
+        client.close().await;
         result
     }
 

@@ -12,23 +12,20 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures_util::{StreamExt, stream::FuturesUnordered};
-use lapin::types::FieldTable;
 use orderflow_shared::{
     amqp::{
-        Publisher, Topology,
+        Publisher, Stage, Topology,
         headers::{json_properties, set_i64},
+        ops::{Client, parse_retry_tiers},
         topology::RECORD_ROUTING_KEY,
     },
     messages::{RECORD_SCHEMA, Record, header, now_ms},
     settings::BrokerArgs,
 };
 use serde_json::{Value, json};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
-use crate::{
-    broker::delete_namespace,
-    stack::{default_bin_dir, spawn_logged, spawn_sim},
-};
+use crate::stack::{default_bin_dir, spawn_logged, spawn_sim};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -105,28 +102,12 @@ pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
     let bin_dir = args.bin_dir.clone().unwrap_or_else(default_bin_dir);
     match args.scenario {
         Scenario::Writer { records, concurrency, latency_ms, compare } => {
+            let runs =
+                if compare > 0 && compare != concurrency { vec![concurrency, compare] } else { vec![concurrency] };
             let mut all_ok = true;
-            let mut runs = vec![concurrency];
-            if compare > 0 && compare != concurrency {
-                runs.push(compare);
-            }
             for c in runs {
-                let result = writer_bound(&bin_dir, &broker, records, c, latency_ms).await?;
-                let ceiling = f64::from(c) * 1000.0 / latency_ms as f64;
-                let ratio = result / ceiling;
-                if args.json {
-                    println!(
-                        "{}",
-                        json!({"scenario": "writer", "records": records, "concurrency": c, "latency_ms": latency_ms, "writes_per_sec": result.round(), "ceiling_per_sec": ceiling.round(), "ratio": (ratio * 1000.0).round() / 1000.0})
-                    );
-                }
-                eprintln!(
-                    "writer-bound: concurrency {c:>3}, latency {latency_ms} ms: {result:>7.0} writes/s = {:.1}% of concurrency ÷ latency ({ceiling:.0}/s)",
-                    ratio * 100.0
-                );
-                if c == concurrency && ratio < 0.9 {
-                    all_ok = false;
-                }
+                let ratio = writer_bench(&bin_dir, &broker, records, c, latency_ms, args.json).await?;
+                all_ok &= c != concurrency || ratio >= 0.9;
             }
             Ok(all_ok)
         }
@@ -144,22 +125,56 @@ pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
         Scenario::Pace { scenario, records } => {
             crate::pace_bench::run(&bin_dir, &broker, scenario, records, args.json).await
         }
-        Scenario::Source { seconds } => {
-            eprintln!("source-bound: one merchant at 5 calls/s + 100 calls/min for {seconds} s …");
-            let r = crate::e2e::source(&bin_dir, &broker, seconds).await?;
-            eprintln!(
-                "source-bound: {} orders/s = {:.1}% of the budget ({} orders/s); 199/200 rejections: {}",
-                r["orders_per_sec"],
-                r["ratio"].as_f64().unwrap_or(0.0) * 100.0,
-                r["budget_orders_per_sec"],
-                r["rejections_199_200"]
-            );
-            if args.json {
-                println!("{r}");
-            }
-            Ok(r["ratio"].as_f64().unwrap_or(0.0) >= 0.95 && r["rejections_199_200"].as_u64() == Some(0))
-        }
+        Scenario::Source { seconds } => source_bench(&bin_dir, &broker, seconds, args.json).await,
     }
+}
+
+/// One writer-bound measurement at concurrency `c`: prints it, returns writes/s ÷ the ceiling
+/// concurrency ÷ latency.
+async fn writer_bench(
+    bin_dir: &std::path::Path,
+    broker: &BrokerArgs,
+    records: u64,
+    c: u16,
+    latency_ms: u64,
+    json: bool,
+) -> anyhow::Result<f64> {
+    let result = writer_bound(bin_dir, broker, records, c, latency_ms).await?;
+    let ceiling = f64::from(c) * 1000.0 / latency_ms as f64;
+    let ratio = result / ceiling;
+    if json {
+        println!(
+            "{}",
+            json!({"scenario": "writer", "records": records, "concurrency": c, "latency_ms": latency_ms, "writes_per_sec": result.round(), "ceiling_per_sec": ceiling.round(), "ratio": (ratio * 1000.0).round() / 1000.0})
+        );
+    }
+    eprintln!(
+        "writer-bound: concurrency {c:>3}, latency {latency_ms} ms: {result:>7.0} writes/s = {:.1}% of concurrency ÷ latency ({ceiling:.0}/s)",
+        ratio * 100.0
+    );
+    Ok(ratio)
+}
+
+/// `bench source`: prints the measurement; passes at ≥ 95% of the budget with no 199/200 answer.
+async fn source_bench(
+    bin_dir: &std::path::Path,
+    broker: &BrokerArgs,
+    seconds: u64,
+    json: bool,
+) -> anyhow::Result<bool> {
+    eprintln!("source-bound: one merchant at 5 calls/s + 100 calls/min for {seconds} s …");
+    let r = crate::e2e::source(bin_dir, broker, seconds).await?;
+    eprintln!(
+        "source-bound: {} orders/s = {:.1}% of the budget ({} orders/s); 199/200 rejections: {}",
+        r["orders_per_sec"],
+        r["ratio"].as_f64().unwrap_or(0.0) * 100.0,
+        r["budget_orders_per_sec"],
+        r["rejections_199_200"]
+    );
+    if json {
+        println!("{r}");
+    }
+    Ok(r["ratio"].as_f64().unwrap_or(0.0) >= 0.95 && r["rejections_199_200"].as_u64() == Some(0))
 }
 
 fn print_e2e(r: &crate::e2e::E2eResult) {
@@ -212,7 +227,7 @@ async fn e2e(
     if options.relay && result.pages > 0 {
         let per_page = ((result.orders as f64 / result.pages as f64).round() as usize).max(1);
         eprintln!("raw relay: {} pages × {per_page} records through the same two hops …", result.pages);
-        let relay = crate::e2e::relay(broker, result.pages, per_page, options.replicas).await?;
+        let relay = crate::relay::relay(broker, result.pages, per_page, options.replicas).await?;
         let ratio = result.orders_per_sec / relay.records_per_sec.max(1.0);
         result.ratio = Some((ratio * 1000.0).round() / 1000.0);
         result.relay = Some(relay);
@@ -270,7 +285,7 @@ async fn preload(publisher: &Publisher, topology: &Topology, records: u64) -> an
     for i in 0..records {
         let record = bench_record(i);
         let body = serde_json::to_vec(&record)?;
-        let mut headers = FieldTable::default();
+        let mut headers = Default::default();
         set_i64(&mut headers, header::ATTEMPT, 0);
         set_i64(&mut headers, header::FETCHED_AT_MS, now_ms());
         let props = json_properties(&record.message_id(), headers);
@@ -325,65 +340,74 @@ pub async fn writer_run(
     std::fs::create_dir_all(&log_dir)?;
     let mut broker = broker.clone();
     broker.ns = ns.clone();
-    let connection = orderflow_shared::amqp::connect(&broker, "orderflow-bench").await?;
-    let tiers: Vec<Duration> = env
-        .iter()
-        .find(|(k, _)| *k == "RETRY_TIERS")
-        .and_then(|(_, v)| crate::broker::parse_tiers(v).ok())
-        .unwrap_or_default();
-    let topology =
-        if tiers.is_empty() { Topology::new(ns.clone()) } else { Topology::new(ns.clone()).with_retry_tiers(tiers) };
-    topology.declare(&connection.create_channel().await?).await?;
+    let client = Client::connect(&broker, "orderflow-bench").await?;
+    let topology = writer_topology(&ns, env);
+    client.declare(&topology).await?;
     let (mut target, target_url) =
         spawn_sim(&bin_dir.join("target-sim"), target_args, &log_dir.join("target-sim.log")).await?;
-    let publisher = Publisher::open(&connection).await?;
-    preload(&publisher, &topology, records).await?;
+    preload(&client.publisher().await?, &topology, records).await?;
+    let mut writer = spawn_writer(bin_dir, &broker, &target_url, env, &log_dir).await?;
+    let http = reqwest::Client::new();
+    let (writes_per_sec, stats) = watch_writes(&http, &target_url, records).await?;
+    let records_json = if keep_records {
+        Some(http.get(format!("{target_url}/admin/records")).send().await?.json::<Value>().await?)
+    } else {
+        None
+    };
+    let dead = client.queue_state(&topology.dead_queue(Stage::Writer)).await?.map(|q| q.messages).unwrap_or(0);
+    for child in [&mut writer, &mut target] {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    client.delete_namespace(&topology, &[]).await?;
+    client.close().await;
+    Ok(WriterRun { writes_per_sec, stats, records: records_json, dead })
+}
+
+/// The namespace's topology with the retry tiers `env` gives the writer, else the default ones.
+fn writer_topology(ns: &str, env: &[(&str, String)]) -> Topology {
+    let tiers: Vec<Duration> =
+        env.iter().find(|(k, _)| *k == "RETRY_TIERS").and_then(|(_, v)| parse_retry_tiers(v).ok()).unwrap_or_default();
+    if tiers.is_empty() { Topology::new(ns) } else { Topology::new(ns).with_retry_tiers(tiers) }
+}
+
+/// Starts one writer on `broker`'s namespace against target-sim, with `env` on top.
+async fn spawn_writer(
+    bin_dir: &std::path::Path,
+    broker: &BrokerArgs,
+    target_url: &str,
+    env: &[(&str, String)],
+    log_dir: &std::path::Path,
+) -> anyhow::Result<Child> {
     let mut cmd = Command::new(bin_dir.join("writer"));
     cmd.env("AMQP_URL", &broker.amqp_url)
-        .env("ORDERFLOW_NS", &ns)
+        .env("ORDERFLOW_NS", &broker.ns)
         .env("ADMIN_ADDR", "127.0.0.1:0")
         .env("TARGET_URL", format!("{target_url}/data/write"))
         .env("LOG_FORMAT", "json");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut writer = spawn_logged(&mut cmd, &log_dir.join("writer.log")).await?;
-    let http = reqwest::Client::new();
-    let stats = |http: reqwest::Client, url: String| async move {
-        let v: Value = http.get(format!("{url}/admin/stats")).send().await?.json().await?;
-        anyhow::Ok(v)
-    };
+    spawn_logged(&mut cmd, &log_dir.join("writer.log")).await
+}
+
+/// Polls target-sim until it has written `records`; returns writes/s from the first write to the
+/// last, and its final `/admin/stats`.
+async fn watch_writes(http: &reqwest::Client, target_url: &str, records: u64) -> anyhow::Result<(f64, Value)> {
     let deadline = Instant::now() + Duration::from_secs(900);
     let mut first: Option<(Instant, u64)> = None;
-    let (last, final_stats) = loop {
-        let s = stats(http.clone(), target_url.clone()).await?;
-        let n = s["stats"]["written"].as_u64().unwrap_or(0);
+    loop {
+        let stats: Value = http.get(format!("{target_url}/admin/stats")).send().await?.json().await?;
+        let n = stats["stats"]["written"].as_u64().unwrap_or(0);
         let now = Instant::now();
         if first.is_none() && n > 0 {
             first = Some((now, n));
         }
         if n >= records {
-            break ((now, n), s);
+            let (t0, n0) = first.unwrap_or((now, n));
+            return Ok(((n - n0) as f64 / now.duration_since(t0).as_secs_f64().max(0.001), stats));
         }
         anyhow::ensure!(now < deadline, "the writer did not finish within 15 minutes ({n} of {records})");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let (t0, n0) = first.unwrap_or(last);
-    let rate = (last.1 - n0) as f64 / last.0.duration_since(t0).as_secs_f64().max(0.001);
-    let records_json = if keep_records {
-        Some(http.get(format!("{target_url}/admin/records")).send().await?.json::<Value>().await?)
-    } else {
-        None
-    };
-    let dead = crate::broker::queue_state(&connection, &topology.dead_queue(orderflow_shared::amqp::Stage::Writer))
-        .await?
-        .map(|q| q.messages)
-        .unwrap_or(0);
-    let _ = writer.start_kill();
-    let _ = writer.wait().await;
-    let _ = target.start_kill();
-    let _ = target.wait().await;
-    delete_namespace(&connection, &topology, &[]).await?;
-    let _ = connection.close(200, "bye".into()).await;
-    Ok(WriterRun { writes_per_sec: rate, stats: final_stats, records: records_json, dead })
+    }
 }
