@@ -93,7 +93,7 @@ pub fn lock() -> anyhow::Result<DockerLock> {
 }
 
 /// The test images by role (`rabbitmq`, `prometheus`, `curl`, `collector`, `haproxy`,
-/// `orderflow`), built by `deploy/test-images/build` from Debian packages and this build's
+/// `orderflow`, `sims`), built by `deploy/test-images/build` from Debian packages and this build's
 /// binaries; cached by content hash, so only the first run (or changed binaries) builds.
 pub async fn test_images() -> anyhow::Result<BTreeMap<String, String>> {
     crate::ensure_binaries();
@@ -159,8 +159,9 @@ pub fn read_compose(path: &Path) -> anyhow::Result<Value> {
 
 /// The test variant of a user's compose file: each service's image replaced by the local test image
 /// `image_for(service, official image)` returns (a service built from the Dockerfile, i.e. with
-/// `build`, gets `orderflow`), every published port moved to a free port on 127.0.0.1 (same
-/// container port), and the services in `leave_out` removed. Nothing else changes.
+/// `build`, gets `orderflow`, or `sims` when it builds that target), every published port moved to
+/// a free port on 127.0.0.1 (same container port), and the services in `leave_out` removed.
+/// Nothing else changes.
 pub fn test_variant(
     doc: &Value,
     images: &BTreeMap<String, String>,
@@ -174,8 +175,8 @@ pub fn test_variant(
     }
     for (name, service) in services.iter_mut() {
         let s = service.as_object_mut().context("a service")?;
-        let role = if s.remove("build").is_some() {
-            "orderflow"
+        let role = if let Some(build) = s.remove("build") {
+            if build["target"] == "sims" { "sims" } else { "orderflow" }
         } else {
             let official = s.get("image").and_then(Value::as_str).unwrap_or_default().to_string();
             image_for(name, &official).with_context(|| format!("no test image stands in for {name} ({official})"))?
