@@ -394,6 +394,23 @@ pub async fn metric(proc_admin: std::net::SocketAddr, name: &str, label: Option<
 }
 
 /// Runs `rabbitmqctl` against the test broker: the local one, or inside the testcontainers container.
+/// A broker policy a test set, cleared when dropped (also when the test fails).
+pub struct Policy(pub String);
+
+impl Policy {
+    /// Sets policy `name` on the queues matching `pattern` with this JSON definition.
+    pub fn set(name: String, pattern: &str, definition: &str) -> anyhow::Result<Self> {
+        rabbitmqctl(&["set_policy", "--apply-to", "queues", &name, pattern, definition])?;
+        Ok(Self(name))
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["clear_policy", &self.0]);
+    }
+}
+
 pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     let command = rabbitmqctl_command();
     let mut words = command.split_whitespace();

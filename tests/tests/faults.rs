@@ -214,15 +214,6 @@ async fn the_suite_fails_a_run_in_which_a_stage_exits_on_its_own() {
     assert_eq!(result.lost, 0, "the restarted replica still saw the run through: {result:#?}");
 }
 
-/// Removes a broker policy when dropped (also when the test fails).
-struct Policy(String);
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = rabbitmqctl(&["clear_policy", &self.0]);
-    }
-}
-
 /// A records queue that refuses publishes (full: `max-length` with `reject-publish`) makes the
 /// transformer hold its pages. Held past the broker's ack timeout, the broker closed the channel
 /// and redelivered them, each time a step toward the delivery limit; held past `HOLD_LIMIT`

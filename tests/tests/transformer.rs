@@ -126,15 +126,6 @@ fn check_mapping_names_the_broken_rule() {
     assert!(err.contains("fields[1]") && err.contains("amount"), "{err}");
 }
 
-/// Removes a broker policy when dropped, also when the test fails half-way.
-struct Policy(String);
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = rabbitmqctl(&["clear_policy", &self.0]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_records_queue_holds_pages_back_without_dead_letters_or_reconnects() -> anyhow::Result<()> {
     let _heavy = heavy().await;

@@ -351,3 +351,57 @@ async fn a_60_second_401_window_dead_letters_nothing_and_writing_resumes_by_itse
     teardown(stack).await;
     outcome
 }
+
+/// A retry tier that refuses publishes (a length cap on it, as an operator may set) is
+/// backpressure: the writer holds the record and publishes it again with backoff instead of
+/// ending its broker session (before the settlement change, the refused publish ended the session
+/// and every record in flight went back to the queue, a step toward its delivery limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_tier_that_refuses_publishes_holds_records_without_reconnecting() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("w-refused-tier");
+    let pattern = format!("^{}\\.writer\\.retry\\.", ns.replace('.', "\\."));
+    let name = format!("{ns}-retry-cap");
+    let cap = Policy::set(name.clone(), &pattern, r#"{"max-length":0}"#)?;
+    let mut options = pipeline(&ns, &broker_url().await, 400);
+    options.target_args = ["--fail-ids", "*3"].map(String::from).to_vec();
+    let stack = Stack::start(options).await?;
+    let outcome = async {
+        let writer = stack.replicas(Role::Writer)[0].admin.expect("admin");
+        // (The code before the settlement change has no publish-retries metric; it reconnects.)
+        wait_for("the broker to refuse a retry", Duration::from_secs(90), Duration::from_millis(200), || async {
+            let refused = metric(writer, "orderflow_write_publish_retries_total", None).await.unwrap_or(0.0);
+            let reconnects = metric(writer, "orderflow_broker_reconnects_total", None).await?;
+            Ok(if refused + reconnects > 0.0 { Ok(()) } else { Err("no retry publish refused yet".to_string()) })
+        })
+        .await?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            let reconnects = metric(writer, "orderflow_broker_reconnects_total", None).await?;
+            anyhow::ensure!(reconnects == 0.0, "the refused retry publish ended the broker session ({reconnects})");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // The cap is raised (on RabbitMQ 3.10 clearing it can leave refused publishers refused):
+        // the held records go through their tiers and, always failing, end exhausted.
+        let _raised = Policy::set(name.clone(), &pattern, r#"{"max-length":10000000}"#)?;
+        let confirmed = stack.confirmed_ids().await?;
+        let failing = confirmed.iter().filter(|id| id.ends_with('3')).count();
+        let dead = take(
+            &broker_args(&ns).await,
+            &Topology::new(ns.clone()).dead_queue(Stage::Writer),
+            failing,
+            Duration::from_secs(180),
+        )
+        .await?;
+        assert!(dead.iter().all(|d| d.header(header::REASON).as_deref() == Some("exhausted")));
+        let written = stack.written_ids().await?;
+        assert_eq!(written.len(), confirmed.len() - failing, "every other record is written");
+        let reconnects = metric(writer, "orderflow_broker_reconnects_total", None).await?;
+        anyhow::ensure!(reconnects == 0.0, "{reconnects} reconnects");
+        anyhow::Ok(())
+    }
+    .await;
+    drop(cap);
+    teardown(stack).await;
+    outcome
+}

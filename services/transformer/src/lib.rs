@@ -7,6 +7,8 @@ pub mod mapping;
 pub mod metrics;
 pub mod page;
 
+pub use metrics::Metrics;
+
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
@@ -30,7 +32,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     mapping::Mapping,
-    metrics::Metrics,
     page::{PageOutcome, transform_page},
 };
 
