@@ -7,7 +7,7 @@
 //! bursts, token expiry, rows committed late below the cursor) · 3 target 5xx/429, failures inside
 //! HTTP 200, an outage, expired credentials (401) · 4 `kill -9` of random replicas,
 //! repeatedly · 5 broker connections force-closed and a broker restart · 6 malformed pages and
-//! records, oversized messages, unknown schema versions · 7 all at once (1-6) · 8 broker alarms:
+//! records, oversized messages, unknown schema versions · 7 all at once (1-6, then the alarms of 8) · 8 broker alarms:
 //! a memory alarm, then a disk alarm (every publishing connection blocked), then a 3-minute target
 //! outage under a 60 s broker ack timeout (`consumer_timeout`).
 
@@ -535,7 +535,8 @@ async fn fault_script(
     Ok(())
 }
 
-/// Scenario 7: bad messages, source storms, target trouble and broker faults together, then kills.
+/// Scenario 7: bad messages, source storms, target trouble and broker faults together, then kills,
+/// then a memory alarm and a disk alarm.
 async fn all_at_once(
     profile: &Profile,
     stack: &mut Stack,
@@ -555,6 +556,10 @@ async fn all_at_once(
     c?;
     result.notes.push(random_kills(stack, (secs / 2).max(10), rng).await?);
     sleep_until(end).await;
+    // Then the broker's alarms, on a pipeline that has just been through all of the above.
+    for resource in [Resource::Memory, Resource::Disk] {
+        result.notes.push(one_alarm(stack, &profile.rabbitmqctl, resource, profile.alarm_secs).await?);
+    }
     Ok(())
 }
 
