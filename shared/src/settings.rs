@@ -81,22 +81,17 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Parses a duration written as `250ms`, `5s`, `10m`, `2h`, `7d`, or a bare number of seconds.
+/// Parses a duration as people write it (`humantime`): `250ms`, `5s`, `10m`, `2h`, `7d`, `1.5s`,
+/// `1h 30m`; a bare number is seconds (`0` turns a periodic task off).
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 5s, 10m, 7d)"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m, h or d)")),
-    };
-    // `try_from`: a huge value (1e30s) is an error naming the input, never a panic.
-    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a valid duration"))
+    let seconds = text.parse::<f64>().ok().filter(|_| text.bytes().all(|b| b.is_ascii_digit() || b == b'.'));
+    match seconds {
+        // `try_from`: a huge value is an error naming the input, never a panic.
+        Some(s) => std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("{text:?} is not a valid duration")),
+        None => humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a duration ({e}; e.g. 500ms, 5s, 10m, 1h 30m, 7d)")),
+    }
 }
 
 #[cfg(test)]
@@ -125,7 +120,12 @@ mod tests {
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert!(parse_duration("7 weeks").is_err());
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration(" 20m "), Ok(Duration::from_secs(1200)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("1e400").is_err());
         assert!(parse_duration("99999999999999999999999d").is_err(), "overflow is an error, not a panic");
