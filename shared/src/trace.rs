@@ -1,17 +1,20 @@
 //! W3C `traceparent` values carried in every message: a fetch starts a trace, every later hop
 //! keeps the trace id and gets a span id of its own.
+//!
+//! Ids come from a per-thread fastrand generator seeded from the OS's randomness
+//! ([`crate::rng::with_ids`]), so no two threads, tasks or replicas draw the same sequence; an
+//! all-zero id, which W3C forbids, is never drawn.
 
-use crate::rng::Rng;
+use crate::rng::with_ids;
 
-fn hex(bytes: u64, width: usize) -> String {
-    format!("{bytes:0width$x}")
+/// A fresh span id: 16 hex digits, never all zeros.
+fn span_id() -> String {
+    format!("{:016x}", with_ids(|rng| rng.u64(1..)))
 }
 
 /// A new trace (version 00, sampled).
 pub fn new_traceparent() -> String {
-    let mut rng = Rng::from_entropy();
-    let trace = format!("{}{}", hex(rng.next_u64(), 16), hex(rng.next_u64(), 16));
-    format!("00-{trace}-{}-01", hex(rng.next_u64() | 1, 16))
+    format!("00-{:032x}-{}-01", with_ids(|rng| rng.u128(1..)), span_id())
 }
 
 /// The trace id of a `traceparent`, if it is well-formed.
@@ -30,7 +33,7 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 /// A child hop of the same trace; a new trace when the parent is missing or malformed.
 pub fn child_traceparent(parent: Option<&str>) -> String {
     match parent.and_then(trace_id) {
-        Some(trace) => format!("00-{trace}-{}-01", hex(Rng::from_entropy().next_u64() | 1, 16)),
+        Some(trace) => format!("00-{trace}-{}-01", span_id()),
         None => new_traceparent(),
     }
 }
@@ -46,6 +49,17 @@ mod tests {
         assert_eq!(trace_id(&parent), trace_id(&child));
         assert_ne!(parent, child);
         assert_eq!(child.len(), 55);
+    }
+
+    #[test]
+    fn ids_do_not_collide_across_threads() {
+        let draw = || (0..10_000).map(|_| new_traceparent()).collect::<Vec<_>>();
+        let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(draw)).collect();
+        let all: Vec<String> = threads.into_iter().flat_map(|t| t.join().expect("thread")).collect();
+        let (trace_ids, span_ids): (std::collections::HashSet<_>, std::collections::HashSet<_>) =
+            all.iter().map(|t| (t[3..35].to_string(), t[36..52].to_string())).unzip();
+        assert_eq!((trace_ids.len(), span_ids.len()), (40_000, 40_000));
+        assert!(all.iter().all(|t| trace_id(t).is_some()));
     }
 
     #[test]

@@ -183,10 +183,7 @@ async fn session(connections: Connections, shared: Arc<Shared>, shutdown: Cancel
     let session_token = shutdown.child_token();
     let mut workers = JoinSet::new();
     let mut order: Vec<usize> = (0..shared.accounts.len()).collect();
-    let mut rng = Rng::from_entropy();
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    Rng::from_entropy().shuffle(&mut order);
     for index in order {
         let worker = AccountWorker {
             runtime: shared.accounts[index].clone(),
