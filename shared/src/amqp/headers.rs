@@ -15,6 +15,11 @@ pub fn json_properties(message_id: &str, headers: FieldTable) -> BasicProperties
         .with_headers(headers)
 }
 
+/// The message id, or empty when the publisher set none.
+pub fn message_id(props: &BasicProperties) -> String {
+    props.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default()
+}
+
 pub fn get<'a>(props: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
     props.headers().as_ref().and_then(|h| h.inner().get(key))
 }

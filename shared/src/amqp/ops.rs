@@ -168,7 +168,7 @@ pub struct Taken {
 
 impl Taken {
     pub fn message_id(&self) -> String {
-        self.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default()
+        super::headers::message_id(&self.properties)
     }
 
     /// A header as text (numbers rendered as text).

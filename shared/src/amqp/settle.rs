@@ -48,7 +48,7 @@ impl Message {
     }
 
     pub fn message_id(&self) -> String {
-        self.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default()
+        super::headers::message_id(&self.properties)
     }
 
     pub fn header_i64(&self, key: &str) -> Option<i64> {
