@@ -4,22 +4,24 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Broker connection and naming, shared by the three stages and the CLI.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// AMQP broker URL; `amqps://` for TLS. The password is never logged.
+    /// AMQP broker URL; `amqps://` for TLS. The password is never logged. A URL with a password
+    /// is taken only from the environment (AMQP_URL), never from the flag: a flag shows in `ps`.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true,
           hide_default_value = true)]
     pub amqp_url: String,
 
-    /// Password for the user in AMQP_URL, used instead of the URL's: any characters, no
-    /// percent-encoding (in AMQP_URL itself `/ ? # @ %` and the like must be percent-encoded).
-    /// Prefer the environment variable: a flag's value shows in the process list.
-    #[arg(long, env = "AMQP_PASSWORD", hide_env_values = true)]
-    pub amqp_password: Option<String>,
+    /// AMQP_PASSWORD, from the environment only (never a flag, so it never shows in the process
+    /// list): the password for the user in AMQP_URL, used instead of the URL's, any characters,
+    /// no percent-encoding (in AMQP_URL itself `/ ? # @ %` and the like must be percent-encoded).
+    #[arg(skip = secret_env("AMQP_PASSWORD"))]
+    pub amqp_password: Option<SecretString>,
 
     /// PEM file with extra CA certificates for `amqps://` (a private broker CA).
     #[arg(long, env = "AMQP_CA_FILE")]
@@ -64,20 +66,63 @@ pub fn parse_namespace(value: &str) -> Result<String, String> {
     if ok { Ok(value.to_string()) } else { Err(format!("{value:?} must be 1-100 characters of [A-Za-z0-9._-]")) }
 }
 
-/// Replaces the password of a URL (`scheme://user:password@host`) with `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let redacted = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
-            format!("{}{}{}", &url[..scheme_end + 3], redacted, &rest[at..])
+/// The secrets every binary reads, named in each `--help`.
+pub const SECRETS_HELP: &str = "Secrets are read from the environment only, never from flags (a flag shows in the \
+process list): AMQP_PASSWORD, or a password inside AMQP_URL.";
+
+/// A secret from the environment variable `name`; unset or empty is `None`. Secrets are never
+/// flags: a flag's value shows in the process list.
+pub fn secret_env(name: &str) -> Option<SecretString> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty()).map(SecretString::from)
+}
+
+impl BrokerArgs {
+    /// Refuses a broker password given on the command line (`--amqp-url amqp://u:p@h`): it would
+    /// show in `ps`. The same URL in `AMQP_URL`, or the well-known default, is fine.
+    pub fn check_no_secret_flags(&self) -> Result<(), String> {
+        let from_env = std::env::var("AMQP_URL").is_ok_and(|env| env == self.amqp_url);
+        let has_password = url::Url::parse(&self.amqp_url).is_ok_and(|u| u.password().is_some());
+        if has_password && !from_env && self.amqp_url != DEFAULT_AMQP_URL {
+            return Err(format!(
+                "--amqp-url {} carries a password, which would show in the process list: set AMQP_URL \
+                 in the environment, or AMQP_PASSWORD beside a URL without one",
+                redact_url(&self.amqp_url)
+            ));
         }
-        None => url.to_string(),
+        Ok(())
+    }
+
+    /// Exits with status 2, naming the problem, when a broker password was given as a flag.
+    pub fn exit_on_secret_flags(&self, binary: &str) {
+        if let Err(error) = self.check_no_secret_flags() {
+            eprintln!("{binary}: {error}");
+            std::process::exit(2);
+        }
+    }
+
+    /// The broker password from `AMQP_PASSWORD`, if one is set.
+    pub fn password(&self) -> Option<&str> {
+        self.amqp_password.as_ref().map(ExposeSecret::expose_secret).filter(|p| !p.is_empty())
+    }
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `***`, for logs and errors.
+/// A text that is not a URL is returned as it is, unless it looks like it holds userinfo, which is
+/// cut down to its scheme.
+pub fn redact_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                // Setting a password fails only for URLs that cannot have one (no host).
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string().replace(":%2A%2A%2A@", ":***@")
+        }
+        Err(_) if text.contains('@') => match text.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://***"),
+            None => "***".to_string(),
+        },
+        Err(_) => text.to_string(),
     }
 }
 
@@ -103,6 +148,30 @@ mod tests {
         assert_eq!(redact_url("amqp://orderflow:s3cret@rabbit:5672/%2f"), "amqp://orderflow:***@rabbit:5672/%2f");
         assert_eq!(redact_url("amqp://rabbit:5672"), "amqp://rabbit:5672");
         assert_eq!(redact_url("amqps://u:p@a@h/v"), "amqps://u:***@h/v");
+        assert_eq!(redact_url("amqp://u:p%2F%40x@h:5672/prod?heartbeat=5"), "amqp://u:***@h:5672/prod?heartbeat=5");
+        assert_eq!(redact_url("amqp://writer@h/%2f"), "amqp://writer@h/%2f");
+        assert_eq!(redact_url("not a url: u:pw@host"), "***");
+    }
+
+    fn broker(url: &str) -> BrokerArgs {
+        BrokerArgs {
+            amqp_url: url.into(),
+            amqp_password: None,
+            amqp_ca_file: None,
+            ns: "t".into(),
+            declare_topology: true,
+            amqp_confirm_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn a_broker_password_on_the_command_line_is_refused_without_echoing_it() {
+        // No test sets AMQP_URL to this value, so it can only have come from the flag.
+        let error = broker("amqp://orderflow:hunter2@rabbit.test:5672/%2f").check_no_secret_flags().expect_err("flag");
+        assert!(error.contains("process list") && error.contains("AMQP_PASSWORD"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(broker("amqp://orderflow@rabbit.test:5672/%2f").check_no_secret_flags().is_ok());
+        assert!(broker(DEFAULT_AMQP_URL).check_no_secret_flags().is_ok(), "the well-known guest default");
     }
 
     #[test]

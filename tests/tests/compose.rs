@@ -77,7 +77,7 @@ async fn least_privilege(amqp: &str) -> anyhow::Result<()> {
     let connect = |user: &str, password: &str| {
         let args = BrokerArgs {
             amqp_url: format!("amqp://{user}@{amqp}/%2f"),
-            amqp_password: Some(password.to_string()),
+            amqp_password: Some(password.to_string().into()),
             amqp_ca_file: None,
             ns: NS.into(),
             declare_topology: false,

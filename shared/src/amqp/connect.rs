@@ -34,8 +34,8 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, ConnectError> {
 /// The URL with `AMQP_PASSWORD`, when set, in place of its password.
 pub fn broker_uri(args: &BrokerArgs) -> Result<AMQPUri, ConnectError> {
     let mut uri = parse_url(&args.amqp_url)?;
-    if let Some(password) = args.amqp_password.as_ref().filter(|p| !p.is_empty()) {
-        uri.authority.userinfo.password = password.clone();
+    if let Some(password) = args.password() {
+        uri.authority.userinfo.password = password.to_string();
     }
     Ok(uri)
 }
