@@ -40,28 +40,18 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = Register(&registry);
-        let write_buckets = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-        let e2e_buckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
-        let metrics = Self {
-            writes: r.counter_vec("orderflow_write_requests_total", "Write attempts by outcome.", &["outcome"]),
-            write_seconds: r.histogram("orderflow_write_duration_seconds", "Target write latency.", &write_buckets),
+        Self {
+            writes: writes(&r),
+            write_seconds: r.histogram("orderflow_write_duration_seconds", "Target write latency.", &WRITE_BUCKETS),
             fetch_to_write_seconds: r.histogram(
                 "orderflow_fetch_to_write_seconds",
                 "From the page's publish by the fetcher to the record's write.",
-                &e2e_buckets,
+                &E2E_BUCKETS,
             ),
             retries: r.counter_vec("orderflow_write_retries_total", "Records sent to a retry tier, by tier.", &["tier"]),
-            dead_letters: r.counter_vec(
-                "orderflow_dead_letters_total",
-                "Records dead-lettered, by class and reason.",
-                &["class", "reason"],
-            ),
+            dead_letters: dead_letters(&r),
             breaker_state: r.gauge("orderflow_write_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open."),
-            breaker_transitions: r.counter_vec(
-                "orderflow_write_breaker_transitions_total",
-                "Breaker state changes, by new state.",
-                &["to"],
-            ),
+            breaker_transitions: breaker_transitions(&r),
             inflight: r.gauge("orderflow_write_inflight", "Writes in flight."),
             held_during_outage: r.counter(
                 "orderflow_write_held_during_outage_total",
@@ -97,16 +87,40 @@ impl Metrics {
             ),
             broker: BrokerMetrics::register(&registry),
             registry,
-        };
-        metrics.writes.with_label_values(&["written"]);
-        for (class, reason) in [("permanent", "target_rejected"), ("exhausted", "exhausted")] {
-            metrics.dead_letters.with_label_values(&[class, reason]);
         }
-        for to in ["open", "half_open", "closed"] {
-            metrics.breaker_transitions.with_label_values(&[to]);
-        }
-        metrics
     }
+}
+
+const WRITE_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const E2E_BUCKETS: [f64; 13] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+// The label sets a dashboard expects are created at start, so their series read 0, not absent.
+
+fn writes(r: &Register) -> IntCounterVec {
+    let writes = r.counter_vec("orderflow_write_requests_total", "Write attempts by outcome.", &["outcome"]);
+    writes.with_label_values(&["written"]);
+    writes
+}
+
+fn dead_letters(r: &Register) -> IntCounterVec {
+    let dead_letters = r.counter_vec(
+        "orderflow_dead_letters_total",
+        "Records dead-lettered, by class and reason.",
+        &["class", "reason"],
+    );
+    for (class, reason) in [("permanent", "target_rejected"), ("exhausted", "exhausted")] {
+        dead_letters.with_label_values(&[class, reason]);
+    }
+    dead_letters
+}
+
+fn breaker_transitions(r: &Register) -> IntCounterVec {
+    let transitions =
+        r.counter_vec("orderflow_write_breaker_transitions_total", "Breaker state changes, by new state.", &["to"]);
+    for to in ["open", "half_open", "closed"] {
+        transitions.with_label_values(&[to]);
+    }
+    transitions
 }
 
 impl Default for Metrics {

@@ -170,41 +170,17 @@ where
     readiness.set_failing(BROKER_CHECK, "not connected yet");
     readiness.set_ok(BLOCKED_CHECK);
     while !shutdown.is_cancelled() {
-        if !first {
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
-            }
+        if !first && !pause(&mut backoff, shutdown).await {
+            break;
         }
         first = false;
-        let connections = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            result = open(broker, connection_name) => result,
+        let connections = match try_connect(broker, connection_name, shutdown, readiness).await? {
+            Connect::Connected(connections) => connections,
+            Connect::Retry => continue,
+            Connect::ShutDown => break,
         };
-        let connections = match connections {
-            Ok(connections) => connections,
-            Err(error @ super::connect::ConnectError::BadUrl { .. })
-            | Err(error @ super::connect::ConnectError::CaFile { .. }) => {
-                return Err(Fatal(error.to_string()).into());
-            }
-            Err(error) => {
-                tracing::warn!(message = "Broker unreachable; retrying.", %error);
-                readiness.set_failing(BROKER_CHECK, error.to_string());
-                continue;
-            }
-        };
-        tracing::info!(message = "Connected to the broker.");
-        readiness.set_ok(BROKER_CHECK);
-        let watcher = tokio::spawn(watch_blocked(connections.clone(), readiness.clone(), metrics.blocked.clone()));
-        let started = Instant::now();
-        let result = session(connections.clone()).await;
-        watcher.abort();
-        readiness.set_ok(BLOCKED_CHECK);
-        metrics.blocked.set(0);
-        readiness.set_failing(BROKER_CHECK, "reconnecting");
-        connections.close().await;
-        if started.elapsed() >= HEALTHY_AFTER {
+        let (result, lasted) = run_session(&mut session, connections, readiness, metrics).await;
+        if lasted >= HEALTHY_AFTER {
             backoff.reset();
         }
         match result {
@@ -219,4 +195,72 @@ where
     }
     readiness.set_failing(BROKER_CHECK, "shut down");
     Ok(())
+}
+
+/// Sleeps the backoff's next delay; `false` if `shutdown` came first.
+async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {
+    let delay = backoff.next_delay();
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+enum Connect {
+    Connected(Connections),
+    /// The broker is unreachable for now (logged, shown in readiness).
+    Retry,
+    ShutDown,
+}
+
+/// One attempt to open the connections; `Err` (a [`Fatal`] one) for a configuration that no
+/// retry can fix.
+async fn try_connect(
+    broker: &BrokerArgs,
+    connection_name: &str,
+    shutdown: &CancellationToken,
+    readiness: &Readiness,
+) -> anyhow::Result<Connect> {
+    let connections = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(Connect::ShutDown),
+        result = open(broker, connection_name) => result,
+    };
+    match connections {
+        Ok(connections) => {
+            tracing::info!(message = "Connected to the broker.");
+            readiness.set_ok(BROKER_CHECK);
+            Ok(Connect::Connected(connections))
+        }
+        Err(error @ super::connect::ConnectError::BadUrl { .. })
+        | Err(error @ super::connect::ConnectError::CaFile { .. }) => Err(Fatal(error.to_string()).into()),
+        Err(error) => {
+            tracing::warn!(message = "Broker unreachable; retrying.", %error);
+            readiness.set_failing(BROKER_CHECK, error.to_string());
+            Ok(Connect::Retry)
+        }
+    }
+}
+
+/// Runs one session on `connections` with the blocked-publishing watcher beside it, then clears
+/// what the session showed and closes the connections. Returns how the session ended and how
+/// long it lasted.
+async fn run_session<F, Fut>(
+    session: &mut F,
+    connections: Connections,
+    readiness: &Readiness,
+    metrics: &BrokerMetrics,
+) -> (anyhow::Result<()>, Duration)
+where
+    F: FnMut(Connections) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let watcher = tokio::spawn(watch_blocked(connections.clone(), readiness.clone(), metrics.blocked.clone()));
+    let started = Instant::now();
+    let result = session(connections.clone()).await;
+    watcher.abort();
+    readiness.set_ok(BLOCKED_CHECK);
+    metrics.blocked.set(0);
+    readiness.set_failing(BROKER_CHECK, "reconnecting");
+    connections.close().await;
+    (result, started.elapsed())
 }

@@ -5,7 +5,7 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 use super::{
-    AmountCheck, Condition, DropRule, Mapping, Part, Rule, Source, Template,
+    AmountCheck, Condition, DateRule, DropRule, Mapping, Part, Rule, Source, Template,
     values::{self, decimal, decimal_value, get, is_missing, set, show},
 };
 
@@ -152,7 +152,15 @@ fn source_text(rule: &Rule, prefix: &str) -> String {
 
 fn eval_rule(rule: &Rule, scope: &Value, prefix: &str, account: &str) -> Result<Option<Value>, Reject> {
     let whence = || format!("{} ← {}", rule.to_text, source_text(rule, prefix));
-    let raw: Option<Value> = match &rule.source {
+    let Some(value) = or_default(rule, source_value(rule, scope, prefix, account)?, &whence)? else {
+        return Ok(None);
+    };
+    convert(rule, value, &whence).map(Some)
+}
+
+/// The rule's value as its source gives it, before defaults and conversions.
+fn source_value(rule: &Rule, scope: &Value, prefix: &str, account: &str) -> Result<Option<Value>, Reject> {
+    Ok(match &rule.source {
         Source::From(path) => get(scope, path).cloned(),
         Source::Const(value) => Some(value.clone()),
         Source::Template(t) => {
@@ -160,84 +168,87 @@ fn eval_rule(rule: &Rule, scope: &Value, prefix: &str, account: &str) -> Result<
         }
         Source::SumProduct { over, product } => match get(scope, over) {
             None | Some(Value::Null) => None,
-            Some(Value::Array(items)) => {
-                let mut total = Decimal::ZERO;
-                for (i, item) in items.iter().enumerate() {
-                    let mut term = Decimal::ONE;
-                    for factor in product {
-                        let at = format!("{prefix}{}[{i}].{}", path_text(over), path_text(factor));
-                        let v =
-                            get(item, factor).ok_or_else(|| invalid(format!("{}: {at} is missing", rule.to_text)))?;
-                        let d = decimal(v)
-                            .ok_or_else(|| invalid(format!("{}: {at} = {} is not a number", rule.to_text, show(v))))?;
-                        term = term
-                            .checked_mul(d)
-                            .ok_or_else(|| invalid(format!("{}: {at} = {} overflows", rule.to_text, show(v))))?;
-                    }
-                    total = total
-                        .checked_add(term)
-                        .ok_or_else(|| invalid(format!("{}: the sum overflows", rule.to_text)))?;
-                }
-                Some(decimal_value(total))
-            }
-            Some(other) => {
-                return Err(invalid(format!(
-                    "{}: {prefix}{} = {} is not a list",
-                    rule.to_text,
-                    path_text(over),
-                    show(other)
-                )));
-            }
+            Some(Value::Array(items)) => Some(decimal_value(sum_product(rule, items, over, product, prefix)?)),
+            Some(other) => return Err(not_a_list(rule, prefix, over, other)),
         },
-        Source::SumOf(fields) => {
-            let mut total = Decimal::ZERO;
-            for field in fields {
-                let at = format!("{prefix}{}", path_text(field));
-                if let Some(v) = get(scope, field).filter(|v| !is_missing(Some(v))) {
-                    let d = decimal(v)
-                        .ok_or_else(|| invalid(format!("{}: {at} = {} is not a number", rule.to_text, show(v))))?;
-                    total =
-                        total.checked_add(d).ok_or_else(|| invalid(format!("{}: the sum overflows", rule.to_text)))?;
-                }
-            }
-            Some(decimal_value(total))
-        }
+        Source::SumOf(fields) => Some(decimal_value(sum_of(rule, scope, fields, prefix)?)),
         Source::Each { over, fields } => match get(scope, over) {
             None | Some(Value::Null) => None,
-            Some(Value::Array(items)) => {
-                let mut mapped = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    let element_prefix = format!("{prefix}{}[{i}].", path_text(over));
-                    mapped.push(Value::Object(eval_fields(fields, item, &element_prefix, account)?));
-                }
-                Some(Value::Array(mapped))
-            }
-            Some(other) => {
-                return Err(invalid(format!(
-                    "{}: {prefix}{} = {} is not a list",
-                    rule.to_text,
-                    path_text(over),
-                    show(other)
-                )));
-            }
+            Some(Value::Array(items)) => Some(each(items, over, fields, prefix, account)?),
+            Some(other) => return Err(not_a_list(rule, prefix, over, other)),
         },
-    };
-    let mut value = match raw {
-        Some(v) if !is_missing(Some(&v)) => v,
+    })
+}
+
+fn not_a_list(rule: &Rule, prefix: &str, over: &[String], other: &Value) -> Reject {
+    invalid(format!("{}: {prefix}{} = {} is not a list", rule.to_text, path_text(over), show(other)))
+}
+
+/// The sum over `items` of the product of each item's `product` fields.
+fn sum_product(
+    rule: &Rule,
+    items: &[Value],
+    over: &[String],
+    product: &[Vec<String>],
+    prefix: &str,
+) -> Result<Decimal, Reject> {
+    let mut total = Decimal::ZERO;
+    for (i, item) in items.iter().enumerate() {
+        let mut term = Decimal::ONE;
+        for factor in product {
+            let at = format!("{prefix}{}[{i}].{}", path_text(over), path_text(factor));
+            let v = get(item, factor).ok_or_else(|| invalid(format!("{}: {at} is missing", rule.to_text)))?;
+            let d =
+                decimal(v).ok_or_else(|| invalid(format!("{}: {at} = {} is not a number", rule.to_text, show(v))))?;
+            term = term
+                .checked_mul(d)
+                .ok_or_else(|| invalid(format!("{}: {at} = {} overflows", rule.to_text, show(v))))?;
+        }
+        total = total.checked_add(term).ok_or_else(|| invalid(format!("{}: the sum overflows", rule.to_text)))?;
+    }
+    Ok(total)
+}
+
+/// The sum of the `fields` present in `scope` (missing ones count as zero).
+fn sum_of(rule: &Rule, scope: &Value, fields: &[Vec<String>], prefix: &str) -> Result<Decimal, Reject> {
+    let mut total = Decimal::ZERO;
+    for field in fields {
+        let at = format!("{prefix}{}", path_text(field));
+        if let Some(v) = get(scope, field).filter(|v| !is_missing(Some(v))) {
+            let d =
+                decimal(v).ok_or_else(|| invalid(format!("{}: {at} = {} is not a number", rule.to_text, show(v))))?;
+            total = total.checked_add(d).ok_or_else(|| invalid(format!("{}: the sum overflows", rule.to_text)))?;
+        }
+    }
+    Ok(total)
+}
+
+/// Each item mapped by the nested `fields`, into a list.
+fn each(items: &[Value], over: &[String], fields: &[Rule], prefix: &str, account: &str) -> Result<Value, Reject> {
+    let mut mapped = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let element_prefix = format!("{prefix}{}[{i}].", path_text(over));
+        mapped.push(Value::Object(eval_fields(fields, item, &element_prefix, account)?));
+    }
+    Ok(Value::Array(mapped))
+}
+
+/// A missing value becomes the default, a rejection (required) or no field (`None`).
+fn or_default(rule: &Rule, raw: Option<Value>, whence: &impl Fn() -> String) -> Result<Option<Value>, Reject> {
+    Ok(match raw {
+        Some(v) if !is_missing(Some(&v)) => Some(v),
         _ => match (&rule.default, rule.required) {
-            (Some(default), _) => default.clone(),
+            (Some(default), _) => Some(default.clone()),
             (None, true) => return Err(invalid(format!("{} is required but missing", whence()))),
-            (None, false) => return Ok(None),
+            (None, false) => None,
         },
-    };
+    })
+}
+
+/// The rule's conversions in order: date/time reformatting, rounding to a scale, type coercion.
+fn convert(rule: &Rule, mut value: Value, whence: &impl Fn() -> String) -> Result<Value, Reject> {
     if let Some(date) = &rule.date {
-        let text = orderflow_shared::json::scalar_text(&value)
-            .ok_or_else(|| invalid(format!("{}: {} is not a date", whence(), show(&value))))?;
-        let parsed = values::parse_datetime(&text, &date.from_formats, &date.zone).ok_or_else(|| {
-            invalid(format!("{}: {} is not a date/time in the expected format", whence(), show(&value)))
-        })?;
-        let zoned = parsed.with_time_zone(date.to_zone.clone());
-        value = Value::String(zoned.strftime(&date.to_format).to_string());
+        value = reformat_date(date, &value, whence)?;
     }
     if let Some(scale) = rule.scale {
         let d = decimal(&value).ok_or_else(|| invalid(format!("{}: {} is not a number", whence(), show(&value))))?;
@@ -246,7 +257,16 @@ fn eval_rule(rule: &Rule, scope: &Value, prefix: &str, account: &str) -> Result<
     if let Some(coerce) = rule.coerce {
         value = coerce.apply(value).map_err(|e| invalid(format!("{}: {e}", whence())))?;
     }
-    Ok(Some(value))
+    Ok(value)
+}
+
+fn reformat_date(date: &DateRule, value: &Value, whence: &impl Fn() -> String) -> Result<Value, Reject> {
+    let text = orderflow_shared::json::scalar_text(value)
+        .ok_or_else(|| invalid(format!("{}: {} is not a date", whence(), show(value))))?;
+    let parsed = values::parse_datetime(&text, &date.from_formats, &date.zone)
+        .ok_or_else(|| invalid(format!("{}: {} is not a date/time in the expected format", whence(), show(value))))?;
+    let zoned = parsed.with_time_zone(date.to_zone.clone());
+    Ok(Value::String(zoned.strftime(&date.to_format).to_string()))
 }
 
 fn check_amount(check: &AmountCheck, data: &Map<String, Value>, order: &Value) -> Result<(), Reject> {

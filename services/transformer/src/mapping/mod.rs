@@ -22,7 +22,7 @@ pub mod eval;
 pub mod values;
 
 use rust_decimal::Decimal;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use values::{Coerce, Rounding, parse_zone, split_path};
 
@@ -253,87 +253,115 @@ fn compile_rule(value: &Value, at: &str) -> Result<Rule, MappingError> {
         .filter(|s| !s.is_empty())
         .ok_or_else(|| err(at, "needs \"to\": the target field name"))?;
     let rule = format!("{at} (to {to_text:?})");
+    check_rule_keys(obj, &rule)?;
+    let source = compile_source(obj, at, &rule)?;
+    if obj.contains_key("fields") && !matches!(source, Source::Each { .. }) {
+        return Err(err(&rule, "\"fields\" belongs to an \"each\" rule"));
+    }
+    Ok(Rule {
+        to: split_path(to_text),
+        to_text: to_text.to_string(),
+        source,
+        date: obj.get("date").map(|d| compile_date(d, &rule)).transpose()?,
+        scale: compile_scale(obj, &rule)?,
+        rounding: compile_rounding(obj, &rule)?,
+        coerce: compile_coerce(obj, &rule)?,
+        default: obj.get("default").cloned(),
+        required: compile_required(obj, &rule)?,
+    })
+}
+
+/// No unknown key, and exactly one source key.
+fn check_rule_keys(obj: &Map<String, Value>, rule: &str) -> Result<(), MappingError> {
     for key in obj.keys() {
         const KNOWN: &[&str] = &[
             "to", "from", "const", "sum", "each", "template", "fields", "date", "scale", "rounding", "type", "default",
             "required", "label", "about",
         ];
         if !KNOWN.contains(&key.as_str()) {
-            return Err(err(&rule, format!("unknown key {key:?}")));
+            return Err(err(rule, format!("unknown key {key:?}")));
         }
     }
     let kinds = ["from", "const", "sum", "each", "template"].iter().filter(|k| obj.contains_key(**k)).count();
     if kinds != 1 {
-        return Err(err(&rule, "needs exactly one of \"from\", \"const\", \"sum\", \"each\", \"template\""));
+        return Err(err(rule, "needs exactly one of \"from\", \"const\", \"sum\", \"each\", \"template\""));
     }
-    let source = if let Some(from) = obj.get("from") {
+    Ok(())
+}
+
+/// The rule's one source (`from`, `const`, `template`, `sum` or `each`).
+fn compile_source(obj: &Map<String, Value>, at: &str, rule: &str) -> Result<Source, MappingError> {
+    Ok(if let Some(from) = obj.get("from") {
         Source::From(split_path(
-            from.as_str().filter(|s| !s.is_empty()).ok_or_else(|| err(&rule, "\"from\" must be a field path"))?,
+            from.as_str().filter(|s| !s.is_empty()).ok_or_else(|| err(rule, "\"from\" must be a field path"))?,
         ))
     } else if let Some(c) = obj.get("const") {
         Source::Const(c.clone())
     } else if let Some(t) = obj.get("template") {
-        let text = t.as_str().ok_or_else(|| err(&rule, "\"template\" must be text like \"{account}:{o_id}\""))?;
-        Source::Template(Template::parse(text).map_err(|e| err(&rule, format!("template {e}")))?)
+        let text = t.as_str().ok_or_else(|| err(rule, "\"template\" must be text like \"{account}:{o_id}\""))?;
+        Source::Template(Template::parse(text).map_err(|e| err(rule, format!("template {e}")))?)
     } else if let Some(sum) = obj.get("sum") {
-        match (sum.get("over"), sum.get("product"), sum.get("of")) {
-            (Some(over), Some(product), None) => Source::SumProduct {
-                over: split_path(over.as_str().ok_or_else(|| err(&rule, "sum.over must be the path of an array"))?),
-                product: paths(product, &rule, "sum.product")?,
-            },
-            (None, None, Some(of)) => Source::SumOf(paths(of, &rule, "sum.of")?),
-            _ => return Err(err(&rule, "sum needs {\"over\": array, \"product\": [fields]} or {\"of\": [fields]}")),
-        }
+        compile_sum(sum, rule)?
     } else {
-        let over = obj
-            .get("each")
-            .and_then(Value::as_str)
-            .ok_or_else(|| err(&rule, "\"each\" must be the path of an array"))?;
-        let fields = obj
-            .get("fields")
-            .and_then(Value::as_array)
-            .ok_or_else(|| err(&rule, "\"each\" needs \"fields\": the element's rules"))?;
-        Source::Each { over: split_path(over), fields: compile_rules(fields, &format!("{at}.fields"))? }
-    };
-    if obj.contains_key("fields") && !matches!(source, Source::Each { .. }) {
-        return Err(err(&rule, "\"fields\" belongs to an \"each\" rule"));
+        compile_each(obj, at, rule)?
+    })
+}
+
+fn compile_sum(sum: &Value, rule: &str) -> Result<Source, MappingError> {
+    match (sum.get("over"), sum.get("product"), sum.get("of")) {
+        (Some(over), Some(product), None) => Ok(Source::SumProduct {
+            over: split_path(over.as_str().ok_or_else(|| err(rule, "sum.over must be the path of an array"))?),
+            product: paths(product, rule, "sum.product")?,
+        }),
+        (None, None, Some(of)) => Ok(Source::SumOf(paths(of, rule, "sum.of")?)),
+        _ => Err(err(rule, "sum needs {\"over\": array, \"product\": [fields]} or {\"of\": [fields]}")),
     }
-    let date = obj.get("date").map(|d| compile_date(d, &rule)).transpose()?;
-    let scale = match obj.get("scale") {
-        None => None,
+}
+
+fn compile_each(obj: &Map<String, Value>, at: &str, rule: &str) -> Result<Source, MappingError> {
+    let over =
+        obj.get("each").and_then(Value::as_str).ok_or_else(|| err(rule, "\"each\" must be the path of an array"))?;
+    let fields = obj
+        .get("fields")
+        .and_then(Value::as_array)
+        .ok_or_else(|| err(rule, "\"each\" needs \"fields\": the element's rules"))?;
+    Ok(Source::Each { over: split_path(over), fields: compile_rules(fields, &format!("{at}.fields"))? })
+}
+
+fn compile_scale(obj: &Map<String, Value>, rule: &str) -> Result<Option<u32>, MappingError> {
+    match obj.get("scale") {
+        None => Ok(None),
         Some(v) => {
-            Some(v.as_u64().filter(|s| *s <= 28).ok_or_else(|| err(&rule, "scale must be an integer 0-28"))? as u32)
+            Ok(Some(v.as_u64().filter(|s| *s <= 28).ok_or_else(|| err(rule, "scale must be an integer 0-28"))? as u32))
         }
-    };
-    let rounding = match obj.get("rounding") {
-        None => Rounding::HalfEven,
+    }
+}
+
+fn compile_rounding(obj: &Map<String, Value>, rule: &str) -> Result<Rounding, MappingError> {
+    match obj.get("rounding") {
+        None => Ok(Rounding::HalfEven),
         Some(v) => v.as_str().and_then(Rounding::parse).ok_or_else(|| {
-            err(&rule, format!("unknown rounding {v} (half_even, half_up, half_down, down, up, floor, ceiling)"))
-        })?,
-    };
-    let coerce = match obj.get("type") {
-        None => None,
-        Some(v) => Some(
+            err(rule, format!("unknown rounding {v} (half_even, half_up, half_down, down, up, floor, ceiling)"))
+        }),
+    }
+}
+
+fn compile_coerce(obj: &Map<String, Value>, rule: &str) -> Result<Option<Coerce>, MappingError> {
+    match obj.get("type") {
+        None => Ok(None),
+        Some(v) => Ok(Some(
             v.as_str()
                 .and_then(Coerce::parse)
-                .ok_or_else(|| err(&rule, format!("unknown type {v} (string, number, integer, bool)")))?,
-        ),
-    };
-    let required = match obj.get("required") {
-        None => false,
-        Some(v) => v.as_bool().ok_or_else(|| err(&rule, "required must be true or false"))?,
-    };
-    Ok(Rule {
-        to: split_path(to_text),
-        to_text: to_text.to_string(),
-        source,
-        date,
-        scale,
-        rounding,
-        coerce,
-        default: obj.get("default").cloned(),
-        required,
-    })
+                .ok_or_else(|| err(rule, format!("unknown type {v} (string, number, integer, bool)")))?,
+        )),
+    }
+}
+
+fn compile_required(obj: &Map<String, Value>, rule: &str) -> Result<bool, MappingError> {
+    match obj.get("required") {
+        None => Ok(false),
+        Some(v) => v.as_bool().ok_or_else(|| err(rule, "required must be true or false")),
+    }
 }
 
 fn compile_date(value: &Value, rule: &str) -> Result<DateRule, MappingError> {
