@@ -188,7 +188,12 @@ async fn fake_collector() -> (String, Arc<Mutex<Vec<Value>>>) {
             let store = store.clone();
             async move {
                 for rs in body["resourceSpans"].as_array().cloned().unwrap_or_default() {
-                    let service = rs["resource"]["attributes"][0]["value"]["stringValue"].clone();
+                    // Resource attributes come in no set order: service.name by its key.
+                    let service = rs["resource"]["attributes"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|kv| kv["key"] == "service.name"))
+                        .map(|kv| kv["value"]["stringValue"].clone())
+                        .unwrap_or_default();
                     for ss in rs["scopeSpans"].as_array().cloned().unwrap_or_default() {
                         for mut span in ss["spans"].as_array().cloned().unwrap_or_default() {
                             span["service"] = service.clone();

@@ -144,7 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         settings,
         held: AtomicUsize::new(0),
         sealer,
-        tracer: orderflow_shared::otel::Tracer::from_env("orderflow-fetcher", &shutdown),
+        tracer: orderflow_shared::otel::Tracer::current(),
         config,
     });
     let broker = shared.config.broker.clone();

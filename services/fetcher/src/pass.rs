@@ -29,12 +29,12 @@ use orderflow_shared::{
     backoff::Backoff,
     jst::CodeAction,
     messages::{PAGE_SCHEMA, Page, header, now_ms, page_message_id},
-    otel::Span,
+    otel,
     time::rfc3339_china,
-    trace::new_traceparent,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tracing::Span;
 
 use crate::{
     account::Account,
@@ -233,30 +233,20 @@ impl PassContext<'_> {
         rows: Vec<Value>,
     ) -> Result<(Vec<u8>, lapin::BasicProperties, Option<Span>), PassError> {
         let fetched_ms = now_ms();
-        let traceparent = new_traceparent();
         let id = page_message_id(&self.account.name, cursor_key, page_index);
-        let span = self.tracer.enabled().then(|| {
-            let (trace_id, span_id) = orderflow_shared::otel::ids(&traceparent).unwrap_or_default();
+        // A fetch starts the trace; when exporting, the page's traceparent names this span.
+        let (traceparent, span) = otel::hop(self.tracer, None, || {
             let list = |key: &str| {
                 rows.iter().take(50).filter_map(|r| r.get(key).map(|v| v.to_string())).collect::<Vec<_>>().join(",")
             };
-            Span {
-                trace_id,
-                span_id,
-                parent_span_id: None,
-                name: "fetch page",
-                kind: 4,
-                start_unix_nanos: orderflow_shared::otel::now_nanos(),
-                end_unix_nanos: 0,
-                attributes: vec![
-                    ("account", self.account.name.clone()),
-                    ("messaging.message_id", id.clone()),
-                    ("orders", rows.len().to_string()),
-                    ("o_id", list("o_id")),
-                    ("io_id", list("io_id")),
-                ],
-                error: None,
-            }
+            tracing::info_span!(target: otel::TARGET, parent: None, "fetch page",
+                otel.kind = otel::PRODUCER,
+                account = %self.account.name,
+                messaging.message_id = %id,
+                orders = rows.len(),
+                o_id = %list("o_id"),
+                io_id = %list("io_id"),
+            )
         });
         let page = Page {
             schema: PAGE_SCHEMA.to_string(),
@@ -327,19 +317,13 @@ pub async fn refresh_tokens(
 /// Confirmed publishes in flight, bounded.
 struct Inflight<'p> {
     publisher: &'p Publisher,
-    tracer: orderflow_shared::otel::Tracer,
     exchange: String,
     futures: FuturesUnordered<futures_util::future::BoxFuture<'p, Result<u64, anyhow::Error>>>,
 }
 
 impl<'p> Inflight<'p> {
-    fn new(publisher: &'p Publisher, topology: &Topology, tracer: &orderflow_shared::otel::Tracer) -> Self {
-        Self {
-            publisher,
-            tracer: tracer.clone(),
-            exchange: topology.pages_exchange(),
-            futures: FuturesUnordered::new(),
-        }
+    fn new(publisher: &'p Publisher, topology: &Topology) -> Self {
+        Self { publisher, exchange: topology.pages_exchange(), futures: FuturesUnordered::new() }
     }
 
     async fn push(
@@ -350,7 +334,6 @@ impl<'p> Inflight<'p> {
         account: &str,
     ) -> Result<(), PassError> {
         let (body, props, span) = message;
-        let tracer = self.tracer.clone();
         // On the wire now; only the confirm is awaited later.
         let confirm = self
             .publisher
@@ -358,11 +341,13 @@ impl<'p> Inflight<'p> {
             .await
             .map_err(|e| PassError::Broker(e.into()))?;
         self.futures.push(Box::pin(async move {
-            confirm.await?;
-            if let Some(mut span) = span {
-                span.end_unix_nanos = orderflow_shared::otel::now_nanos();
-                tracer.record(span);
+            // The page's span (when exporting) ends with its confirm.
+            let confirmed = confirm.await;
+            if let (Err(error), Some(span)) = (&confirmed, &span) {
+                otel::fail(span, error.to_string());
             }
+            confirmed?;
+            drop(span);
             Ok(orders)
         }));
         while self.futures.len() >= PUBLISH_WINDOW {
@@ -412,7 +397,7 @@ pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<P
     let started = Instant::now();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
-    let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.tracer);
+    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
     let mut cursor = start_ts;
     let (mut pages, mut orders, mut caught_up, mut needs_refresh) = (0u32, 0u64, false, false);
     while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
@@ -525,7 +510,7 @@ pub async fn walk_windows(ctx: &mut PassContext<'_>, from: Timestamp, walk: Walk
     let started = Instant::now();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
-    let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.tracer);
+    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
     let mut synced = from;
     let (mut pages, mut orders, mut caught_up, mut needs_refresh) = (0u32, 0u64, false, false);
     let mut overlap = walk.overlap;

@@ -144,7 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         confirm_timeout: config.broker.amqp_confirm_timeout,
         hold_limit: config.hold_limit,
         max_page_bytes: config.max_page_bytes,
-        tracer: orderflow_shared::otel::Tracer::from_env("orderflow-transformer", &shutdown),
+        tracer: orderflow_shared::otel::Tracer::current(),
         mapping,
         topology: Topology::new(config.broker.ns.clone()),
         metrics,
@@ -213,7 +213,8 @@ struct Transformer(Arc<Shared>);
 struct Note {
     _in_flight: InFlight,
     outcome: Counts,
-    spans: Vec<orderflow_shared::otel::Span>,
+    /// The records' spans (when exporting): they end when the page is settled.
+    spans: Vec<tracing::Span>,
 }
 
 enum Counts {
@@ -262,6 +263,9 @@ impl Handler for Transformer {
     fn settled(&self, message: &Message, note: Note, applied: Applied) {
         let metrics = &self.0.metrics;
         if applied != Applied::Done {
+            for span in &note.spans {
+                orderflow_shared::otel::fail(span, "the page was not forwarded (parked or requeued)");
+            }
             return;
         }
         match note.outcome {
@@ -280,11 +284,7 @@ impl Handler for Transformer {
             }
         }
         metrics.page_seconds.observe(message.received.elapsed().as_secs_f64());
-        let confirmed_nanos = orderflow_shared::otel::now_nanos();
-        for mut span in note.spans {
-            span.end_unix_nanos = confirmed_nanos;
-            self.0.tracer.record(span);
-        }
+        drop(note.spans);
     }
 }
 
@@ -301,27 +301,18 @@ impl Shared {
     }
 
     /// The page's records, each with its trace context (and its span, when tracing).
-    fn records(
-        &self,
-        message: &Message,
-        t: &page::Transformed,
-        spans: &mut Vec<orderflow_shared::otel::Span>,
-    ) -> Vec<Outgoing> {
+    fn records(&self, message: &Message, t: &page::Transformed, spans: &mut Vec<tracing::Span>) -> Vec<Outgoing> {
         let parent_trace = message.header_str(header::TRACEPARENT);
         let fetched_at = message.header_i64(header::FETCHED_AT_MS);
-        let parent_span = parent_trace.as_deref().and_then(orderflow_shared::otel::ids).map(|(_, span)| span);
         let exchange = self.topology.records_exchange();
         t.records
             .iter()
             .map(|record| {
                 let mut headers = Headers::default();
                 set_i64(&mut headers, header::ATTEMPT, 0);
-                let traceparent = child_traceparent(parent_trace.as_deref());
-                if self.tracer.enabled()
-                    && let Some((trace_id, span_id)) = orderflow_shared::otel::ids(&traceparent)
-                {
-                    spans.push(record_span(record, trace_id, span_id, parent_span.clone(), message));
-                }
+                let (traceparent, span) =
+                    orderflow_shared::otel::hop(&self.tracer, parent_trace.as_deref(), || record_span(record));
+                spans.extend(span);
                 set_str(&mut headers, header::TRACEPARENT, &traceparent);
                 set_str(&mut headers, header::ORDER_ID, &record.id);
                 if let Some(at) = fetched_at {
@@ -366,28 +357,14 @@ impl Shared {
     }
 }
 
-fn record_span(
-    record: &orderflow_shared::messages::Record,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: Option<String>,
-    message: &Message,
-) -> orderflow_shared::otel::Span {
+/// A record's span (made only when exporting).
+fn record_span(record: &orderflow_shared::messages::Record) -> tracing::Span {
     let io_id = record.data.get("io_id").and_then(orderflow_shared::json::scalar_text).unwrap_or_default();
-    orderflow_shared::otel::Span {
-        trace_id,
-        span_id,
-        parent_span_id,
-        name: "transform record",
-        kind: 5,
-        start_unix_nanos: orderflow_shared::otel::now_nanos().saturating_sub(message.received.elapsed().as_nanos()),
-        end_unix_nanos: 0,
-        attributes: vec![
-            ("o_id", record.id.clone()),
-            ("io_id", io_id),
-            ("account", record.account.clone()),
-            ("messaging.message_id", record.message_id()),
-        ],
-        error: None,
-    }
+    tracing::info_span!(target: orderflow_shared::otel::TARGET, parent: None, "transform record",
+        otel.kind = orderflow_shared::otel::CONSUMER,
+        o_id = %record.id,
+        io_id = %io_id,
+        account = %record.account,
+        messaging.message_id = %record.message_id(),
+    )
 }

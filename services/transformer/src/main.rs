@@ -18,9 +18,11 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
-    orderflow_shared::telemetry::init(config.log.log_format);
+    let telemetry = orderflow_shared::telemetry::init_service(config.log.log_format, "orderflow-transformer");
     let shutdown = orderflow_shared::shutdown::on_signal();
-    match transformer::run(config, shutdown).await {
+    let result = transformer::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             let code = if error.is::<Fatal>() { 2 } else { 1 };

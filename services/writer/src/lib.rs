@@ -231,7 +231,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics.retries.with_label_values(&[&tier_label(*tier)]);
     }
     let shared = Arc::new(Shared {
-        tracer: orderflow_shared::otel::Tracer::from_env("orderflow-writer", &shutdown),
+        tracer: orderflow_shared::otel::Tracer::current(),
         topology,
         target,
         breaker: Breaker::new(breaker::Settings::default()),
@@ -619,7 +619,7 @@ async fn attempt(shared: &Shared, message: &Message, record: &RawRecord<'_>, att
     let slot = shared.pace.acquire().await;
     metrics.inflight.inc();
     let timer = metrics.write_seconds.start_timer();
-    let started_nanos = orderflow_shared::otel::now_nanos();
+    let span = shared.tracer.enabled().then(|| write_span(message, record, attempts_before));
     let outcome = write(&shared.target, record, &message.message_id()).await;
     timer.observe_duration();
     metrics.inflight.dec();
@@ -632,46 +632,32 @@ async fn attempt(shared: &Shared, message: &Message, record: &RawRecord<'_>, att
         metrics.latency_floor.set(floor.map_or(0.0, |f| f.as_secs_f64()));
     }
     metrics.writes.with_label_values(&[outcome.label()]).inc();
-    if shared.tracer.enabled() {
-        trace_attempt(shared, message, record, attempts_before, started_nanos, &outcome);
+    if let Some(span) = span {
+        span.record("outcome", outcome.label());
+        if let Some(error) = outcome.error() {
+            orderflow_shared::otel::fail(&span, error);
+        }
     }
     outcome
 }
 
-fn trace_attempt(
-    shared: &Shared,
-    message: &Message,
-    record: &RawRecord<'_>,
-    attempts_before: u32,
-    started_nanos: u128,
-    outcome: &WriteOutcome,
-) {
-    let parent = message.header_str(header::TRACEPARENT);
-    let Some((trace_id, parent_span)) = parent.as_deref().and_then(orderflow_shared::otel::ids) else { return };
-    let span_id = orderflow_shared::otel::ids(&orderflow_shared::trace::child_traceparent(parent.as_deref()))
-        .map(|(_, s)| s)
-        .unwrap_or_default();
+/// The span of one write (made only when exporting): a child of the record's span, ended when
+/// dropped after the write.
+fn write_span(message: &Message, record: &RawRecord<'_>, attempts_before: u32) -> tracing::Span {
     let io_id = serde_json::from_str::<serde_json::Value>(record.data.get())
         .ok()
         .and_then(|d| d.get("io_id").and_then(orderflow_shared::json::scalar_text))
         .unwrap_or_default();
-    shared.tracer.record(orderflow_shared::otel::Span {
-        trace_id,
-        span_id,
-        parent_span_id: Some(parent_span),
-        name: "write record",
-        kind: 3,
-        start_unix_nanos: started_nanos,
-        end_unix_nanos: orderflow_shared::otel::now_nanos(),
-        attributes: vec![
-            ("o_id", record.id.clone()),
-            ("io_id", io_id),
-            ("messaging.message_id", message.message_id()),
-            ("outcome", outcome.label().to_string()),
-            ("attempt", (attempts_before + 1).to_string()),
-        ],
-        error: outcome.error().map(str::to_string),
-    });
+    let span = tracing::info_span!(target: orderflow_shared::otel::TARGET, parent: None, "write record",
+        otel.kind = orderflow_shared::otel::CLIENT,
+        o_id = %record.id,
+        io_id = %io_id,
+        messaging.message_id = %message.message_id(),
+        attempt = attempts_before + 1,
+        outcome = tracing::field::Empty,
+    );
+    orderflow_shared::otel::join(&span, message.header_str(header::TRACEPARENT).as_deref());
+    span
 }
 
 /// A transient failure: into the retry tier for this attempt, or dead-lettered as exhausted.

@@ -5,9 +5,11 @@ use orderflow_shared::amqp::Fatal;
 async fn main() -> std::process::ExitCode {
     orderflow_shared::init_process();
     let config = writer::Config::parse();
-    orderflow_shared::telemetry::init(config.log.log_format);
+    let telemetry = orderflow_shared::telemetry::init_service(config.log.log_format, "orderflow-writer");
     let shutdown = orderflow_shared::shutdown::on_signal();
-    match writer::run(config, shutdown).await {
+    let result = writer::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             let code = if error.is::<Fatal>() { 2 } else { 1 };
