@@ -112,3 +112,60 @@ fn a_missing_required_setting_exits_non_zero_naming_it() {
     assert_ne!(code, 0);
     assert!(err.contains("ns") || err.contains("ORDERFLOW_NS"), "{err}");
 }
+
+/// Secrets are never flags (a flag shows in `ps`): each binary refuses one on the command line
+/// without echoing it, and `--help` names the environment variables instead.
+#[test]
+fn secrets_are_refused_as_flags_and_read_from_the_environment() {
+    for (name, flag) in [
+        ("fetcher", "--app-secret"),
+        ("fetcher", "--access-token"),
+        ("fetcher", "--refresh-token"),
+        ("fetcher", "--partner-key"),
+        ("fetcher", "--token"),
+        ("writer", "--target-auth-header"),
+        ("writer", "--amqp-password"),
+        ("transformer", "--amqp-password"),
+    ] {
+        let out = Command::new(bin(name)).args([flag, "hunter2-secret"]).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} {flag} must be refused: {err}");
+        assert!(err.contains(flag) && !err.contains("hunter2"), "{name} {flag}: {err}");
+    }
+    for name in ["fetcher", "transformer", "writer", "orderflow"] {
+        let mut cmd = Command::new(bin(name));
+        cmd.args(["--amqp-url", "amqp://orderflow:hunter2@127.0.0.1:1/%2f"]);
+        if name == "orderflow" {
+            cmd.arg("status");
+        }
+        let out = cmd
+            .env_remove("AMQP_URL")
+            .env("ADMIN_ADDR", "127.0.0.1:0")
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} must refuse a password in --amqp-url: {err}");
+        assert!(err.contains("process list") && err.contains("AMQP_URL") && !err.contains("hunter2"), "{name}: {err}");
+    }
+    let help = Command::new(bin("fetcher")).arg("--help").output().expect("run");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for variable in ["JST_APP_SECRET", "JST_ACCESS_TOKEN", "JST_REFRESH_TOKEN", "JST_PARTNER_KEY", "JST_TOKEN"] {
+        assert!(help.contains(variable), "fetcher --help names {variable}: {help}");
+    }
+    // The same secrets from the environment are taken: the fetcher gets past its settings and
+    // fails only on the unreachable broker (the error names the broker, not a missing secret).
+    let (code, err) = run_without(
+        "fetcher",
+        &["ORDERFLOW_ACCOUNTS"],
+        &[
+            ("JST_BASE_URL", "http://127.0.0.1:1"),
+            ("JST_APP_KEY", "k"),
+            ("JST_APP_SECRET", "hunter2-secret"),
+            ("JST_ACCESS_TOKEN", "hunter2-token"),
+            ("AMQP_URL", "amqp://orderflow:hunter2@127.0.0.1:1/%2f?connection_timeout=500"),
+            ("AMQP_CA_FILE", "/nonexistent/ca.pem"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("AMQP_CA_FILE") && !err.contains("hunter2"), "{err}");
+}

@@ -5,6 +5,7 @@
 use std::{fmt, time::Duration};
 
 use orderflow_shared::jst::{CodeAction, classify_code, sign_legacy, sign_open};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -21,21 +22,18 @@ pub enum ApiGeneration {
 /// The largest answer read from the source (a page of 50 orders is ~100 KB).
 const MAX_ANSWER_BYTES: usize = 64 << 20;
 
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The signing keys are `SecretString`s (zeroed on drop, read only where a request is signed);
+/// the tokens rotate and are compared and sealed into the job queue, so they stay `String`s, kept
+/// out of `Debug` by hand.
+#[derive(Clone, Default)]
 pub struct Credentials {
-    #[serde(default)]
     pub app_key: String,
-    #[serde(default)]
-    pub app_secret: String,
-    #[serde(default)]
+    pub app_secret: SecretString,
     pub access_token: String,
-    #[serde(default)]
     pub refresh_token: String,
-    #[serde(default)]
     pub partner_id: String,
-    #[serde(default)]
-    pub partner_key: String,
-    #[serde(default)]
+    pub partner_key: SecretString,
     pub token: String,
 }
 
@@ -161,7 +159,7 @@ impl JstClient {
                     ("charset", "utf-8"),
                     ("biz", biz_text.as_str()),
                 ];
-                let sign = sign_open(&creds.app_secret, form.iter().copied());
+                let sign = sign_open(creds.app_secret.expose_secret(), form.iter().copied());
                 form.push(("sign", sign.as_str()));
                 let body = serde_urlencoded::to_string(&form).map_err(|e| CallError::Decode(e.to_string()))?;
                 self.http
@@ -171,7 +169,7 @@ impl JstClient {
             }
             ApiGeneration::Legacy => {
                 let url = format!("{}/api/open/query.aspx", self.base_url);
-                let sign = sign_legacy(api, &creds.partner_id, &creds.token, now, &creds.partner_key);
+                let sign = sign_legacy(api, &creds.partner_id, &creds.token, now, creds.partner_key.expose_secret());
                 let ts = now.to_string();
                 self.http
                     .post(url)
@@ -210,7 +208,7 @@ impl JstClient {
             ("refresh_token", creds.refresh_token.as_str()),
             ("scope", "all"),
         ];
-        let sign = sign_open(&creds.app_secret, form.iter().copied());
+        let sign = sign_open(creds.app_secret.expose_secret(), form.iter().copied());
         form.push(("sign", sign.as_str()));
         let body = serde_urlencoded::to_string(&form).map_err(|e| CallError::Decode(e.to_string()))?;
         let response = self

@@ -4,7 +4,8 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use orderflow_shared::settings::{BrokerArgs, LogArgs, parse_duration};
+use orderflow_shared::settings::{BrokerArgs, LogArgs, parse_duration, secret_env};
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
     account::{Account, SyncStart},
@@ -17,7 +18,7 @@ pub const DEFAULT_REQUEST_CONFIG: &str = include_str!("../config/default-request
 
 /// Fetches Jushuitan outbound orders and publishes raw pages, never missing an order.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "fetcher", version, about, long_about = None)]
+#[command(name = "fetcher", version, about, long_about = None, after_help = SECRETS_HELP)]
 pub struct Config {
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -41,24 +42,24 @@ pub struct Config {
     /// New platform: app_key.
     #[arg(long, env = "JST_APP_KEY")]
     pub app_key: Option<String>,
-    /// New platform: app_secret (never logged).
-    #[arg(long, env = "JST_APP_SECRET", hide_env_values = true)]
-    pub app_secret: Option<String>,
-    /// New platform: access_token (never logged).
-    #[arg(long, env = "JST_ACCESS_TOKEN", hide_env_values = true)]
-    pub access_token: Option<String>,
-    /// New platform: refresh_token, used when the access token expires (never logged).
-    #[arg(long, env = "JST_REFRESH_TOKEN", hide_env_values = true)]
-    pub refresh_token: Option<String>,
+    /// New platform: JST_APP_SECRET (environment only, never logged).
+    #[arg(skip = secret_env("JST_APP_SECRET"))]
+    pub app_secret: Option<SecretString>,
+    /// New platform: JST_ACCESS_TOKEN (environment only, never logged).
+    #[arg(skip = secret_env("JST_ACCESS_TOKEN"))]
+    pub access_token: Option<SecretString>,
+    /// New platform: JST_REFRESH_TOKEN, used when the access token expires (environment only).
+    #[arg(skip = secret_env("JST_REFRESH_TOKEN"))]
+    pub refresh_token: Option<SecretString>,
     /// Legacy API: partnerid.
     #[arg(long, env = "JST_PARTNER_ID")]
     pub partner_id: Option<String>,
-    /// Legacy API: partnerkey (never logged).
-    #[arg(long, env = "JST_PARTNER_KEY", hide_env_values = true)]
-    pub partner_key: Option<String>,
-    /// Legacy API: token (never logged).
-    #[arg(long, env = "JST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// Legacy API: JST_PARTNER_KEY (environment only, never logged).
+    #[arg(skip = secret_env("JST_PARTNER_KEY"))]
+    pub partner_key: Option<SecretString>,
+    /// Legacy API: JST_TOKEN (environment only, never logged).
+    #[arg(skip = secret_env("JST_TOKEN"))]
+    pub token: Option<SecretString>,
     /// Request config file in the seed's format (default: the shipped start_ts config).
     #[arg(long, env = "JST_REQUEST_CONFIG")]
     pub request_config: Option<PathBuf>,
@@ -118,6 +119,19 @@ pub fn parse_share(text: &str) -> Result<f64, String> {
     Ok(value)
 }
 
+/// What `--help` says about the secrets: none of them is a flag.
+const SECRETS_HELP: &str = "Secrets come from the environment only, never from flags (a flag shows in the process \
+list): JST_APP_SECRET, JST_ACCESS_TOKEN, JST_REFRESH_TOKEN (open platform), JST_PARTNER_KEY, JST_TOKEN (legacy), \
+AMQP_PASSWORD or a password inside AMQP_URL; many merchants' secrets go in the ORDERFLOW_ACCOUNTS file.";
+
+/// A required secret, named by its variable when missing.
+fn required_secret(value: &Option<SecretString>, name: &str, why: &str) -> Result<SecretString, String> {
+    match value.as_ref().map(|v| v.expose_secret().trim()) {
+        Some(v) if !v.is_empty() => Ok(SecretString::from(v)),
+        _ => Err(format!("{name} is required ({why})")),
+    }
+}
+
 fn required(value: &Option<String>, name: &str, why: &str) -> Result<String, String> {
     match value.as_deref().map(str::trim) {
         Some(v) if !v.is_empty() => Ok(v.to_string()),
@@ -153,15 +167,15 @@ impl Config {
         let credentials = match self.api {
             ApiGeneration::Open => Credentials {
                 app_key: required(&self.app_key, "JST_APP_KEY", why)?,
-                app_secret: required(&self.app_secret, "JST_APP_SECRET", why)?,
-                access_token: required(&self.access_token, "JST_ACCESS_TOKEN", why)?,
-                refresh_token: self.refresh_token.clone().unwrap_or_default(),
+                app_secret: required_secret(&self.app_secret, "JST_APP_SECRET", why)?,
+                access_token: required_secret(&self.access_token, "JST_ACCESS_TOKEN", why)?.expose_secret().into(),
+                refresh_token: self.refresh_token.as_ref().map(|t| t.expose_secret().into()).unwrap_or_default(),
                 ..Credentials::default()
             },
             ApiGeneration::Legacy => Credentials {
                 partner_id: required(&self.partner_id, "JST_PARTNER_ID", "JST_API=legacy")?,
-                partner_key: required(&self.partner_key, "JST_PARTNER_KEY", "JST_API=legacy")?,
-                token: required(&self.token, "JST_TOKEN", "JST_API=legacy")?,
+                partner_key: required_secret(&self.partner_key, "JST_PARTNER_KEY", "JST_API=legacy")?,
+                token: required_secret(&self.token, "JST_TOKEN", "JST_API=legacy")?.expose_secret().into(),
                 ..Credentials::default()
             },
         };

@@ -16,7 +16,9 @@ use orderflow_shared::{
 #[command(name = "orderflow", version, about, long_about = None)]
 #[command(
     after_help = "Lab commands (demo, fault-suite, bench) run orderflow-lab with the same arguments: it is built \
-    beside orderflow by `cargo build`, and the production image leaves it out. `orderflow demo --help` shows its options."
+    beside orderflow by `cargo build`, and the production image leaves it out. `orderflow demo --help` shows its options. \
+    Secrets come from the environment only, never from flags (a flag shows in the process list): AMQP_PASSWORD, or a \
+    password inside AMQP_URL."
 )]
 struct Cli {
     #[command(flatten)]
@@ -107,7 +109,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Lab(command) => lab::run(command.name()),
-        Command::Operate(operation) => operate(cli.broker, cli.log, operation),
+        Command::Operate(operation) => {
+            cli.broker.exit_on_secret_flags("orderflow");
+            operate(cli.broker, cli.log, operation)
+        }
     }
 }
 
