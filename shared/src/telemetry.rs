@@ -45,6 +45,9 @@ pub fn init_service(format: LogFormat, service: &str) -> Telemetry {
     Telemetry { provider }
 }
 
+/// The longest wait for the last spans at exit.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The trace exporter of a service, if it has one.
 #[must_use = "call shutdown() so the last spans are sent"]
 pub struct Telemetry {
@@ -55,11 +58,14 @@ impl Telemetry {
     /// Sends the spans still queued and stops the exporter (graceful shutdown's last step).
     pub async fn shutdown(self) {
         let Some(provider) = self.provider else { return };
-        // The SDK waits for its tokio export task by blocking: off the runtime's workers.
-        match tokio::task::spawn_blocking(move || provider.shutdown()).await {
-            Ok(Ok(())) => {}
+        // The SDK waits for its tokio export task by blocking: off the runtime's workers, and not
+        // for longer than SHUTDOWN_WAIT (a collector that does not answer must not hold the exit).
+        let stopped = tokio::time::timeout(SHUTDOWN_WAIT, tokio::task::spawn_blocking(move || provider.shutdown()));
+        match stopped.await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(message = "Trace export did not shut down cleanly.", %error),
             Ok(Err(error)) => tracing::warn!(message = "Trace export did not shut down cleanly.", %error),
-            Err(error) => tracing::warn!(message = "Trace export did not shut down cleanly.", %error),
+            Err(_) => tracing::warn!(message = "Trace export still busy at exit; its last spans are dropped."),
         }
     }
 }
@@ -96,5 +102,35 @@ where
         fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr).boxed()
     } else {
         fmt::layer().compact().with_writer(std::io::stderr).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A collector that takes the connection but never answers must not hold the exit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_does_not_wait_for_a_silent_collector() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        crate::init_process();
+        let provider = otel::provider(&endpoint, "orderflow-test").expect("a provider");
+        let subscriber = tracing_subscriber::registry()
+            .with(otel::layer(&provider).with_filter(filter_fn(|m| m.target() == otel::TARGET)));
+        tracing::subscriber::with_default(subscriber, || {
+            drop(tracing::info_span!(target: otel::TARGET, "write record"));
+        });
+        let started = Instant::now();
+        Telemetry { provider: Some(provider) }.shutdown().await;
+        assert!(started.elapsed() < SHUTDOWN_WAIT + Duration::from_secs(2), "{:?}", started.elapsed());
     }
 }
