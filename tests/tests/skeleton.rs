@@ -138,11 +138,7 @@ fn secrets_are_refused_as_flags_and_read_from_the_environment() {
         if name == "orderflow" {
             cmd.arg("status");
         }
-        let out = cmd
-            .env_remove("AMQP_URL")
-            .env("ADMIN_ADDR", "127.0.0.1:0")
-            .output()
-            .expect("run");
+        let out = cmd.env_remove("AMQP_URL").env("ADMIN_ADDR", "127.0.0.1:0").output().expect("run");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name} must refuse a password in --amqp-url: {err}");
         assert!(err.contains("process list") && err.contains("AMQP_URL") && !err.contains("hunter2"), "{name}: {err}");
