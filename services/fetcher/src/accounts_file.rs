@@ -68,6 +68,27 @@ pub struct Fallbacks {
 }
 
 pub fn load(path: &Path, fallbacks: &Fallbacks) -> Result<Vec<Account>, String> {
+    let file = read(path)?;
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(file.accounts.len());
+    for (index, entry) in file.accounts.iter().enumerate() {
+        let spot = Spot { path, index, name: entry.name.as_deref() };
+        let entry = entry.clone().or(&file.defaults);
+        let name = parse_account_name(&spot.need(entry.name.clone(), "name")?)
+            .map_err(|e| format!("{}: {e}", spot.at("name")))?;
+        if !names.insert(name.clone()) {
+            return Err(format!("{} {name:?} appears twice", spot.at("name")));
+        }
+        let account = account(name, entry, &spot, base_dir, fallbacks)?;
+        account.validate().map_err(|e| format!("ORDERFLOW_ACCOUNTS {}: {e}", path.display()))?;
+        out.push(account);
+    }
+    Ok(out)
+}
+
+/// The file, parsed (JSON by its extension or its first character, else TOML); at least one account.
+fn read(path: &Path) -> Result<File, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("ORDERFLOW_ACCOUNTS {}: {e}", path.display()))?;
     let is_json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
     let file: File = if is_json {
@@ -78,73 +99,101 @@ pub fn load(path: &Path, fallbacks: &Fallbacks) -> Result<Vec<Account>, String> 
     if file.accounts.is_empty() {
         return Err(format!("ORDERFLOW_ACCOUNTS {}: no [[accounts]]", path.display()));
     }
-    let base_dir = path.parent().unwrap_or(Path::new("."));
-    let mut names = HashSet::new();
-    let mut out = Vec::with_capacity(file.accounts.len());
-    for (i, entry) in file.accounts.iter().enumerate() {
-        let at = |key: &str| {
-            format!(
-                "ORDERFLOW_ACCOUNTS {}: accounts[{i}]{}: {key}",
-                path.display(),
-                entry.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
-            )
-        };
-        let d = &file.defaults;
-        macro_rules! pick {
-            ($field:ident) => {
-                entry.$field.clone().or_else(|| d.$field.clone())
-            };
+    Ok(file)
+}
+
+impl Entry {
+    /// This entry with `[defaults]` filling what it leaves out (not its name: each entry names itself).
+    fn or(self, d: &Entry) -> Entry {
+        Entry {
+            name: self.name,
+            api: self.api.or(d.api),
+            base_url: self.base_url.or_else(|| d.base_url.clone()),
+            app_key: self.app_key.or_else(|| d.app_key.clone()),
+            app_secret: self.app_secret.or_else(|| d.app_secret.clone()),
+            access_token: self.access_token.or_else(|| d.access_token.clone()),
+            refresh_token: self.refresh_token.or_else(|| d.refresh_token.clone()),
+            partner_id: self.partner_id.or_else(|| d.partner_id.clone()),
+            partner_key: self.partner_key.or_else(|| d.partner_key.clone()),
+            token: self.token.or_else(|| d.token.clone()),
+            request_config: self.request_config.or_else(|| d.request_config.clone()),
+            sync_start: self.sync_start.or_else(|| d.sync_start.clone()),
+            rate_per_sec: self.rate_per_sec.or(d.rate_per_sec),
+            rate_per_min: self.rate_per_min.or(d.rate_per_min),
+            interval: self.interval.or_else(|| d.interval.clone()),
         }
-        let need = |value: Option<String>, key: &str| {
-            value.filter(|v| !v.trim().is_empty()).ok_or_else(|| format!("{} is required", at(key)))
-        };
-        let name =
-            parse_account_name(&need(entry.name.clone(), "name")?).map_err(|e| format!("{}: {e}", at("name")))?;
-        if !names.insert(name.clone()) {
-            return Err(format!("{} {name:?} appears twice", at("name")));
-        }
-        let api = pick!(api).unwrap_or(ApiGeneration::Open);
-        let credentials = match api {
-            ApiGeneration::Open => Credentials {
-                app_key: need(pick!(app_key), "app_key")?,
-                app_secret: need(pick!(app_secret), "app_secret")?,
-                access_token: need(pick!(access_token), "access_token")?,
-                refresh_token: pick!(refresh_token).unwrap_or_default(),
-                ..Credentials::default()
-            },
-            ApiGeneration::Legacy => Credentials {
-                partner_id: need(pick!(partner_id), "partner_id")?,
-                partner_key: need(pick!(partner_key), "partner_key")?,
-                token: need(pick!(token), "token")?,
-                ..Credentials::default()
-            },
-        };
-        let request_path = pick!(request_config).map(|p| if p.is_relative() { base_dir.join(p) } else { p });
-        let request =
-            load_request_config(request_path.as_ref()).map_err(|e| format!("{}: {e}", at("request_config")))?;
-        let interval = match pick!(interval) {
-            Some(text) => {
-                orderflow_shared::settings::parse_duration(&text).map_err(|e| format!("{}: {e}", at("interval")))?
-            }
-            None => fallbacks.interval,
-        };
-        let sync_start = SyncStart::parse(&pick!(sync_start).unwrap_or_else(|| fallbacks.sync_start.clone()))
-            .map_err(|e| format!("{}: {e}", at("sync_start")))?;
-        let account = Account {
-            name,
-            api,
-            base_url: need(pick!(base_url), "base_url")?,
-            credentials,
-            request,
-            sync_start,
-            rate_per_sec: pick!(rate_per_sec).unwrap_or(fallbacks.rate_per_sec),
-            rate_per_min: pick!(rate_per_min).unwrap_or(fallbacks.rate_per_min),
-            interval,
-        };
-        account.validate().map_err(|e| format!("ORDERFLOW_ACCOUNTS {}: {e}", path.display()))?;
-        out.push(account);
     }
-    Ok(out)
+}
+
+/// Where an entry is in the file, for error messages.
+struct Spot<'a> {
+    path: &'a Path,
+    index: usize,
+    name: Option<&'a str>,
+}
+
+impl Spot<'_> {
+    /// `ORDERFLOW_ACCOUNTS <file>: accounts[<i>] (<name>): <key>`.
+    fn at(&self, key: &str) -> String {
+        format!(
+            "ORDERFLOW_ACCOUNTS {}: accounts[{}]{}: {key}",
+            self.path.display(),
+            self.index,
+            self.name.map(|n| format!(" ({n})")).unwrap_or_default()
+        )
+    }
+
+    /// A value that must be there and not blank.
+    fn need(&self, value: Option<String>, key: &str) -> Result<String, String> {
+        value.filter(|v| !v.trim().is_empty()).ok_or_else(|| format!("{} is required", self.at(key)))
+    }
+}
+
+/// The account an entry (with its defaults) describes; `name` is already checked.
+fn account(name: String, entry: Entry, spot: &Spot, base_dir: &Path, fallbacks: &Fallbacks) -> Result<Account, String> {
+    let api = entry.api.unwrap_or(ApiGeneration::Open);
+    let credentials = credentials(api, &entry, spot)?;
+    let request_path = entry.request_config.map(|p| if p.is_relative() { base_dir.join(p) } else { p });
+    let request =
+        load_request_config(request_path.as_ref()).map_err(|e| format!("{}: {e}", spot.at("request_config")))?;
+    let interval = match entry.interval {
+        Some(text) => {
+            orderflow_shared::settings::parse_duration(&text).map_err(|e| format!("{}: {e}", spot.at("interval")))?
+        }
+        None => fallbacks.interval,
+    };
+    let sync_start = SyncStart::parse(&entry.sync_start.unwrap_or_else(|| fallbacks.sync_start.clone()))
+        .map_err(|e| format!("{}: {e}", spot.at("sync_start")))?;
+    Ok(Account {
+        name,
+        api,
+        base_url: spot.need(entry.base_url, "base_url")?,
+        credentials,
+        request,
+        sync_start,
+        rate_per_sec: entry.rate_per_sec.unwrap_or(fallbacks.rate_per_sec),
+        rate_per_min: entry.rate_per_min.unwrap_or(fallbacks.rate_per_min),
+        interval,
+    })
+}
+
+/// The credentials the entry's API generation needs.
+fn credentials(api: ApiGeneration, entry: &Entry, spot: &Spot) -> Result<Credentials, String> {
+    Ok(match api {
+        ApiGeneration::Open => Credentials {
+            app_key: spot.need(entry.app_key.clone(), "app_key")?,
+            app_secret: spot.need(entry.app_secret.clone(), "app_secret")?.into(),
+            access_token: spot.need(entry.access_token.clone(), "access_token")?,
+            refresh_token: entry.refresh_token.clone().unwrap_or_default(),
+            ..Credentials::default()
+        },
+        ApiGeneration::Legacy => Credentials {
+            partner_id: spot.need(entry.partner_id.clone(), "partner_id")?,
+            partner_key: spot.need(entry.partner_key.clone(), "partner_key")?.into(),
+            token: spot.need(entry.token.clone(), "token")?,
+            ..Credentials::default()
+        },
+    })
 }
 
 #[cfg(test)]

@@ -24,14 +24,9 @@ use std::{
 };
 
 use jiff::Timestamp;
-use lapin::{
-    Connection,
-    options::{BasicConsumeOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
 use orderflow_shared::{
     admin::{self, Readiness},
-    amqp::{Connections, Fatal, Publisher, Topology, supervise, topology::plain_quorum_queue},
+    amqp::{Connection, Connections, Fatal, Headers, Presence, Publisher, Topology, lease::replicas, supervise},
     rng::Rng,
 };
 use serde_json::json;
@@ -83,11 +78,6 @@ struct Shared {
     tracer: orderflow_shared::otel::Tracer,
 }
 
-/// The queue every fetcher replica consumes (without messages) so replicas can count each other.
-fn presence_queue(topology: &Topology) -> String {
-    format!("{}.fetch.replicas", topology.ns)
-}
-
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let accounts = config.accounts().map_err(Fatal)?;
     // Read from the environment only: a secret never goes on a command line.
@@ -97,34 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let readiness = Readiness::new();
     let mut runtimes = Vec::new();
     for account in accounts {
-        if account.request.was_clamped() {
-            tracing::warn!(
-                message = "Request config asks for a page size above the API maximum; using the maximum.",
-                account = %account.name, requested = account.request.requested_page_size, used = account.request.page_size
-            );
-        }
-        let client = JstClient::new(&account.base_url, account.api, config.timeout).map_err(Fatal)?;
-        let budget = Budget::new(account.rate_per_sec, account.rate_per_min);
-        let share = |limit: u32| ((f64::from(limit) * config.sweep_budget).floor() as u32).max(1);
-        let sweep_share = Budget::new(share(account.rate_per_sec), share(account.rate_per_min));
-        tracing::info!(
-            message = "Account configured.", account = %account.name, api = ?account.api,
-            cursor = ?account.request.cursor, call_spacing_ms = budget.spacing.as_millis() as u64
-        );
-        metrics.track_account(&account.name);
-        readiness.set_ok(&format!("account:{}", account.name));
-        let sweep_account = Account { request: account.request.for_windows(), ..account.clone() };
-        runtimes.push(Arc::new(AccountRuntime {
-            book: tokens::TokenBook::new(account.credentials.clone()),
-            sweep_account,
-            credentials: Mutex::new(account.credentials.clone()),
-            account,
-            client,
-            budget,
-            sweep_share,
-            seen: sweep::Seen::new(config.sweep_span + Duration::from_secs(600)),
-            stopped: Mutex::new(None),
-        }));
+        runtimes.push(Arc::new(account_runtime(account, &config, &metrics, &readiness)?));
     }
     let bound = admin::spawn(config.admin_addr, metrics.registry.clone(), readiness.clone(), shutdown.clone())
         .await
@@ -157,6 +120,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .await
 }
 
+/// One configured account, ready to be held: its client, budgets, metrics and readiness check.
+fn account_runtime(
+    account: Account,
+    config: &Config,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Result<AccountRuntime, Fatal> {
+    if account.request.was_clamped() {
+        tracing::warn!(
+            message = "Request config asks for a page size above the API maximum; using the maximum.",
+            account = %account.name, requested = account.request.requested_page_size, used = account.request.page_size
+        );
+    }
+    let client = JstClient::new(&account.base_url, account.api, config.timeout).map_err(Fatal)?;
+    let budget = Budget::new(account.rate_per_sec, account.rate_per_min);
+    let share = |limit: u32| ((f64::from(limit) * config.sweep_budget).floor() as u32).max(1);
+    let sweep_share = Budget::new(share(account.rate_per_sec), share(account.rate_per_min));
+    tracing::info!(
+        message = "Account configured.", account = %account.name, api = ?account.api,
+        cursor = ?account.request.cursor, call_spacing_ms = budget.spacing.as_millis() as u64
+    );
+    metrics.track_account(&account.name);
+    readiness.set_ok(&format!("account:{}", account.name));
+    let sweep_account = Account { request: account.request.for_windows(), ..account.clone() };
+    Ok(AccountRuntime {
+        book: tokens::TokenBook::new(account.credentials.clone()),
+        sweep_account,
+        credentials: Mutex::new(account.credentials.clone()),
+        account,
+        client,
+        budget,
+        sweep_share,
+        seen: sweep::Seen::new(config.sweep_span + Duration::from_secs(600)),
+        stopped: Mutex::new(None),
+    })
+}
+
 /// One broker session: declare topology, announce this replica, run one worker per account.
 /// Account locks, job reads and checkpoint commits use the `consume` connection (a commit must
 /// travel with the lock: a replica whose lock connection died can never commit); pages and
@@ -164,19 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// locks' connection free.
 async fn session(connections: Connections, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let connection = connections.consume.clone();
-    let channel = connection.create_channel().await?;
-    if shared.config.broker.declare_topology {
-        shared.topology.declare(&channel).await?;
-    }
-    let presence = presence_queue(&shared.topology);
-    orderflow_shared::amqp::topology::declare_queue(
-        &channel,
-        &plain_quorum_queue(presence.clone(), "fetcher replicas (presence)"),
-    )
-    .await?;
-    let _presence_consumer = channel
-        .basic_consume(presence.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
+    let _presence = Presence::join(&connection, &shared.topology, shared.config.broker.declare_topology).await?;
     let timeout = shared.config.broker.amqp_confirm_timeout;
     let publisher = Publisher::open(&connections.publish).await?.with_confirm_timeout(timeout);
     let commits = Publisher::open(&connection).await?.with_confirm_timeout(timeout);
@@ -225,24 +213,7 @@ impl AccountWorker {
     /// How many accounts this replica should hold: ⌈accounts ÷ live replicas⌉.
     async fn fair_share(&self) -> usize {
         let total = self.shared.accounts.len();
-        let replicas = match self.connection.create_channel().await {
-            Ok(channel) => {
-                let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-                let count = channel
-                    .queue_declare(
-                        presence_queue(&self.shared.topology).as_str().into(),
-                        options,
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map(|q| q.consumer_count() as usize)
-                    .unwrap_or(1);
-                let _ = channel.close(200, "ok".into()).await;
-                count.max(1)
-            }
-            Err(_) => 1,
-        };
-        total.div_ceil(replicas)
+        total.div_ceil(replicas(&self.connection, &self.shared.topology).await)
     }
 
     async fn sleep(&self, d: Duration) -> bool {
@@ -305,7 +276,6 @@ impl AccountWorker {
     /// Runs passes while holding the account.
     async fn hold(&self, mut lease: Lease) -> anyhow::Result<Holding> {
         let rt = &self.runtime;
-        let name = rt.account.name.as_str();
         let mode = match rt.account.request.cursor {
             CursorKind::StartTs => CursorMode::StartTs,
             CursorKind::Modified => CursorMode::Modified,
@@ -328,31 +298,15 @@ impl AccountWorker {
             *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
             let result = match outcome {
                 Ok(result) => result,
-                Err(PassError::Interrupted) => {
+                Err(error) => {
+                    if self.pass_failed(&job, &credentials, error).await? {
+                        continue;
+                    }
                     lease.release().await;
                     return Ok(Holding::Shutdown);
                 }
-                Err(PassError::Stopped(reason)) => {
-                    self.stop_account(&job, reason).await;
-                    continue;
-                }
-                Err(PassError::Credentials(reason)) => {
-                    self.credentials_refused(&job, &credentials, reason).await;
-                    continue;
-                }
-                Err(PassError::Broker(error)) => {
-                    self.shared.metrics.passes.with_label_values(&[name, "failed"]).inc();
-                    return Err(error.context(format!("account {name}: publishing pages failed; no checkpoint")));
-                }
             };
-            let mut next_cursor = result.cursor.clone();
-            if next_cursor.caught_up_at.is_none() {
-                next_cursor.caught_up_at = job.cursor.caught_up_at.clone();
-            }
-            let mut next = job.next(next_cursor, None, result.orders);
-            if let Some(tokens) = store {
-                next.store_tokens(tokens, &self.shared.sealer).map_err(anyhow::Error::msg)?;
-            }
+            let mut next = self.next_job(&job, &result, store)?;
             lease.commit(&self.commits, &next).await?;
             fresh_until = None;
             if result.needs_refresh {
@@ -370,21 +324,64 @@ impl AccountWorker {
             }
             sweeper.tend().await;
             self.committed(&next, &result).await;
-            if self.token.is_cancelled() {
+            if let Some(holding) = self.let_go(result.caught_up).await {
                 lease.release().await;
-                return Ok(Holding::Shutdown);
-            }
-            let held = self.shared.held.load(Ordering::SeqCst);
-            if held > self.fair_share().await {
-                tracing::info!(message = "Releasing account to rebalance over replicas.", account = name);
-                lease.release().await;
-                return Ok(Holding::Released);
-            }
-            if result.caught_up && !self.sleep(rt.account.interval).await {
-                lease.release().await;
-                return Ok(Holding::Shutdown);
+                return Ok(holding);
             }
         }
+    }
+
+    /// A pass that failed, handled: `Ok(true)` to go on holding the account (stopped, or to try
+    /// the configured pair), `Ok(false)` on shutdown; a broker failure ends the session.
+    async fn pass_failed(&self, job: &Job, credentials: &Credentials, error: PassError) -> anyhow::Result<bool> {
+        let name = self.runtime.account.name.as_str();
+        match error {
+            PassError::Interrupted => Ok(false),
+            PassError::Stopped(reason) => {
+                self.stop_account(job, reason).await;
+                Ok(true)
+            }
+            PassError::Credentials(reason) => {
+                self.credentials_refused(job, credentials, reason).await;
+                Ok(true)
+            }
+            PassError::Broker(error) => {
+                self.shared.metrics.passes.with_label_values(&[name, "failed"]).inc();
+                Err(error.context(format!("account {name}: publishing pages failed; no checkpoint")))
+            }
+        }
+    }
+
+    /// The job a pass commits: its cursor (still saying when the source was last caught up), its
+    /// orders, and the token pair to store if the job's is older or missing.
+    fn next_job(&self, job: &Job, result: &pass::PassResult, store: Option<job::Tokens>) -> anyhow::Result<Job> {
+        let mut next_cursor = result.cursor.clone();
+        if next_cursor.caught_up_at.is_none() {
+            next_cursor.caught_up_at = job.cursor.caught_up_at.clone();
+        }
+        let mut next = job.next(next_cursor, None, result.orders);
+        if let Some(tokens) = store {
+            next.store_tokens(tokens, &self.shared.sealer).map_err(anyhow::Error::msg)?;
+        }
+        Ok(next)
+    }
+
+    /// After a committed pass: `Some` to let the account go (shutdown, or more than this
+    /// replica's fair share held), `None` to hold on (after the interval when caught up).
+    async fn let_go(&self, caught_up: bool) -> Option<Holding> {
+        if self.token.is_cancelled() {
+            return Some(Holding::Shutdown);
+        }
+        let held = self.shared.held.load(Ordering::SeqCst);
+        if held > self.fair_share().await {
+            let name = self.runtime.account.name.as_str();
+            tracing::info!(message = "Releasing account to rebalance over replicas.", account = name);
+            return Some(Holding::Released);
+        }
+        if caught_up && !self.sleep(self.runtime.account.interval).await {
+            return Some(Holding::Shutdown);
+        }
+        None
     }
 
     /// The account's newest job, in the mode its request config asks for.
@@ -600,7 +597,7 @@ impl AccountWorker {
         let body = status.to_string().into_bytes();
         let queue = self.shared.topology.fetch_status_queue();
         let id = format!("status:{}:{}", self.runtime.account.name, status["seq"]);
-        let props = orderflow_shared::amqp::headers::json_properties(&id, lapin::types::FieldTable::default());
+        let props = orderflow_shared::amqp::headers::json_properties(&id, Headers::default());
         if let Err(error) = self.publisher.publish("", &queue, &body, props).await {
             tracing::warn!(message = "Could not publish the account status.", account = %self.runtime.account.name, %error);
         }

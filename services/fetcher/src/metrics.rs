@@ -1,6 +1,7 @@
 //! The fetcher's Prometheus metrics (labels: account, outcome — all low-cardinality).
 
-use prometheus::{Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use orderflow_shared::{amqp::BrokerMetrics, metrics::Register};
+use prometheus::{CounterVec, Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -11,7 +12,7 @@ pub struct Metrics {
     pub pages: IntCounterVec,
     /// now − the time up to which the account is known to be fully read.
     pub cursor_lag: GaugeVec,
-    pub budget_wait: prometheus::CounterVec,
+    pub budget_wait: CounterVec,
     pub token_refreshes: IntCounterVec,
     /// Passes by account and result (caught_up, partial, failed).
     pub passes: IntCounterVec,
@@ -19,7 +20,7 @@ pub struct Metrics {
     pub stopped: IntGaugeVec,
     /// Accounts this replica holds now.
     pub held: IntGauge,
-    pub broker: orderflow_shared::amqp::BrokerMetrics,
+    pub broker: BrokerMetrics,
     /// Unix time of the last successful page publish.
     pub last_publish: Gauge,
     /// Rows the lagging sweep found that the start_ts cursor had missed (late commits).
@@ -31,87 +32,68 @@ pub struct Metrics {
     pub sweeps: IntCounterVec,
 }
 
+/// The label of the per-account series.
+const ACCOUNT: &[&str] = &["account"];
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
-        let requests = counter(
-            "orderflow_fetch_requests_total",
-            "Jushuitan API calls by account and outcome.",
-            &["account", "outcome"],
-        );
-        let orders = counter("orderflow_fetch_orders_total", "Orders fetched and published, by account.", &["account"]);
-        let pages = counter("orderflow_fetch_pages_total", "Pages published (confirmed), by account.", &["account"]);
-        let token_refreshes =
-            counter("orderflow_fetch_token_refreshes_total", "Access-token refreshes, by account.", &["account"]);
-        let passes =
-            counter("orderflow_fetch_passes_total", "Fetch passes by account and result.", &["account", "result"]);
-        let cursor_lag = GaugeVec::new(
-            Opts::new(
+        let r = Register(&registry);
+        Self {
+            requests: r.counter_vec(
+                "orderflow_fetch_requests_total",
+                "Jushuitan API calls by account and outcome.",
+                &["account", "outcome"],
+            ),
+            orders: r.counter_vec("orderflow_fetch_orders_total", "Orders fetched and published, by account.", ACCOUNT),
+            pages: r.counter_vec("orderflow_fetch_pages_total", "Pages published (confirmed), by account.", ACCOUNT),
+            token_refreshes: r.counter_vec(
+                "orderflow_fetch_token_refreshes_total",
+                "Access-token refreshes, by account.",
+                ACCOUNT,
+            ),
+            passes: r.counter_vec(
+                "orderflow_fetch_passes_total",
+                "Fetch passes by account and result.",
+                &["account", "result"],
+            ),
+            cursor_lag: r.float_gauge_vec(
                 "orderflow_fetch_cursor_lag_seconds",
                 "Now minus the time up to which the account is fully read.",
+                ACCOUNT,
             ),
-            &["account"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(cursor_lag.clone())).expect("unique metric");
-        let budget_wait = prometheus::CounterVec::new(
-            Opts::new(
+            budget_wait: r.float_counter_vec(
                 "orderflow_fetch_budget_wait_seconds_total",
                 "Time spent waiting for the rate budget, by account.",
+                ACCOUNT,
             ),
-            &["account"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(budget_wait.clone())).expect("unique metric");
-        let stopped = IntGaugeVec::new(
-            Opts::new("orderflow_fetch_account_stopped", "1 when the account is stopped on a permanent error."),
-            &["account"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(stopped.clone())).expect("unique metric");
-        let held = IntGauge::new("orderflow_fetch_accounts_held", "Accounts this replica is fetching now.")
-            .expect("valid metric");
-        registry.register(Box::new(held.clone())).expect("unique metric");
-        let broker = orderflow_shared::amqp::BrokerMetrics::register(&registry);
-        let last_publish = Gauge::new(
-            "orderflow_fetch_last_publish_timestamp_seconds",
-            "Unix time of the last confirmed page publish.",
-        )
-        .expect("valid metric");
-        registry.register(Box::new(last_publish.clone())).expect("unique metric");
-        let sweep_found = counter(
-            "orderflow_fetch_sweep_found_total",
-            "Rows the lagging sweep found that the start_ts cursor had missed (late commits), by account.",
-            &["account"],
-        );
-        let sweep_republished = counter(
-            "orderflow_fetch_sweep_republished_total",
-            "Rows the sweep published again, unable to tell them apart (modified before this replica took the account).",
-            &["account"],
-        );
-        let sweeps =
-            counter("orderflow_fetch_sweeps_total", "Lagging sweeps by account and result.", &["account", "result"]);
-        Self {
-            sweep_found,
-            sweep_republished,
-            sweeps,
+            stopped: r.gauge_vec(
+                "orderflow_fetch_account_stopped",
+                "1 when the account is stopped on a permanent error.",
+                ACCOUNT,
+            ),
+            held: r.gauge("orderflow_fetch_accounts_held", "Accounts this replica is fetching now."),
+            broker: BrokerMetrics::register(&registry),
+            last_publish: r.float_gauge(
+                "orderflow_fetch_last_publish_timestamp_seconds",
+                "Unix time of the last confirmed page publish.",
+            ),
+            sweep_found: r.counter_vec(
+                "orderflow_fetch_sweep_found_total",
+                "Rows the lagging sweep found that the start_ts cursor had missed (late commits), by account.",
+                ACCOUNT,
+            ),
+            sweep_republished: r.counter_vec(
+                "orderflow_fetch_sweep_republished_total",
+                "Rows the sweep published again, unable to tell them apart (modified before this replica took the account).",
+                ACCOUNT,
+            ),
+            sweeps: r.counter_vec(
+                "orderflow_fetch_sweeps_total",
+                "Lagging sweeps by account and result.",
+                &["account", "result"],
+            ),
             registry,
-            requests,
-            orders,
-            pages,
-            cursor_lag,
-            budget_wait,
-            token_refreshes,
-            passes,
-            stopped,
-            held,
-            broker,
-            last_publish,
         }
     }
 }
@@ -135,5 +117,58 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::proto::MetricType::{COUNTER, GAUGE};
+
+    use super::*;
+
+    /// Names, help texts and kinds are a contract with dashboards and alerts.
+    #[test]
+    fn the_fetch_metrics_keep_their_names_help_and_kinds() {
+        let metrics = Metrics::new();
+        metrics.track_account("a");
+        metrics.held.set(0);
+        metrics.last_publish.set(0.0);
+        metrics.sweeps.with_label_values(&["a", "done"]);
+        let expected = [
+            ("orderflow_fetch_account_stopped", "1 when the account is stopped on a permanent error.", GAUGE),
+            ("orderflow_fetch_accounts_held", "Accounts this replica is fetching now.", GAUGE),
+            (
+                "orderflow_fetch_budget_wait_seconds_total",
+                "Time spent waiting for the rate budget, by account.",
+                COUNTER,
+            ),
+            ("orderflow_fetch_cursor_lag_seconds", "Now minus the time up to which the account is fully read.", GAUGE),
+            ("orderflow_fetch_last_publish_timestamp_seconds", "Unix time of the last confirmed page publish.", GAUGE),
+            ("orderflow_fetch_orders_total", "Orders fetched and published, by account.", COUNTER),
+            ("orderflow_fetch_pages_total", "Pages published (confirmed), by account.", COUNTER),
+            ("orderflow_fetch_passes_total", "Fetch passes by account and result.", COUNTER),
+            ("orderflow_fetch_requests_total", "Jushuitan API calls by account and outcome.", COUNTER),
+            (
+                "orderflow_fetch_sweep_found_total",
+                "Rows the lagging sweep found that the start_ts cursor had missed (late commits), by account.",
+                COUNTER,
+            ),
+            (
+                "orderflow_fetch_sweep_republished_total",
+                "Rows the sweep published again, unable to tell them apart (modified before this replica took the account).",
+                COUNTER,
+            ),
+            ("orderflow_fetch_sweeps_total", "Lagging sweeps by account and result.", COUNTER),
+            ("orderflow_fetch_token_refreshes_total", "Access-token refreshes, by account.", COUNTER),
+        ];
+        let found: Vec<_> = metrics
+            .registry
+            .gather()
+            .into_iter()
+            .filter(|f| f.name().starts_with("orderflow_fetch_"))
+            .map(|f| (f.name().to_string(), f.help().to_string(), f.get_field_type()))
+            .collect();
+        let expected: Vec<_> = expected.iter().map(|(n, h, t)| (n.to_string(), h.to_string(), *t)).collect();
+        assert_eq!(found, expected);
     }
 }

@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use jiff::{SignedDuration, Timestamp};
-use lapin::types::FieldTable;
 use orderflow_shared::{
     amqp::{
-        Publisher, Topology,
+        Headers, Properties, Publisher, Topology,
         headers::{json_properties, set_i64, set_str},
         topology::PAGE_ROUTING_KEY,
     },
@@ -39,7 +38,7 @@ use tracing::Span;
 use crate::{
     account::Account,
     budget::Budget,
-    client::{ApiPage, Credentials, JstClient},
+    client::{ApiPage, CallError, Credentials, JstClient},
     job::{Cursor, Tokens},
     metrics::Metrics,
     request_config::RenderContext,
@@ -131,17 +130,7 @@ impl PassContext<'_> {
             if self.shutdown.is_cancelled() {
                 return Err(CallFailure::Interrupted);
             }
-            if let Some(share) = self.share {
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
-                    _ = share.acquire() => {}
-                }
-            }
-            let waited = tokio::select! {
-                _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
-                w = self.budget.acquire() => w,
-            };
-            self.metrics.budget_wait.with_label_values(&[name]).inc_by(waited.as_secs_f64());
+            self.wait_for_budget().await?;
             if let Some(current) = self.follow {
                 *self.credentials = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
             }
@@ -160,68 +149,88 @@ impl PassContext<'_> {
             };
             self.metrics.requests.with_label_values(&[name, &error.outcome()]).inc();
             undecodable = if error.outcome() == "decode" { undecodable + 1 } else { 0 };
-            let delay = match error.action() {
-                CodeAction::Success => Duration::ZERO,
-                CodeAction::Permanent => {
-                    return Err(CallFailure::Stop(PassError::Stopped(format!(
-                        "permanent error from Jushuitan: {error}"
-                    ))));
-                }
-                CodeAction::RefreshToken if self.follow.is_some() => {
-                    // The passes refresh the pair; wait for it (bounded: a stopped account's
-                    // sweep gives up and the next one tries again).
-                    if backoff.attempts() >= FOLLOW_WAITS {
-                        return Err(CallFailure::NeedsRefresh);
-                    }
-                    backoff.next_delay()
-                }
-                CodeAction::RefreshToken => {
-                    if self.fresh_until.is_some_and(|until| Instant::now() < until) {
-                        return Err(CallFailure::Stop(PassError::Credentials(format!(
-                            "{error} right after a token refresh; check the account's credentials"
-                        ))));
-                    }
-                    if self.account.api == crate::client::ApiGeneration::Legacy {
-                        return Err(CallFailure::Stop(PassError::Stopped(format!(
-                            "{error}; the legacy API has no token refresh: set a new JST_TOKEN"
-                        ))));
-                    }
-                    if self.credentials.refresh_token.is_empty() {
-                        return Err(CallFailure::Stop(PassError::Credentials(format!(
-                            "{error}; no refresh token configured (JST_REFRESH_TOKEN)"
-                        ))));
-                    }
-                    return Err(CallFailure::NeedsRefresh);
-                }
-                CodeAction::Resign => {
-                    tracing::warn!(
-                        message = "Timestamp outside the allowed skew; re-signing. Check this machine's clock.",
-                        account = name
-                    );
-                    backoff.next_delay()
-                }
-                CodeAction::RateLimited => {
-                    tracing::warn!(message = "Rate limited by Jushuitan; backing off and retrying the same page.", account = name, %error);
-                    backoff.next_delay().max(Duration::from_secs(1))
-                }
-                CodeAction::Transient if undecodable >= MAX_UNDECODABLE => {
-                    // The same call answered with something that is not an answer, again and again:
-                    // a wrong JST_BASE_URL or JST_API, or a proxy's page. Retrying forever hides it.
-                    return Err(CallFailure::Stop(PassError::Stopped(format!(
-                        "the source's answer could not be read {MAX_UNDECODABLE} times in a row ({error}); \
-                         check JST_BASE_URL and JST_API"
-                    ))));
-                }
-                CodeAction::Transient => {
-                    tracing::warn!(message = "Transient API error; retrying.", account = name, %error, attempt = backoff.attempts() + 1);
-                    backoff.next_delay()
-                }
-            };
+            let delay = self.retry_delay(&error, &mut backoff, undecodable)?;
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    /// Waits for this call's turn in the budget (in the walk's share first, when it has one).
+    async fn wait_for_budget(&self) -> Result<(), CallFailure> {
+        if let Some(share) = self.share {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
+                _ = share.acquire() => {}
+            }
+        }
+        let waited = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(CallFailure::Interrupted),
+            w = self.budget.acquire() => w,
+        };
+        self.metrics.budget_wait.with_label_values(&[&self.account.name]).inc_by(waited.as_secs_f64());
+        Ok(())
+    }
+
+    /// What a failed call leads to: how long to wait before making it again, or why not to.
+    fn retry_delay(&self, error: &CallError, backoff: &mut Backoff, undecodable: u32) -> Result<Duration, CallFailure> {
+        let name = self.account.name.as_str();
+        Ok(match error.action() {
+            CodeAction::Success => Duration::ZERO,
+            CodeAction::Permanent => {
+                return Err(CallFailure::Stop(PassError::Stopped(format!("permanent error from Jushuitan: {error}"))));
+            }
+            CodeAction::RefreshToken if self.follow.is_some() => {
+                // The passes refresh the pair; wait for it (bounded: a stopped account's
+                // sweep gives up and the next one tries again).
+                if backoff.attempts() >= FOLLOW_WAITS {
+                    return Err(CallFailure::NeedsRefresh);
+                }
+                backoff.next_delay()
+            }
+            CodeAction::RefreshToken => {
+                if self.fresh_until.is_some_and(|until| Instant::now() < until) {
+                    return Err(CallFailure::Stop(PassError::Credentials(format!(
+                        "{error} right after a token refresh; check the account's credentials"
+                    ))));
+                }
+                if self.account.api == crate::client::ApiGeneration::Legacy {
+                    return Err(CallFailure::Stop(PassError::Stopped(format!(
+                        "{error}; the legacy API has no token refresh: set a new JST_TOKEN"
+                    ))));
+                }
+                if self.credentials.refresh_token.is_empty() {
+                    return Err(CallFailure::Stop(PassError::Credentials(format!(
+                        "{error}; no refresh token configured (JST_REFRESH_TOKEN)"
+                    ))));
+                }
+                return Err(CallFailure::NeedsRefresh);
+            }
+            CodeAction::Resign => {
+                tracing::warn!(
+                    message = "Timestamp outside the allowed skew; re-signing. Check this machine's clock.",
+                    account = name
+                );
+                backoff.next_delay()
+            }
+            CodeAction::RateLimited => {
+                tracing::warn!(message = "Rate limited by Jushuitan; backing off and retrying the same page.", account = name, %error);
+                backoff.next_delay().max(Duration::from_secs(1))
+            }
+            CodeAction::Transient if undecodable >= MAX_UNDECODABLE => {
+                // The same call answered with something that is not an answer, again and again:
+                // a wrong JST_BASE_URL or JST_API, or a proxy's page. Retrying forever hides it.
+                return Err(CallFailure::Stop(PassError::Stopped(format!(
+                    "the source's answer could not be read {MAX_UNDECODABLE} times in a row ({error}); \
+                     check JST_BASE_URL and JST_API"
+                ))));
+            }
+            CodeAction::Transient => {
+                tracing::warn!(message = "Transient API error; retrying.", account = name, %error, attempt = backoff.attempts() + 1);
+                backoff.next_delay()
+            }
+        })
     }
 
     /// The page message for `rows` (published by the caller).
@@ -231,7 +240,7 @@ impl PassContext<'_> {
         cursor_key: &str,
         page_index: u32,
         rows: Vec<Value>,
-    ) -> Result<(Vec<u8>, lapin::BasicProperties, Option<Span>), PassError> {
+    ) -> Result<(Vec<u8>, Properties, Option<Span>), PassError> {
         let fetched_ms = now_ms();
         let id = page_message_id(&self.account.name, cursor_key, page_index);
         // A fetch starts the trace; when exporting, the page's traceparent names this span.
@@ -259,7 +268,7 @@ impl PassContext<'_> {
         // (no checkpoint), and the account stops saying why.
         let body = serde_json::to_vec(&page)
             .map_err(|e| PassError::Stopped(format!("a page of {} could not be encoded: {e}", self.account.name)))?;
-        let mut headers = FieldTable::default();
+        let mut headers = Headers::default();
         set_i64(&mut headers, header::ATTEMPT, 0);
         set_i64(&mut headers, header::FETCHED_AT_MS, fetched_ms);
         set_str(&mut headers, header::TRACEPARENT, &traceparent);
@@ -328,7 +337,7 @@ impl<'p> Inflight<'p> {
 
     async fn push(
         &mut self,
-        message: (Vec<u8>, lapin::BasicProperties, Option<Span>),
+        message: (Vec<u8>, Properties, Option<Span>),
         orders: u64,
         metrics: &Metrics,
         account: &str,
@@ -506,95 +515,35 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
 }
 
 /// Walks closed modified windows from `from` up to `now − delay` (see the module's comment).
-pub async fn walk_windows(ctx: &mut PassContext<'_>, from: Timestamp, walk: Walk<'_>) -> Result<PassResult, PassError> {
+pub async fn walk_windows(
+    ctx: &mut PassContext<'_>,
+    from: Timestamp,
+    mut walk: Walk<'_>,
+) -> Result<PassResult, PassError> {
     let started = Instant::now();
     let name = ctx.account.name.clone();
-    let page_size = ctx.account.request.page_size;
-    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
+    let mut published = Published { inflight: Inflight::new(ctx.publisher, ctx.topology), pages: 0, orders: 0 };
     let mut synced = from;
-    let (mut pages, mut orders, mut caught_up, mut needs_refresh) = (0u32, 0u64, false, false);
+    let (mut caught_up, mut needs_refresh) = (false, false);
     let mut overlap = walk.overlap;
-    'windows: while pages < walk.max_pages && started.elapsed() < walk.max_time {
-        let Some((begin, mut end)) = next_window(synced, Timestamp::now(), ctx.settings.window_delay, overlap) else {
+    while published.pages < walk.max_pages && started.elapsed() < walk.max_time {
+        let Some((begin, closed)) = next_window(synced, Timestamp::now(), ctx.settings.window_delay, overlap) else {
             caught_up = true;
             break;
         };
-        let closed = end;
-        // Probe page 1 for the count; shrink the window until it fits what is left of the pass.
-        let budget_pages = walk.max_pages.saturating_sub(pages).max(2);
-        let (probe, count) = loop {
-            let render =
-                RenderContext { last_sync: Some(begin), current: Some(end), page_index: 1, page_size, start_ts: None };
-            let probe = match ctx.call(&render).await {
-                Ok(p) => p,
-                Err(CallFailure::Interrupted) => break 'windows,
-                Err(CallFailure::NeedsRefresh) => {
-                    needs_refresh = true;
-                    break 'windows;
-                }
-                Err(CallFailure::Stop(error)) => {
-                    inflight.drain(ctx.metrics, &name).await?;
-                    return Err(error);
-                }
-            };
-            let page_count = probe.page_count.max(probe.data_count.div_ceil(u64::from(page_size)));
-            let span = end.as_second() - begin.as_second();
-            if page_count > u64::from(budget_pages) && span > 1 {
-                let keep = u64::try_from(span).unwrap_or(1).saturating_mul(u64::from(budget_pages)) / page_count;
-                end =
-                    Timestamp::from_second(begin.as_second() + i64::try_from(keep.max(1)).unwrap_or(1)).unwrap_or(end);
-                continue;
+        let end = match read_window(ctx, &mut walk, &mut published, begin, closed).await? {
+            Window::Read(end) => end,
+            Window::Grew => continue,
+            Window::Halted(CallFailure::Interrupted) => break,
+            Window::Halted(CallFailure::NeedsRefresh) => {
+                needs_refresh = true;
+                break;
             }
-            let count = probe_count(&probe);
-            break (probe, count);
+            Window::Halted(CallFailure::Stop(error)) => {
+                published.inflight.drain(ctx.metrics, &name).await?;
+                return Err(error);
+            }
         };
-        let page_count =
-            u32::try_from(probe.page_count.max(count.div_ceil(u64::from(page_size))).max(1)).unwrap_or(u32::MAX);
-        let window_json = |page_index: u32| json!({"mode": walk.mode, "begin": rfc3339_china(begin), "end": rfc3339_china(end), "page_index": page_index});
-        let key = format!("{}:{}:{}", walk.mode, begin.as_second(), end.as_second());
-        if page_count <= 1 || u64::try_from(probe.datas.len()).unwrap_or(u64::MAX) >= count {
-            // One page holds the whole closed window: the probe is complete.
-            let rows = (walk.filter)(probe.datas);
-            if !rows.is_empty() {
-                let n = u64::try_from(rows.len()).unwrap_or(u64::MAX);
-                let message = ctx.page_message(window_json(1), &key, 1, rows)?;
-                inflight.push(message, n, ctx.metrics, &name).await?;
-                pages += 1;
-                orders += n;
-            }
-        } else {
-            // Walk from the last page to the first. A row leaving the window mid-walk only shifts
-            // rows we already have; a window that gained rows is planned and walked again.
-            for page_index in (1..=page_count).rev() {
-                let render =
-                    RenderContext { last_sync: Some(begin), current: Some(end), page_index, page_size, start_ts: None };
-                let page = match ctx.call(&render).await {
-                    Ok(p) => p,
-                    Err(CallFailure::Interrupted) => break 'windows,
-                    Err(CallFailure::NeedsRefresh) => {
-                        needs_refresh = true;
-                        break 'windows;
-                    }
-                    Err(CallFailure::Stop(error)) => {
-                        inflight.drain(ctx.metrics, &name).await?;
-                        return Err(error);
-                    }
-                };
-                let grew = probe_count(&page) > count;
-                let rows = (walk.filter)(page.datas);
-                if !rows.is_empty() {
-                    let n = u64::try_from(rows.len()).unwrap_or(u64::MAX);
-                    let message = ctx.page_message(window_json(page_index), &key, page_index, rows)?;
-                    inflight.push(message, n, ctx.metrics, &name).await?;
-                    pages += 1;
-                    orders += n;
-                }
-                if grew && walk.rewalk_on_growth {
-                    tracing::warn!(message = "A closed window gained rows while walking it; walking it again.", account = %name);
-                    continue 'windows;
-                }
-            }
-        }
         synced = end;
         overlap = Duration::ZERO;
         if end == closed {
@@ -604,7 +553,7 @@ pub async fn walk_windows(ctx: &mut PassContext<'_>, from: Timestamp, walk: Walk
             break;
         }
     }
-    inflight.drain(ctx.metrics, &name).await?;
+    published.inflight.drain(ctx.metrics, &name).await?;
     if synced == from && !caught_up && !needs_refresh && ctx.shutdown.is_cancelled() {
         return Err(PassError::Interrupted);
     }
@@ -612,7 +561,118 @@ pub async fn walk_windows(ctx: &mut PassContext<'_>, from: Timestamp, walk: Walk
     if caught_up {
         next.caught_up_at = Some(Timestamp::now().to_string());
     }
+    let Published { pages, orders, .. } = published;
     Ok(PassResult { cursor: next, pages, orders, caught_up, needs_refresh })
+}
+
+/// How reading one window ended.
+enum Window {
+    /// Read and published up to this end (the window's, or earlier when it was shrunk to fit).
+    Read(Timestamp),
+    /// The window gained rows while being walked: walk it again.
+    Grew,
+    /// A call failed; the walk stops.
+    Halted(CallFailure),
+}
+
+/// A walk's page publishes: in flight, and counted.
+struct Published<'p> {
+    inflight: Inflight<'p>,
+    pages: u32,
+    orders: u64,
+}
+
+impl Published<'_> {
+    /// Publishes `rows` as one page (nothing when there are none).
+    async fn page(
+        &mut self,
+        ctx: &PassContext<'_>,
+        cursor: Value,
+        key: &str,
+        page_index: u32,
+        rows: Vec<Value>,
+    ) -> Result<(), PassError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let n = u64::try_from(rows.len()).unwrap_or(u64::MAX);
+        let message = ctx.page_message(cursor, key, page_index, rows)?;
+        self.inflight.push(message, n, ctx.metrics, &ctx.account.name).await?;
+        self.pages += 1;
+        self.orders += n;
+        Ok(())
+    }
+}
+
+/// Reads the closed window from `begin` to `closed` (shrunk to fit what is left of the pass) and
+/// publishes the rows the walk keeps: from the probe when one page holds it all, else walking
+/// from the last page to the first. A row leaving the window mid-walk only shifts rows we
+/// already have; a window that gained rows is planned and walked again.
+async fn read_window(
+    ctx: &mut PassContext<'_>,
+    walk: &mut Walk<'_>,
+    published: &mut Published<'_>,
+    begin: Timestamp,
+    closed: Timestamp,
+) -> Result<Window, PassError> {
+    let budget_pages = walk.max_pages.saturating_sub(published.pages).max(2);
+    let (probe, count, end) = match probe_window(ctx, begin, closed, budget_pages).await {
+        Ok(probed) => probed,
+        Err(failure) => return Ok(Window::Halted(failure)),
+    };
+    let page_size = ctx.account.request.page_size;
+    let page_count =
+        u32::try_from(probe.page_count.max(count.div_ceil(u64::from(page_size))).max(1)).unwrap_or(u32::MAX);
+    let mode = walk.mode;
+    let window_json = |page_index: u32| json!({"mode": mode, "begin": rfc3339_china(begin), "end": rfc3339_china(end), "page_index": page_index});
+    let key = format!("{}:{}:{}", mode, begin.as_second(), end.as_second());
+    if page_count <= 1 || u64::try_from(probe.datas.len()).unwrap_or(u64::MAX) >= count {
+        // One page holds the whole closed window: the probe is complete.
+        let rows = (walk.filter)(probe.datas);
+        published.page(ctx, window_json(1), &key, 1, rows).await?;
+        return Ok(Window::Read(end));
+    }
+    for page_index in (1..=page_count).rev() {
+        let render =
+            RenderContext { last_sync: Some(begin), current: Some(end), page_index, page_size, start_ts: None };
+        let page = match ctx.call(&render).await {
+            Ok(p) => p,
+            Err(failure) => return Ok(Window::Halted(failure)),
+        };
+        let grew = probe_count(&page) > count;
+        let rows = (walk.filter)(page.datas);
+        published.page(ctx, window_json(page_index), &key, page_index, rows).await?;
+        if grew && walk.rewalk_on_growth {
+            tracing::warn!(message = "A closed window gained rows while walking it; walking it again.", account = %ctx.account.name);
+            return Ok(Window::Grew);
+        }
+    }
+    Ok(Window::Read(end))
+}
+
+/// Probes page 1 of the window for its row count, shrinking the window's end until it fits in
+/// `budget_pages`: the probe, the count, and the end.
+async fn probe_window(
+    ctx: &mut PassContext<'_>,
+    begin: Timestamp,
+    mut end: Timestamp,
+    budget_pages: u32,
+) -> Result<(ApiPage, u64, Timestamp), CallFailure> {
+    let page_size = ctx.account.request.page_size;
+    loop {
+        let render =
+            RenderContext { last_sync: Some(begin), current: Some(end), page_index: 1, page_size, start_ts: None };
+        let probe = ctx.call(&render).await?;
+        let page_count = probe.page_count.max(probe.data_count.div_ceil(u64::from(page_size)));
+        let span = end.as_second() - begin.as_second();
+        if page_count > u64::from(budget_pages) && span > 1 {
+            let keep = u64::try_from(span).unwrap_or(1).saturating_mul(u64::from(budget_pages)) / page_count;
+            end = Timestamp::from_second(begin.as_second() + i64::try_from(keep.max(1)).unwrap_or(1)).unwrap_or(end);
+            continue;
+        }
+        let count = probe_count(&probe);
+        return Ok((probe, count, end));
+    }
 }
 
 /// The window's row count as a call reported it (`data_count`, or the rows when totals are off).

@@ -109,73 +109,21 @@ impl RequestConfig {
 
     pub fn from_value(doc: &Value) -> Result<Self, ConfigError> {
         let obj = doc.as_object().ok_or_else(|| err("(document)", "must be a JSON object"))?;
-        let text = |key: &str, default: Option<&str>| -> Result<String, ConfigError> {
-            match obj.get(key) {
-                Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-                None if default.is_some() => Ok(default.unwrap_or_default().to_string()),
-                Some(other) => Err(err(key, format!("must be a non-empty string, got {other}"))),
-                None => Err(err(key, "is required")),
-            }
-        };
-        let api = text("api", None)?;
+        let api = text(obj, "api", None)?;
         if api != SUPPORTED_API {
             return Err(err("api", format!("{api:?} is not supported; only {SUPPORTED_API:?} is")));
         }
-        let method = text("method", Some("POST"))?;
+        let method = text(obj, "method", Some("POST"))?;
         if !method.eq_ignore_ascii_case("POST") {
             return Err(err("method", format!("{method:?}: the API is called with POST")));
         }
-        let number_field = text("number", Some("o_id"))?;
-        let id_field = text("id", Some("o_id"))?;
-        let requested_page_size = match obj.get("pagination").map(|p| p.get("pageSize")) {
-            None | Some(None) => MAX_PAGE_SIZE,
-            Some(Some(v)) => orderflow_shared::json::lenient_i64(v)
-                .filter(|n| *n >= 1 && *n <= 100_000)
-                .ok_or_else(|| err("pagination.pageSize", format!("must be a positive integer, got {v}")))?
-                as u32,
-        };
-        let id_check = match obj.get("idCheck") {
-            None => true,
-            Some(v) => orderflow_shared::json::lenient_bool(v)
-                .ok_or_else(|| err("idCheck", format!("must be true or false, got {v}")))?,
-        };
-        let request = obj
-            .get("request")
-            .and_then(Value::as_array)
-            .ok_or_else(|| err("request", "must be an array of {field, type, value, parser}"))?;
-        let mut fields = Vec::with_capacity(request.len());
-        for (i, item) in request.iter().enumerate() {
-            fields.push(parse_field(i, item)?);
-        }
-        let uses = |want: fn(&Piece) -> bool| fields.iter().any(|f| f.value.iter().any(want));
-        let start_ts = uses(|p| matches!(p, Piece::StartTs));
-        let last_sync = uses(|p| matches!(p, Piece::LastSyncTime(_)));
-        let current = uses(|p| matches!(p, Piece::CurrentTime(_)));
-        let cursor = match (start_ts, last_sync, current) {
-            (true, false, false) => CursorKind::StartTs,
-            (false, true, true) => CursorKind::Modified,
-            (false, true, false) => {
-                return Err(err(
-                    "request",
-                    "{{LAST_SYNC_TIME}} needs a field with {{CURRENT_TIME}} to close the window (modified_end)",
-                ));
-            }
-            (true, _, _) => {
-                return Err(err("request", "use either {{START_TS}} or {{LAST_SYNC_TIME}}/{{CURRENT_TIME}}, not both"));
-            }
-            _ => {
-                return Err(err(
-                    "request",
-                    "no cursor: a field must use {{START_TS}} (start_ts) or {{LAST_SYNC_TIME|datetime}} and {{CURRENT_TIME|datetime}} (modified window)",
-                ));
-            }
-        };
-        let mut names = std::collections::HashSet::new();
-        for (i, f) in fields.iter().enumerate() {
-            if !names.insert(f.name.as_str()) {
-                return Err(err(format!("request[{i}].field"), format!("{:?} appears twice", f.name)));
-            }
-        }
+        let number_field = text(obj, "number", Some("o_id"))?;
+        let id_field = text(obj, "id", Some("o_id"))?;
+        let requested_page_size = requested_page_size(obj)?;
+        let id_check = id_check(obj)?;
+        let fields = parse_fields(obj)?;
+        let cursor = cursor_kind(&fields)?;
+        check_unique_names(&fields)?;
         Ok(Self {
             api,
             method,
@@ -232,6 +180,80 @@ impl RequestConfig {
     pub fn field_names(&self) -> Vec<&str> {
         self.fields.iter().map(|f| f.name.as_str()).collect()
     }
+}
+
+/// A top-level string (non-empty); `default` when absent, if there is one.
+fn text(obj: &Map<String, Value>, key: &str, default: Option<&str>) -> Result<String, ConfigError> {
+    match obj.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        None if default.is_some() => Ok(default.unwrap_or_default().to_string()),
+        Some(other) => Err(err(key, format!("must be a non-empty string, got {other}"))),
+        None => Err(err(key, "is required")),
+    }
+}
+
+/// `pagination.pageSize` as asked (the API maximum when absent).
+fn requested_page_size(obj: &Map<String, Value>) -> Result<u32, ConfigError> {
+    Ok(match obj.get("pagination").map(|p| p.get("pageSize")) {
+        None | Some(None) => MAX_PAGE_SIZE,
+        Some(Some(v)) => orderflow_shared::json::lenient_i64(v)
+            .filter(|n| *n >= 1 && *n <= 100_000)
+            .ok_or_else(|| err("pagination.pageSize", format!("must be a positive integer, got {v}")))?
+            as u32,
+    })
+}
+
+/// `idCheck` (true when absent).
+fn id_check(obj: &Map<String, Value>) -> Result<bool, ConfigError> {
+    match obj.get("idCheck") {
+        None => Ok(true),
+        Some(v) => orderflow_shared::json::lenient_bool(v)
+            .ok_or_else(|| err("idCheck", format!("must be true or false, got {v}"))),
+    }
+}
+
+/// Every entry of `request`, compiled.
+fn parse_fields(obj: &Map<String, Value>) -> Result<Vec<Field>, ConfigError> {
+    let request = obj
+        .get("request")
+        .and_then(Value::as_array)
+        .ok_or_else(|| err("request", "must be an array of {field, type, value, parser}"))?;
+    let mut fields = Vec::with_capacity(request.len());
+    for (i, item) in request.iter().enumerate() {
+        fields.push(parse_field(i, item)?);
+    }
+    Ok(fields)
+}
+
+/// The cursor the placeholders ask for: `{{START_TS}}`, or both window ends, never a mix.
+fn cursor_kind(fields: &[Field]) -> Result<CursorKind, ConfigError> {
+    let uses = |want: fn(&Piece) -> bool| fields.iter().any(|f| f.value.iter().any(want));
+    let start_ts = uses(|p| matches!(p, Piece::StartTs));
+    let last_sync = uses(|p| matches!(p, Piece::LastSyncTime(_)));
+    let current = uses(|p| matches!(p, Piece::CurrentTime(_)));
+    match (start_ts, last_sync, current) {
+        (true, false, false) => Ok(CursorKind::StartTs),
+        (false, true, true) => Ok(CursorKind::Modified),
+        (false, true, false) => Err(err(
+            "request",
+            "{{LAST_SYNC_TIME}} needs a field with {{CURRENT_TIME}} to close the window (modified_end)",
+        )),
+        (true, _, _) => Err(err("request", "use either {{START_TS}} or {{LAST_SYNC_TIME}}/{{CURRENT_TIME}}, not both")),
+        _ => Err(err(
+            "request",
+            "no cursor: a field must use {{START_TS}} (start_ts) or {{LAST_SYNC_TIME|datetime}} and {{CURRENT_TIME|datetime}} (modified window)",
+        )),
+    }
+}
+
+fn check_unique_names(fields: &[Field]) -> Result<(), ConfigError> {
+    let mut names = std::collections::HashSet::new();
+    for (i, f) in fields.iter().enumerate() {
+        if !names.insert(f.name.as_str()) {
+            return Err(err(format!("request[{i}].field"), format!("{:?} appears twice", f.name)));
+        }
+    }
+    Ok(())
 }
 
 fn parse_field(i: usize, item: &Value) -> Result<Field, ConfigError> {

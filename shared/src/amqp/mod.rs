@@ -5,6 +5,7 @@ pub mod connect;
 pub mod consume;
 pub mod deadletter;
 pub mod headers;
+pub mod lease;
 pub mod ops;
 pub mod publisher;
 pub mod session;
@@ -13,6 +14,7 @@ pub mod topology;
 
 pub use connect::connect;
 pub use deadletter::{DeadLetter, ErrorClass};
+pub use lease::{Connection, Lease, Presence};
 pub use publisher::{PublishError, Publisher};
 pub use session::{BrokerMetrics, Connections, Fatal, connection_name, supervise};
 pub use settle::{Applied, Headers, Message, Outgoing, Properties, Settlement};
