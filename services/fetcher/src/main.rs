@@ -5,6 +5,7 @@ use orderflow_shared::amqp::Fatal;
 async fn main() -> std::process::ExitCode {
     orderflow_shared::init_process();
     let config = fetcher::config::Config::parse();
+    config.broker.exit_on_secret_flags("fetcher");
     let telemetry = orderflow_shared::telemetry::init_service(config.log.log_format, "orderflow-fetcher");
     let shutdown = orderflow_shared::shutdown::on_signal();
     let result = fetcher::run(config, shutdown).await;

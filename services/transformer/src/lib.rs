@@ -37,7 +37,7 @@ use crate::{
 
 /// Transforms raw Jushuitan pages into mapped records.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "transformer", version, about, long_about = None)]
+#[command(name = "transformer", version, about, long_about = None, after_help = orderflow_shared::settings::SECRETS_HELP)]
 pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -6,6 +6,7 @@ use transformer::{Command, Config};
 async fn main() -> std::process::ExitCode {
     orderflow_shared::init_process();
     let config = Config::parse();
+    config.broker.exit_on_secret_flags("transformer");
     if let Some(Command::CheckMapping { file, input }) = &config.command {
         return match transformer::check::check_mapping(file, input.as_deref()) {
             Ok((report, all_mapped)) => {

@@ -38,9 +38,13 @@ use crate::{
     metrics::Metrics,
 };
 
+/// What `--help` says about the secrets: none of them is a flag.
+const SECRETS_HELP: &str = "Secrets come from the environment only, never from flags (a flag shows in the process \
+list): TARGET_AUTH_HEADER, AMQP_PASSWORD or a password inside AMQP_URL.";
+
 /// Writes mapped records to the target write API.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "writer", version, about, long_about = None)]
+#[command(name = "writer", version, about, long_about = None, after_help = SECRETS_HELP)]
 pub struct Config {
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -55,9 +59,10 @@ pub struct Config {
     /// The payload's "api" value.
     #[arg(long, env = "TARGET_API", default_value = "空操作")]
     pub target_api: String,
-    /// Extra header sent with every write, `Name: value` (e.g. `Authorization: Bearer …`; never logged).
-    #[arg(long, env = "TARGET_AUTH_HEADER", hide_env_values = true)]
-    pub target_auth_header: Option<String>,
+    /// TARGET_AUTH_HEADER, from the environment only: an extra header sent with every write,
+    /// `Name: value` (e.g. `Authorization: Bearer …`; never logged, never a flag).
+    #[arg(skip = orderflow_shared::settings::secret_env("TARGET_AUTH_HEADER"))]
+    pub target_auth_header: Option<secrecy::SecretString>,
     /// Writes in flight at once (also the consumer prefetch), or `auto`: adapt to the target's
     /// latency and refusals, up to WRITER_CONCURRENCY_MAX.
     #[arg(long, env = "WRITER_CONCURRENCY", default_value = "64", value_parser = pace::parse_concurrency)]
@@ -173,7 +178,7 @@ impl Config {
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(format!("TARGET_URL {url:?} must be http:// or https://"));
         }
-        let auth = match self.target_auth_header.as_deref().filter(|s| !s.trim().is_empty()) {
+        let auth = match self.target_auth_header.as_ref().map(secrecy::ExposeSecret::expose_secret) {
             None => None,
             Some(h) => {
                 let (name, value) = h.split_once(':').ok_or("TARGET_AUTH_HEADER must look like `Name: value`")?;

@@ -5,6 +5,7 @@ use orderflow_shared::amqp::Fatal;
 async fn main() -> std::process::ExitCode {
     orderflow_shared::init_process();
     let config = writer::Config::parse();
+    config.broker.exit_on_secret_flags("writer");
     let telemetry = orderflow_shared::telemetry::init_service(config.log.log_format, "orderflow-writer");
     let shutdown = orderflow_shared::shutdown::on_signal();
     let result = writer::run(config, shutdown).await;
