@@ -170,7 +170,7 @@ pub fn provider(endpoint: &str, service: &str) -> anyhow::Result<SdkTracerProvid
         .with_protocol(Protocol::HttpJson)
         .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
         .build()
-        .with_context(|| format!("OTEL_EXPORTER_OTLP_ENDPOINT {endpoint}"))?;
+        .with_context(|| format!("OTEL_EXPORTER_OTLP_ENDPOINT {}", crate::settings::redact_url(endpoint)))?;
     let mut batch = BatchConfigBuilder::default();
     if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
         batch = batch.with_scheduled_delay(SCHEDULE_DELAY);

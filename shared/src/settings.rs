@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Broker connection and naming, shared by the three stages and the CLI.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct BrokerArgs {
     /// AMQP broker URL; `amqps://` for TLS. The password is never logged. A URL with a password
     /// is taken only from the environment (AMQP_URL), never from the flag: a flag shows in `ps`.
@@ -74,6 +74,20 @@ process list): AMQP_PASSWORD, or a password inside AMQP_URL.";
 /// flags: a flag's value shows in the process list.
 pub fn secret_env(name: &str) -> Option<SecretString> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty()).map(SecretString::from)
+}
+
+/// By hand: the URL's password never shows in `Debug`.
+impl std::fmt::Debug for BrokerArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerArgs")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("amqp_password", &self.amqp_password)
+            .field("amqp_ca_file", &self.amqp_ca_file)
+            .field("ns", &self.ns)
+            .field("declare_topology", &self.declare_topology)
+            .field("amqp_confirm_timeout", &self.amqp_confirm_timeout)
+            .finish()
+    }
 }
 
 impl BrokerArgs {
@@ -172,6 +186,10 @@ mod tests {
         assert!(!error.contains("hunter2"), "{error}");
         assert!(broker("amqp://orderflow@rabbit.test:5672/%2f").check_no_secret_flags().is_ok());
         assert!(broker(DEFAULT_AMQP_URL).check_no_secret_flags().is_ok(), "the well-known guest default");
+        let mut args = broker("amqp://orderflow:hunter2@rabbit.test:5672/%2f");
+        args.amqp_password = Some("hunter3".into());
+        let debug = format!("{args:?}");
+        assert!(!debug.contains("hunter2") && !debug.contains("hunter3") && debug.contains("rabbit.test"), "{debug}");
     }
 
     #[test]

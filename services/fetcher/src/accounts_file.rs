@@ -31,7 +31,8 @@ use crate::{
     config::load_request_config,
 };
 
-#[derive(Debug, Default, Clone, Deserialize)]
+/// No `Debug`: an entry holds secrets as plain strings until they become `Credentials`.
+#[derive(Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Entry {
     name: Option<String>,
@@ -51,7 +52,7 @@ struct Entry {
     interval: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
@@ -94,12 +95,26 @@ fn read(path: &Path) -> Result<File, String> {
     let file: File = if is_json {
         serde_json::from_str(&text).map_err(|e| format!("ORDERFLOW_ACCOUNTS {}: {e}", path.display()))?
     } else {
-        toml::from_str(&text).map_err(|e| format!("ORDERFLOW_ACCOUNTS {}: {e}", path.display()))?
+        toml::from_str(&text)
+            .map_err(|e| format!("ORDERFLOW_ACCOUNTS {}: {}", path.display(), toml_error(&text, &e)))?
     };
     if file.accounts.is_empty() {
         return Err(format!("ORDERFLOW_ACCOUNTS {}: no [[accounts]]", path.display()));
     }
     Ok(file)
+}
+
+/// A TOML error without the source line toml quotes (the line may hold a secret): where, and why.
+fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("not valid TOML at line {line}, column {column}: {}", error.message())
+        }
+        None => format!("not valid TOML: {}", error.message()),
+    }
 }
 
 impl Entry {
@@ -210,6 +225,17 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, text).expect("write");
         path
+    }
+
+    #[test]
+    fn a_broken_line_is_located_without_quoting_it() {
+        let path = write(
+            "broken.toml",
+            "[[accounts]]\nname = \"a\"\nbase_url = \"http://x\"\napp_key = \"k\"\napp_secret = hunter2-unquoted\n",
+        );
+        let error = load(&path, &fallbacks()).expect_err("broken");
+        assert!(error.contains("line 5") && error.contains("ORDERFLOW_ACCOUNTS"), "{error}");
+        assert!(!error.contains("hunter2"), "the secret's line must not be quoted: {error}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use orderflow_shared::{
         topology::{RECORD_ROUTING_KEY, tier_label},
     },
     messages::{RECORD_SCHEMA, RawRecord, header, now_ms, schema_of},
-    settings::{BrokerArgs, LogArgs, parse_duration},
+    settings::{BrokerArgs, LogArgs, parse_duration, redact_url},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -174,9 +174,10 @@ impl Config {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .ok_or("TARGET_URL is required (the full URL of the write endpoint)")?;
-        let parsed = reqwest::Url::parse(url).map_err(|e| format!("TARGET_URL {url:?} is not a URL: {e}"))?;
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| format!("TARGET_URL {:?} is not a URL: {e}", redact_url(url)))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(format!("TARGET_URL {url:?} must be http:// or https://"));
+            return Err(format!("TARGET_URL {:?} must be http:// or https://", redact_url(url)));
         }
         let auth = match self.target_auth_header.as_ref().map(secrecy::ExposeSecret::expose_secret) {
             None => None,
@@ -225,7 +226,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .map_err(|e| Fatal(format!("ADMIN_ADDR {}: {e}", config.admin_addr)))?;
     tracing::info!(
-        message = "Writer started.", admin = %bound, ns = %config.broker.ns, target = %target.url,
+        message = "Writer started.", admin = %bound, ns = %config.broker.ns, target = %redact_url(&target.url),
         concurrency = ?config.concurrency, budget_per_sec = ?config.target_rate_per_sec, tiers = ?config.retry_tiers.0.iter().map(|t| tier_label(*t)).collect::<Vec<_>>()
     );
     if let pace::Concurrency::Fixed(n) = config.concurrency {
