@@ -40,7 +40,15 @@ pub fn init_service(format: LogFormat, service: &str) -> Telemetry {
             tracing::warn!(message = "Trace export disabled.", %error);
             None
         }
-        _ => None,
+        Some(Ok(unused)) => {
+            // A subscriber was there already (tests). Dropping the provider would block this
+            // worker on the SDK's shutdown, which waits for a task on this same runtime.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn_blocking(move || unused.shutdown());
+            }
+            None
+        }
+        None => None,
     };
     Telemetry { provider }
 }
