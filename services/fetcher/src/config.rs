@@ -124,16 +124,13 @@ const SECRETS_HELP: &str = "Secrets come from the environment only, never from f
 list): JST_APP_SECRET, JST_ACCESS_TOKEN, JST_REFRESH_TOKEN (open platform), JST_PARTNER_KEY, JST_TOKEN (legacy), \
 AMQP_PASSWORD or a password inside AMQP_URL; many merchants' secrets go in the ORDERFLOW_ACCOUNTS file.";
 
-/// A required secret, named by its variable when missing.
+/// A required secret, named by its variable when missing: [`required`] on its exposed text.
 fn required_secret(value: &Option<SecretString>, name: &str, why: &str) -> Result<SecretString, String> {
-    match value.as_ref().map(|v| v.expose_secret().trim()) {
-        Some(v) if !v.is_empty() => Ok(SecretString::from(v)),
-        _ => Err(format!("{name} is required ({why})")),
-    }
+    required(value.as_ref().map(|v| v.expose_secret()), name, why).map(SecretString::from)
 }
 
-fn required(value: &Option<String>, name: &str, why: &str) -> Result<String, String> {
-    match value.as_deref().map(str::trim) {
+fn required(value: Option<&str>, name: &str, why: &str) -> Result<String, String> {
+    match value.map(str::trim) {
         Some(v) if !v.is_empty() => Ok(v.to_string()),
         _ => Err(format!("{name} is required ({why})")),
     }
@@ -163,17 +160,17 @@ impl Config {
             return crate::accounts_file::load(path, &fallbacks);
         }
         let why = "the Jushuitan account to fetch, or ORDERFLOW_ACCOUNTS";
-        let base_url = required(&self.base_url, "JST_BASE_URL", why)?;
+        let base_url = required(self.base_url.as_deref(), "JST_BASE_URL", why)?;
         let credentials = match self.api {
             ApiGeneration::Open => Credentials {
-                app_key: required(&self.app_key, "JST_APP_KEY", why)?,
+                app_key: required(self.app_key.as_deref(), "JST_APP_KEY", why)?,
                 app_secret: required_secret(&self.app_secret, "JST_APP_SECRET", why)?,
                 access_token: required_secret(&self.access_token, "JST_ACCESS_TOKEN", why)?.expose_secret().into(),
                 refresh_token: self.refresh_token.as_ref().map(|t| t.expose_secret().into()).unwrap_or_default(),
                 ..Credentials::default()
             },
             ApiGeneration::Legacy => Credentials {
-                partner_id: required(&self.partner_id, "JST_PARTNER_ID", "JST_API=legacy")?,
+                partner_id: required(self.partner_id.as_deref(), "JST_PARTNER_ID", "JST_API=legacy")?,
                 partner_key: required_secret(&self.partner_key, "JST_PARTNER_KEY", "JST_API=legacy")?,
                 token: required_secret(&self.token, "JST_TOKEN", "JST_API=legacy")?.expose_secret().into(),
                 ..Credentials::default()
