@@ -95,7 +95,7 @@ user() {
   call PUT "permissions/%2F/$1" "$TMP/body"
   ok "permissions of $1"
 }
-# fetcher: its own job/lock/presence/status queues; publishes pages and (via the default exchange) jobs and status.
+# fetcher: its own job/presence/status queues; publishes pages and (via the default exchange) jobs and status.
 user fetcher "$FETCHER_AMQP_PASSWORD" "^${N}\\\\.fetch\\\\..*" "^(${N}\\\\.pages|${N}\\\\.fetch\\\\..*|amq\\\\.default)$" "^${N}\\\\.fetch\\\\..*"
 # transformer: reads pages; publishes records and dead letters.
 user transformer "$TRANSFORMER_AMQP_PASSWORD" "^$" "^${N}\\\\.(records|dead)$" "^${N}\\\\.pages$"

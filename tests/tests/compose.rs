@@ -87,7 +87,8 @@ async fn least_privilege(amqp: &str) -> anyhow::Result<()> {
     };
     let transformer = connect("transformer", TRANSFORMER_PASSWORD).await?;
     access_refused(declare(&transformer, &format!("{NS}.sneaky")).await, "transformer declares a queue").await?;
-    access_refused(get(&transformer, &format!("{NS}.fetch.default")).await, "transformer reads the fetch job").await?;
+    access_refused(get(&transformer, &format!("{NS}.fetch.default.job")).await, "transformer reads the fetch job")
+        .await?;
     access_refused(get(&transformer, &format!("{NS}.records")).await, "transformer reads records").await?;
     let writer = connect("writer", WRITER_PASSWORD).await?;
     access_refused(declare(&writer, &format!("{NS}.sneaky")).await, "writer declares a queue").await?;

@@ -1,6 +1,7 @@
 //! The fetcher: for every source account it holds, runs bounded passes that publish raw pages
-//! (confirmed) and then commit the advanced checkpoint to the broker. Accounts are spread over
-//! replicas by exclusive lock queues and a fair share of the live replicas.
+//! (confirmed) and then commit the advanced checkpoint to the broker. The broker picks each
+//! account's owner (single active consumer on its job queue, see `lease.rs`); a replica keeps at
+//! most a fair share of the live replicas and hands the rest on.
 
 pub mod account;
 pub mod accounts_file;
@@ -26,7 +27,7 @@ use std::{
 use jiff::Timestamp;
 use orderflow_shared::{
     admin::{self, Readiness},
-    amqp::{Connection, Connections, Fatal, Headers, Presence, Publisher, Topology, lease::replicas, supervise},
+    amqp::{Connection, Connections, Fatal, Headers, Owner, Presence, Publisher, Topology, supervise},
     rng::Rng,
 };
 use serde_json::json;
@@ -73,6 +74,8 @@ struct Shared {
     settings: PassSettings,
     /// Accounts this replica holds.
     held: AtomicUsize,
+    /// Live fetcher replicas (this one included), kept fresh by the session.
+    replicas: AtomicUsize,
     /// Seals tokens stored in the broker (ORDERFLOW_SECRET_KEY).
     sealer: tokens::Sealer,
     tracer: orderflow_shared::otel::Tracer,
@@ -106,6 +109,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         readiness,
         settings,
         held: AtomicUsize::new(0),
+        replicas: AtomicUsize::new(1),
         sealer,
         tracer: orderflow_shared::otel::Tracer::current(),
         config,
@@ -157,19 +161,22 @@ fn account_runtime(
     })
 }
 
-/// One broker session: declare topology, announce this replica, run one worker per account.
-/// Account locks, job reads and checkpoint commits use the `consume` connection (a commit must
-/// travel with the lock: a replica whose lock connection died can never commit); pages and
+/// One broker session: declare topology, announce this replica, run one worker per account and
+/// keep the replica count fresh. Every account's job consumer, and the checkpoint commits, use the
+/// `consume` connection (a replica whose ownership channel died can never commit); pages and
 /// status reports are published on the other, so a broker alarm blocking publishes leaves the
-/// locks' connection free.
+/// owners' connection free.
 async fn session(connections: Connections, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let connection = connections.consume.clone();
-    let _presence = Presence::join(&connection, &shared.topology, shared.config.broker.declare_topology).await?;
+    let presence = Presence::join(&connection, &shared.topology, shared.config.broker.declare_topology).await?;
     let timeout = shared.config.broker.amqp_confirm_timeout;
     let publisher = Publisher::open(&connections.publish).await?.with_confirm_timeout(timeout);
     let commits = Publisher::open(&connection).await?.with_confirm_timeout(timeout);
+    let owner = Owner::open(&connection).await?;
+    shared.replicas.store(presence.replicas().await?, Ordering::SeqCst);
     let session_token = shutdown.child_token();
     let mut workers = JoinSet::new();
+    workers.spawn(watch_replicas(presence, shared.clone(), session_token.clone()));
     let mut order: Vec<usize> = (0..shared.accounts.len()).collect();
     Rng::from_entropy().shuffle(&mut order);
     for index in order {
@@ -177,6 +184,7 @@ async fn session(connections: Connections, shared: Arc<Shared>, shutdown: Cancel
             runtime: shared.accounts[index].clone(),
             shared: shared.clone(),
             connection: connection.clone(),
+            owner: owner.clone(),
             publisher: publisher.clone(),
             commits: commits.clone(),
             token: session_token.clone(),
@@ -198,10 +206,54 @@ async fn session(connections: Connections, shared: Arc<Shared>, shutdown: Cancel
     result
 }
 
+/// How often a replica counts the live replicas (on its presence channel: no channel per check).
+const REPLICA_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps `Shared::replicas` fresh until the session ends.
+async fn watch_replicas(presence: Presence, shared: Arc<Shared>, token: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(REPLICA_CHECK) => {}
+        }
+        let count = presence.replicas().await?;
+        let before = shared.replicas.swap(count, Ordering::SeqCst);
+        if before != count {
+            tracing::info!(message = "Fetcher replicas changed.", replicas = count, fair_share = shared.fair_share());
+        }
+    }
+}
+
+impl Shared {
+    /// How many accounts one replica should hold: ⌈accounts ÷ live replicas⌉.
+    fn fair_share(&self) -> usize {
+        self.accounts.len().div_ceil(self.replicas.load(Ordering::SeqCst).max(1))
+    }
+
+    /// Counts one more account held, if this replica holds fewer than its fair share.
+    fn take_slot(&self) -> bool {
+        let share = self.fair_share();
+        self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| (h < share).then_some(h + 1)).is_ok()
+    }
+
+    /// Counts one account less, if this replica holds more than its fair share.
+    fn shed_slot(&self) -> bool {
+        let share = self.fair_share();
+        self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| (h > share).then_some(h - 1)).is_ok()
+    }
+
+    /// Counts one account less.
+    fn drop_slot(&self) {
+        let _ = self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| h.checked_sub(1));
+    }
+}
+
 struct AccountWorker {
     runtime: Arc<AccountRuntime>,
     shared: Arc<Shared>,
     connection: Arc<Connection>,
+    /// The session's ownership channel (every account's job consumer).
+    owner: Owner,
     /// Pages and status reports.
     publisher: Publisher,
     /// Checkpoint commits, on the lock's connection.
@@ -210,12 +262,6 @@ struct AccountWorker {
 }
 
 impl AccountWorker {
-    /// How many accounts this replica should hold: ⌈accounts ÷ live replicas⌉.
-    async fn fair_share(&self) -> usize {
-        let total = self.shared.accounts.len();
-        total.div_ceil(replicas(&self.connection, &self.shared.topology).await)
-    }
-
     async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {
             _ = self.token.cancelled() => false,
@@ -226,72 +272,79 @@ impl AccountWorker {
     async fn run(self) -> anyhow::Result<()> {
         let name = self.runtime.account.name.clone();
         let retry = self.shared.config.lock_retry;
-        // Spread the first attempts so replicas starting together share the accounts.
-        let first = retry.mul_f64(Rng::from_entropy().unit());
-        if !self.sleep(first).await {
+        // Spread the first subscriptions so replicas starting together interleave in each line.
+        if !self.sleep(retry.mul_f64(Rng::from_entropy().unit())).await {
             return Ok(());
         }
+        let mode = self.mode();
+        let initial = Job::new(&name, self.initial_cursor(mode));
+        let topology = &self.shared.topology;
+        let mut lease = Lease::open(&self.owner, &self.connection, &self.commits, topology, initial).await?;
         loop {
-            if self.token.is_cancelled() {
-                return Ok(());
-            }
-            let held = self.shared.held.load(Ordering::SeqCst);
-            if held >= self.fair_share().await {
-                if !self.sleep(retry).await {
-                    return Ok(());
-                }
-                continue;
-            }
-            let Some(lease) = Lease::try_acquire(&self.connection, &self.shared.topology, &name).await? else {
-                if !self.sleep(retry).await {
-                    return Ok(());
-                }
-                continue;
+            let job = tokio::select! {
+                _ = self.token.cancelled() => return Ok(()),
+                job = lease.acquire() => job?,
             };
-            self.shared.held.fetch_add(1, Ordering::SeqCst);
+            if !self.shared.take_slot() {
+                // This replica holds its fair share: the next replica in line takes the account.
+                lease.release().await?;
+                if !self.sleep(retry).await {
+                    return Ok(());
+                }
+                lease.subscribe().await?;
+                continue;
+            }
             self.shared.metrics.held.inc();
-            tracing::info!(message = "Holding account.", account = %name);
+            tracing::info!(message = "Holding account.", account = %name, seq = job.seq);
             // The previous holder may have called a moment ago: leave one call's spacing first,
             // so a handover never puts two calls closer than the budget allows.
             let outcome = if self.sleep(self.runtime.budget.spacing * 2).await {
-                self.hold(lease).await
+                self.hold(&mut lease, self.adopt(job, mode)).await
             } else {
-                lease.release().await;
                 Ok(Holding::Shutdown)
             };
-            self.shared.held.fetch_sub(1, Ordering::SeqCst);
             self.shared.metrics.held.dec();
             match outcome? {
                 Holding::Released => {
-                    // Let a less loaded replica take it before trying again.
+                    lease.release().await?;
+                    // Let a less loaded replica take it before queueing for it again.
                     if !self.sleep(retry * 3).await {
                         return Ok(());
                     }
+                    lease.subscribe().await?;
                 }
-                Holding::Shutdown => return Ok(()),
+                Holding::Shutdown => {
+                    self.shared.drop_slot();
+                    // Hand the job back now rather than when the connection closes.
+                    let _ = lease.release().await;
+                    return Ok(());
+                }
             }
         }
     }
 
-    /// Runs passes while holding the account.
-    async fn hold(&self, mut lease: Lease) -> anyhow::Result<Holding> {
-        let rt = &self.runtime;
-        let mode = match rt.account.request.cursor {
+    fn mode(&self) -> CursorMode {
+        match self.runtime.account.request.cursor {
             CursorKind::StartTs => CursorMode::StartTs,
             CursorKind::Modified => CursorMode::Modified,
-        };
+        }
+    }
+
+    /// Runs passes while holding the account, from `job` (the newest the broker handed over).
+    async fn hold(&self, lease: &mut Lease, mut job: Job) -> anyhow::Result<Holding> {
+        let rt = &self.runtime;
+        let mode = job.cursor.mode;
         let sweeping = mode == CursorMode::StartTs && !self.shared.config.sweep_every.is_zero();
         let mut sweeper = Sweeper::new(self, sweeping);
         let mut fresh_until: Option<std::time::Instant> = None;
         loop {
             if rt.stopped.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                 if !self.wait_while_stopped().await {
-                    lease.release().await;
                     return Ok(Holding::Shutdown);
                 }
+                self.keep(lease, &mut job).await?;
                 continue;
             }
-            let job = self.load_job(&mut lease, mode).await?;
             sweeper.begin(&job);
             let (mut credentials, store) = self.credentials_for(&job);
             let outcome = self.run_pass(&job, mode, &mut credentials, sweeping, fresh_until).await;
@@ -302,7 +355,6 @@ impl AccountWorker {
                     if self.pass_failed(&job, &credentials, error).await? {
                         continue;
                     }
-                    lease.release().await;
                     return Ok(Holding::Shutdown);
                 }
             };
@@ -310,25 +362,52 @@ impl AccountWorker {
             lease.commit(&self.commits, &next).await?;
             fresh_until = None;
             if result.needs_refresh {
-                match self.refresh(&mut lease, &mut next, &mut credentials).await? {
+                match self.refresh(lease, &mut next, &mut credentials).await? {
                     Refreshed::Fresh(until) => fresh_until = Some(until),
-                    Refreshed::Shutdown => {
-                        lease.release().await;
-                        return Ok(Holding::Shutdown);
-                    }
+                    Refreshed::Shutdown => return Ok(Holding::Shutdown),
                     Refreshed::Refused(reason) => {
-                        self.credentials_refused(&job, &credentials, reason).await;
+                        self.credentials_refused(&next, &credentials, reason).await;
+                        job = next;
                         continue;
                     }
                 }
             }
             sweeper.tend().await;
             self.committed(&next, &result).await;
-            if let Some(holding) = self.let_go(result.caught_up).await {
-                lease.release().await;
+            job = next;
+            if let Some(holding) = self.let_go() {
                 return Ok(holding);
             }
+            if result.caught_up && !self.idle(lease, &mut job).await? {
+                return Ok(Holding::Shutdown);
+            }
         }
+    }
+
+    /// Waits `FETCH_INTERVAL` between caught-up passes, keeping the held job fresh. `false` on
+    /// shutdown.
+    async fn idle(&self, lease: &mut Lease, job: &mut Job) -> anyhow::Result<bool> {
+        let until = tokio::time::Instant::now() + self.runtime.account.interval;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(true);
+            }
+            if !self.sleep(left.min(KEEP_AFTER)).await {
+                return Ok(false);
+            }
+            self.keep(lease, job).await?;
+        }
+    }
+
+    /// Re-commits the job when it has been held unacked for `KEEP_AFTER`, so the broker's
+    /// `consumer_timeout` never closes the channel every account's consumer lives on.
+    async fn keep(&self, lease: &mut Lease, job: &mut Job) -> anyhow::Result<()> {
+        if lease.held_for() >= KEEP_AFTER {
+            *job = job.next(job.cursor.clone(), None, 0);
+            lease.commit(&self.commits, job).await?;
+        }
+        Ok(())
     }
 
     /// A pass that failed, handled: `Ok(true)` to go on holding the account (stopped, or to try
@@ -367,34 +446,28 @@ impl AccountWorker {
     }
 
     /// After a committed pass: `Some` to let the account go (shutdown, or more than this
-    /// replica's fair share held), `None` to hold on (after the interval when caught up).
-    async fn let_go(&self, caught_up: bool) -> Option<Holding> {
+    /// replica's fair share held), `None` to hold on.
+    fn let_go(&self) -> Option<Holding> {
         if self.token.is_cancelled() {
             return Some(Holding::Shutdown);
         }
-        let held = self.shared.held.load(Ordering::SeqCst);
-        if held > self.fair_share().await {
+        if self.shared.shed_slot() {
             let name = self.runtime.account.name.as_str();
             tracing::info!(message = "Releasing account to rebalance over replicas.", account = name);
             return Some(Holding::Released);
         }
-        if caught_up && !self.sleep(self.runtime.account.interval).await {
-            return Some(Holding::Shutdown);
-        }
         None
     }
 
-    /// The account's newest job, in the mode its request config asks for.
-    async fn load_job(&self, lease: &mut Lease, mode: CursorMode) -> anyhow::Result<Job> {
+    /// The job to go on from: `job`, or its mode started afresh when the request config changed
+    /// cursor mode.
+    fn adopt(&self, job: Job, mode: CursorMode) -> Job {
+        if job.cursor.mode == mode {
+            return job;
+        }
         let name = self.runtime.account.name.as_str();
-        Ok(match lease.load().await? {
-            Some(job) if job.cursor.mode == mode => job,
-            Some(job) => {
-                tracing::warn!(message = "Request config changed cursor mode; starting this mode afresh.", account = name, previous = ?job.cursor.mode);
-                Job { cursor: self.initial_cursor(mode), ..job }
-            }
-            None => Job::new(name, self.initial_cursor(mode)),
-        })
+        tracing::warn!(message = "Request config changed cursor mode; starting this mode afresh.", account = name, previous = ?job.cursor.mode);
+        Job { cursor: self.initial_cursor(mode), ..job }
     }
 
     /// The credentials to call with (the newest token pair, see `tokens.rs`), and the pair the
@@ -611,6 +684,10 @@ enum Holding {
 
 /// How often a stopped account looks for new credentials in the accounts file.
 const STOPPED_RECHECK: Duration = Duration::from_secs(15);
+
+/// A job held unacked this long is committed again (RabbitMQ's `consumer_timeout` is 30 min by
+/// default and would close the channel every account's consumer lives on).
+const KEEP_AFTER: Duration = Duration::from_secs(300);
 
 enum Refreshed {
     /// Refreshed and committed; a code 100 before this instant means the new pair is bad.

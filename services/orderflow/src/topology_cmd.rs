@@ -16,15 +16,15 @@ pub fn render_text(topology: &Topology) -> String {
             let v = match v {
                 ArgValue::Text(s) => s.clone(),
                 ArgValue::Int(n) => n.to_string(),
+                ArgValue::Bool(b) => b.to_string(),
             };
             out.push_str(&format!("      {k} = {v}\n"));
         }
     }
     out.push_str(&format!(
-        "  {:<40} fetch job + checkpoint of one account (quorum; one per account)\n  {:<40} exclusive lock: held by the replica fetching the account\n  {:<40} fetcher replicas (presence; consumers = live replicas)\n",
+        "  {:<40} fetch job + checkpoint of one account (quorum, single active consumer: the owner; the only object per account)\n  {:<40} fetcher replicas (presence; consumers = live replicas)\n",
         topology.fetch_queue("<account>"),
-        topology.fetch_lock("<account>"),
-        format!("{}.fetch.replicas", topology.ns)
+        topology.fetch_replicas_queue()
     ));
     out.push_str("\nbindings:\n");
     for b in topology.bindings() {

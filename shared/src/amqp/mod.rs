@@ -14,7 +14,7 @@ pub mod topology;
 
 pub use connect::connect;
 pub use deadletter::{DeadLetter, ErrorClass};
-pub use lease::{Connection, Lease, Presence};
+pub use lease::{Connection, Lease, Owner, Presence};
 pub use publisher::{PublishError, Publisher};
 pub use session::{BrokerMetrics, Connections, Fatal, connection_name, supervise};
 pub use settle::{Applied, Headers, Message, Outgoing, Properties, Settlement};

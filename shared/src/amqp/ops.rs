@@ -71,11 +71,15 @@ impl Client {
     }
 
     /// Deletes every queue and exchange of a namespace: work, dead and retry queues, the fetch
-    /// replicas queue, and the fetch queues of `accounts`. What is not there is skipped.
+    /// replicas queue, and the fetch job queues of `accounts` (and their pre-upgrade names). What is
+    /// not there is skipped.
     pub async fn delete_namespace(&self, topology: &Topology, accounts: &[String]) -> anyhow::Result<()> {
         let mut queues = topology.queue_names();
-        queues.push(format!("{}.fetch.replicas", topology.ns));
-        queues.extend(accounts.iter().map(|account| topology.fetch_queue(account)));
+        queues.push(topology.fetch_replicas_queue());
+        for account in accounts {
+            queues.push(topology.fetch_queue(account));
+            queues.push(topology.legacy_fetch_queue(account));
+        }
         let mut channel = self.connection.create_channel().await?;
         for queue in queues {
             channel = self.usable(channel).await?;

@@ -73,6 +73,7 @@ pub struct QueueSpec {
 pub enum ArgValue {
     Text(String),
     Int(i64),
+    Bool(bool),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,15 +165,20 @@ impl Topology {
     }
     /// A fetch account's job queue: holds the account's sync job and checkpoint.
     pub fn fetch_queue(&self, account: &str) -> String {
+        format!("{}.fetch.{}.job", self.ns, account)
+    }
+    /// Where versions before single-active-consumer ownership kept an account's job (read once
+    /// when upgrading, then deleted: see `amqp::lease`).
+    pub fn legacy_fetch_queue(&self, account: &str) -> String {
         format!("{}.fetch.{}", self.ns, account)
     }
     /// Where fetchers report each committed pass (bounded; browsed by `orderflow status`).
     pub fn fetch_status_queue(&self) -> String {
         format!("{}.fetch.status", self.ns)
     }
-    /// A fetch account's lock: an exclusive queue owned by the one replica fetching it.
-    pub fn fetch_lock(&self, account: &str) -> String {
-        format!("{}.fetch.{}.lock", self.ns, account)
+    /// Every fetcher replica consumes it (without messages) so replicas can count each other.
+    pub fn fetch_replicas_queue(&self) -> String {
+        format!("{}.fetch.replicas", self.ns)
     }
 
     pub fn exchanges(&self) -> Vec<ExchangeSpec> {
@@ -323,6 +329,7 @@ pub fn field_table(arguments: &[(String, ArgValue)]) -> FieldTable {
         let value = match value {
             ArgValue::Text(s) => AMQPValue::LongString(LongString::from(s.as_str())),
             ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+            ArgValue::Bool(b) => AMQPValue::Boolean(*b),
         };
         table.insert(ShortString::from(key.as_str()), value);
     }
@@ -339,9 +346,24 @@ pub async fn declare_queue(channel: &Channel, queue: &QueueSpec) -> Result<lapin
         .await
 }
 
-/// A durable quorum queue with no dead-lettering: a fetch account's job queue.
+/// A durable quorum queue with no dead-lettering (the fetcher replicas' presence queue).
 pub fn plain_quorum_queue(name: String, role: &'static str) -> QueueSpec {
     QueueSpec { name, role, arguments: vec![("x-queue-type".into(), ArgValue::Text("quorum".into()))] }
+}
+
+/// A fetch account's job queue: quorum, one active consumer at a time (the broker's choice is
+/// the account's owner), and no practical delivery limit (a job handed back to the queue must
+/// never be dropped, as RabbitMQ 4's default limit of 20 would).
+pub fn fetch_job_queue(name: String) -> QueueSpec {
+    QueueSpec {
+        name,
+        role: "fetch job + checkpoint (single active consumer: the account's owner)",
+        arguments: vec![
+            ("x-queue-type".into(), ArgValue::Text("quorum".into())),
+            ("x-single-active-consumer".into(), ArgValue::Bool(true)),
+            ("x-delivery-limit".into(), ArgValue::Int(TERMINAL_DELIVERY_LIMIT)),
+        ],
+    }
 }
 
 #[cfg(test)]
