@@ -124,9 +124,19 @@ fn transport(error: reqwest::Error) -> CallError {
     if timeout { CallError::Timeout(text) } else { CallError::Transport(text) }
 }
 
+/// `orderflow-fetcher/<version> (<replica>)`: the source (and jst-sim's `/admin/stats`) can tell
+/// which replica made a call. Nothing secret: the crate version and the replica's name (any
+/// character a header cannot carry, from an odd `HOSTNAME`, becomes `_`).
+pub fn user_agent() -> String {
+    let replica: String =
+        orderflow_shared::replica::name().chars().map(|c| if (' '..='~').contains(&c) { c } else { '_' }).collect();
+    format!("orderflow-fetcher/{} ({replica})", env!("CARGO_PKG_VERSION"))
+}
+
 impl JstClient {
     pub fn new(base_url: &str, generation: ApiGeneration, timeout: Duration) -> Result<Self, String> {
         let http = reqwest::Client::builder()
+            .user_agent(user_agent())
             .connect_timeout(Duration::from_secs(5).min(timeout))
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -294,6 +304,14 @@ pub fn parse_page(bytes: &[u8], generation: ApiGeneration) -> Result<ApiPage, Ca
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_user_agent_names_the_version_and_the_replica() {
+        let expected =
+            format!("orderflow-fetcher/{} ({})", env!("CARGO_PKG_VERSION"), orderflow_shared::replica::name());
+        assert_eq!(user_agent(), expected);
+        assert!(reqwest::header::HeaderValue::from_str(&user_agent()).is_ok(), "a valid header value");
+    }
 
     #[test]
     fn both_envelopes_parse_into_a_page() {

@@ -12,7 +12,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Sim, churn::Churn, faults::Faults, limits::Limits};
+use crate::{Sim, Stats, churn::Churn, faults::Faults, inflight::Concurrency, limits::Limits};
 
 #[derive(Debug, Deserialize)]
 pub struct AccountParam {
@@ -69,15 +69,28 @@ pub async fn truth(State(sim): State<Arc<Sim>>, Query(p): Query<TruthParams>) ->
     }
 }
 
-/// `GET /admin/stats`: calls and rejections by merchant and code, churn done, current settings.
+/// A merchant's `stats` object: its counters and its concurrency, side by side.
+#[derive(serde::Serialize)]
+struct StatsView<'a> {
+    #[serde(flatten)]
+    stats: &'a Stats,
+    #[serde(flatten)]
+    concurrency: Concurrency,
+}
+
+/// `GET /admin/stats`: calls and rejections by merchant and code, calls in flight at once (and
+/// from how many callers), churn done, current settings; `max_concurrent_callers` over all.
 pub async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     let mut accounts = serde_json::Map::new();
+    let mut max_concurrent_callers = 0;
     for index in 0..sim.merchants.len() {
         let state = sim.lock(index);
+        let concurrency = sim.in_flight[index].snapshot();
+        max_concurrent_callers = max_concurrent_callers.max(concurrency.max_concurrent_callers);
         accounts.insert(
             state.merchant.name.clone(),
             json!({
-                "stats": state.stats,
+                "stats": StatsView { stats: &state.stats, concurrency },
                 "churn_done": state.churn_counts,
                 "orders": state.merchant.len(),
                 "limits": state.limiter.limits,
@@ -86,7 +99,7 @@ pub async fn stats(State(sim): State<Arc<Sim>>) -> Response {
             }),
         );
     }
-    Json(json!({ "accounts": accounts })).into_response()
+    Json(json!({ "accounts": accounts, "max_concurrent_callers": max_concurrent_callers })).into_response()
 }
 
 /// `GET /admin/accounts`: every merchant's credentials (simulator demo credentials only).

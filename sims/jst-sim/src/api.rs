@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use axum::{
     body::{Body, Bytes},
     extract::{Query as UrlQuery, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use jiff::Timestamp;
@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use crate::{
     Sim, expiry,
     faults::FaultAction,
+    inflight::{InFlightGuard, caller},
     model::Status,
     store::{PageResult, Query},
 };
@@ -289,7 +290,7 @@ fn skew_ok(sim: &Sim, timestamp: &str, now: Timestamp) -> Result<(), (i64, Strin
 }
 
 /// `POST /open/orders/out/simple/query` (new open platform).
-pub async fn open_query(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+pub async fn open_query(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
     let params: Vec<(String, String)> = match serde_urlencoded::from_bytes(&body) {
         Ok(p) => p,
         Err(e) => return json_response(code_body(code::BAD_PARAMS, &format!("body must be form-encoded: {e}"), false)),
@@ -298,6 +299,8 @@ pub async fn open_query(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let Some(index) = sim.by_app_key(get("app_key")) else {
         return json_response(code_body(code::BAD_SIGN, &format!("unknown app_key {:?}", get("app_key")), false));
     };
+    // In flight until this handler returns its answer (after the simulated latency).
+    let _in_flight = sim.enter(index, caller(&headers));
     let biz = serde_json::from_str::<Value>(if get("biz").is_empty() { "{}" } else { get("biz") })
         .map_err(|e| format!("biz is not valid JSON: {e}"));
     let plan = serve_call(&sim, index, biz, |creds, now| {
@@ -331,6 +334,7 @@ pub async fn open_query(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
 pub async fn legacy_query(
     State(sim): State<Arc<Sim>>,
     UrlQuery(params): UrlQuery<HashMap<String, String>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
@@ -349,6 +353,7 @@ pub async fn legacy_query(
             true,
         ));
     };
+    let _in_flight = sim.enter(index, caller(&headers));
     let biz = serde_json::from_slice::<Value>(if body.is_empty() { b"{}" } else { &body })
         .map_err(|e| format!("body is not valid JSON: {e}"));
     let plan = serve_call(&sim, index, biz, |creds, now| {
@@ -380,22 +385,24 @@ pub async fn legacy_query(
 
 /// `POST /openWeb/auth/refreshToken`: a signed refresh returns a new token pair; the used
 /// refresh token stops working.
-pub async fn refresh_token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let (answer, delay) = refresh_answer(&sim, &body);
+pub async fn refresh_token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (answer, delay, _in_flight) = refresh_answer(&sim, &body, caller(&headers));
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     answer
 }
 
-/// The refresh's answer and how long to hold it back.
-fn refresh_answer(sim: &Sim, body: &Bytes) -> (Response, Duration) {
+/// The refresh's answer, how long to hold it back, and the call in flight (a known merchant's)
+/// until then.
+fn refresh_answer<'s>(sim: &'s Sim, body: &Bytes, caller: String) -> (Response, Duration, Option<InFlightGuard<'s>>) {
     let params: Vec<(String, String)> = match serde_urlencoded::from_bytes(body) {
         Ok(p) => p,
         Err(e) => {
             return (
                 json_response(code_body(code::BAD_PARAMS, &format!("body must be form-encoded: {e}"), false)),
                 Duration::ZERO,
+                None,
             );
         }
     };
@@ -404,8 +411,10 @@ fn refresh_answer(sim: &Sim, body: &Bytes) -> (Response, Duration) {
         return (
             json_response(code_body(code::BAD_SIGN, &format!("unknown app_key {:?}", get("app_key")), false)),
             Duration::ZERO,
+            None,
         );
     };
+    let in_flight = sim.enter(index, caller);
     let now = Timestamp::now();
     let mut state = sim.lock(index);
     state.stats.refresh_requests += 1;
@@ -424,7 +433,7 @@ fn refresh_answer(sim: &Sim, body: &Bytes) -> (Response, Duration) {
     };
     if let Err((code, msg)) = result {
         state.stats.reject(code);
-        return (json_response(code_body(code, &msg, false)), Duration::ZERO);
+        return (json_response(code_body(code, &msg, false)), Duration::ZERO, Some(in_flight));
     }
     state.token_generation += 1;
     let generation = state.token_generation;
@@ -440,7 +449,7 @@ fn refresh_answer(sim: &Sim, body: &Bytes) -> (Response, Duration) {
         "data": { "access_token": creds.access_token, "expires_in": expires_in, "refresh_token": creds.refresh_token, "scope": "all" }
     });
     state.stats.token_refreshes += 1;
-    (json_response(body.to_string()), Duration::from_millis(state.faults.refresh_latency_ms))
+    (json_response(body.to_string()), Duration::from_millis(state.faults.refresh_latency_ms), Some(in_flight))
 }
 
 /// Issues a new token pair for a merchant (as when the merchant authorizes the app again): the

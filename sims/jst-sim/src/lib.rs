@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod churn;
 pub mod faults;
+pub mod inflight;
 pub mod limits;
 pub mod model;
 pub mod store;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     churn::{Churn, ChurnClock, ChurnCounts},
     faults::Faults,
+    inflight::InFlight,
     limits::{Limiter, Limits},
     store::{Credentials, Merchant},
 };
@@ -173,6 +175,9 @@ pub struct MerchantState {
 
 pub struct Sim {
     pub merchants: Vec<Mutex<MerchantState>>,
+    /// API calls in flight per merchant (same index as `merchants`), by caller; a lock of its own,
+    /// so a call enters before it waits for the merchant.
+    pub in_flight: Vec<InFlight>,
     by_app_key: HashMap<String, usize>,
     by_partner: HashMap<String, usize>,
     by_name: HashMap<String, usize>,
@@ -209,6 +214,7 @@ impl Sim {
         let token_lifetime = (!config.token_lifetime.is_zero()).then_some(config.token_lifetime);
         let mut sim = Sim {
             merchants: Vec::new(),
+            in_flight: Vec::new(),
             by_app_key: HashMap::new(),
             by_partner: HashMap::new(),
             by_name: HashMap::new(),
@@ -246,8 +252,15 @@ impl Sim {
                 rng: Rng::new(config.seed.wrapping_add(u64::from(index)).wrapping_mul(31)),
                 token_generation: 0,
             }));
+            sim.in_flight.push(InFlight::default());
         }
         Ok(Arc::new(sim))
+    }
+
+    /// Counts an API call by `caller` (its `User-Agent`) to merchant `index` as in flight until
+    /// the guard drops: from arrival until the answer is produced, simulated latency included.
+    pub fn enter(&self, index: usize, caller: String) -> inflight::InFlightGuard<'_> {
+        self.in_flight[index].enter(caller)
     }
 
     pub fn lock(&self, index: usize) -> MutexGuard<'_, MerchantState> {
