@@ -88,9 +88,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let sealer = tokens::Sealer::new(secret.as_deref()).map_err(Fatal)?;
     let metrics = Metrics::new();
     let readiness = Readiness::new();
+    let http = JstClient::http(config.timeout).map_err(Fatal)?;
     let mut runtimes = Vec::new();
     for account in accounts {
-        runtimes.push(Arc::new(account_runtime(account, &config, &metrics, &readiness)?));
+        runtimes.push(Arc::new(account_runtime(account, &http, &config, &metrics, &readiness)?));
     }
     let bound = admin::spawn(config.admin_addr, metrics.registry.clone(), readiness.clone(), shutdown.clone())
         .await
@@ -127,6 +128,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// One configured account, ready to be held: its client, budgets, metrics and readiness check.
 fn account_runtime(
     account: Account,
+    http: &reqwest::Client,
     config: &Config,
     metrics: &Metrics,
     readiness: &Readiness,
@@ -137,7 +139,7 @@ fn account_runtime(
             account = %account.name, requested = account.request.requested_page_size, used = account.request.page_size
         );
     }
-    let client = JstClient::new(&account.base_url, account.api, config.timeout).map_err(Fatal)?;
+    let client = JstClient::with_http(http.clone(), &account.base_url, account.api).map_err(Fatal)?;
     let budget = Budget::new(account.rate_per_sec, account.rate_per_min);
     let share = |limit: u32| ((f64::from(limit) * config.sweep_budget).floor() as u32).max(1);
     let sweep_share = Budget::new(share(account.rate_per_sec), share(account.rate_per_min));

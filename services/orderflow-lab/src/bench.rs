@@ -96,6 +96,25 @@ pub enum Scenario {
         #[arg(long, default_value_t = 180)]
         seconds: u64,
     },
+    /// Many merchants on one broker at the real limits, K fetchers, one killed mid-sync: spread,
+    /// takeover, channel churn, `list_queues` latency, concurrent callers per merchant, peak RSS.
+    Scale {
+        /// Merchants (fetch accounts) in jst-sim.
+        #[arg(long, default_value_t = 1000)]
+        accounts: u32,
+        /// Orders seeded per merchant.
+        #[arg(long, default_value_t = 20)]
+        orders: u64,
+        /// Fetcher replicas.
+        #[arg(long, default_value_t = 3)]
+        fetchers: u32,
+        /// New orders per second per merchant while the run lasts.
+        #[arg(long, default_value_t = 0.05)]
+        new_per_sec: f64,
+        /// Longest wait for each phase (spread, takeover, sync).
+        #[arg(long, default_value = "10m", value_parser = orderflow_shared::settings::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
@@ -126,6 +145,27 @@ pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
             crate::pace_bench::run(&bin_dir, &broker, scenario, records, args.json).await
         }
         Scenario::Source { seconds } => source_bench(&bin_dir, &broker, seconds, args.json).await,
+        Scenario::Scale { accounts, orders, fetchers, new_per_sec, timeout } => {
+            let ns = format!("{}-scale-{}", broker.ns, jiff::Timestamp::now().as_millisecond());
+            let options = crate::scale::ScaleOptions {
+                amqp_url: broker.amqp_url.clone(),
+                log_dir: std::env::temp_dir().join(&ns),
+                ns,
+                bin_dir: Some(bin_dir),
+                accounts,
+                orders,
+                fetchers,
+                new_per_sec,
+                kill: true,
+                timeout,
+            };
+            let report = crate::scale::run(options).await?;
+            crate::scale::print(&report);
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            Ok(report.written == report.confirmed && report.max_concurrent_callers <= 1 && report.rate_rejections == 0)
+        }
     }
 }
 

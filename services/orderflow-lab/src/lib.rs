@@ -12,4 +12,5 @@ pub mod faults;
 pub mod pace_bench;
 pub mod rabbitmqctl;
 pub mod relay;
+pub mod scale;
 pub mod stack;

@@ -21,7 +21,10 @@
 //! The job itself is the caller's: this module moves bytes ranked by the caller (the fetcher's
 //! `lease.rs` reads and writes its `Job`, ranked by `seq`).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
@@ -37,7 +40,7 @@ use lapin::{
 use super::{
     Publisher, Topology,
     headers::json_properties,
-    is_not_found,
+    is_resource_locked, soft_error,
     topology::{declare_queue, fetch_job_queue, plain_quorum_queue},
 };
 
@@ -62,15 +65,55 @@ pub type Rank = Box<dyn Fn(&[u8]) -> Option<u64> + Send + Sync>;
 #[derive(Clone)]
 pub struct Owner {
     channel: Channel,
+    /// Where job queues of older versions are looked for (a failed probe closes it: reopened).
+    probe: Arc<tokio::sync::Mutex<Option<Channel>>>,
 }
 
 impl Owner {
     pub async fn open(connection: &Connection) -> Result<Owner, Error> {
         let channel = connection.create_channel().await?;
         channel.basic_qos(PREFETCH, BasicQosOptions { global: false }).await?;
-        Ok(Owner { channel })
+        Ok(Owner { channel, probe: Arc::default() })
+    }
+
+    /// Whether a queue named `legacy` exists, asked without an error when it does not (a passive
+    /// declare of a missing queue would close a channel and log an error per account on every
+    /// new deployment): an exclusive, auto-deleted probe of that name is declared and deleted at
+    /// once; only an existing (durable, shared) queue of that name refuses it (406).
+    async fn legacy_exists(&self, connection: &Connection, legacy: &str) -> Result<bool, Error> {
+        let mut probe = self.probe.lock().await;
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            durable: false,
+            ..QueueDeclareOptions::default()
+        };
+        for attempt in 1..=PROBES {
+            let channel = match probe.take() {
+                Some(channel) if channel.status().connected() => channel,
+                _ => connection.create_channel().await?,
+            };
+            match channel.queue_declare(legacy.into(), options, FieldTable::default()).await {
+                Ok(_) => {
+                    channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await?;
+                    *probe = Some(channel);
+                    return Ok(false);
+                }
+                // 405 is both "a shared queue of that name" and "another replica's probe of it,
+                // for a millisecond": ask again before believing the first.
+                Err(error) if is_resource_locked(&error) && attempt < PROBES => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) if soft_error(&error).is_some() => return Ok(true),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(true)
     }
 }
+
+/// Times a probe for an old job queue is tried (see [`Owner::legacy_exists`]).
+const PROBES: u32 = 3;
 
 struct Held {
     tag: u64,
@@ -108,7 +151,7 @@ impl Lease {
         let lease = Lease { channel: owner.channel.clone(), queue, rank, consumer: None, held: Vec::new() };
         if declared.message_count() == 0 && declared.consumer_count() == 0 {
             let legacy = topology.legacy_fetch_queue(account);
-            let migrated = lease.migrate(connection, publisher, &legacy).await?;
+            let migrated = lease.migrate(owner, connection, publisher, &legacy).await?;
             if !migrated {
                 let (id, body) = initial();
                 lease.publish(publisher, &id, &body).await?;
@@ -119,15 +162,17 @@ impl Lease {
 
     /// Moves the newest job of an older version's job queue into this one (confirmed), then
     /// deletes the old queue. `false`: there was no such queue or no job in it.
-    async fn migrate(&self, connection: &Connection, publisher: &Publisher, legacy: &str) -> anyhow::Result<bool> {
-        // A missing queue closes the channel it was asked on: use one of its own.
-        let channel = connection.create_channel().await?;
-        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        match channel.queue_declare(legacy.into(), passive, FieldTable::default()).await {
-            Ok(_) => {}
-            Err(error) if is_not_found(&error) => return Ok(false),
-            Err(error) => return Err(error.into()),
+    async fn migrate(
+        &self,
+        owner: &Owner,
+        connection: &Connection,
+        publisher: &Publisher,
+        legacy: &str,
+    ) -> anyhow::Result<bool> {
+        if !owner.legacy_exists(connection, legacy).await? {
+            return Ok(false);
         }
+        let channel = connection.create_channel().await?;
         let mut newest: Option<(u64, Vec<u8>)> = None;
         let mut read = 0;
         while read < MAX_LEGACY
