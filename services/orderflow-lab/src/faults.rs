@@ -165,8 +165,16 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
     let log_dir = std::env::temp_dir().join(format!("orderflow-{ns}"));
     let mut o = StackOptions::new(amqp_url, &ns, &log_dir);
     o.bin_dir = bin_dir.to_path_buf();
-    o.accounts = profile.accounts;
-    o.orders = if n == 7 { profile.all_at_once_orders } else { profile.orders };
+    // Kills land among many merchants' owners (each fetcher holds dozens of accounts); the same
+    // orders and churn in all, spread thinner.
+    let accounts = if n == 4 { profile.accounts.max(KILL_ACCOUNTS) } else { profile.accounts };
+    let spread = f64::from(profile.accounts) / f64::from(accounts);
+    o.accounts = accounts;
+    o.orders = if n == 7 {
+        profile.all_at_once_orders
+    } else {
+        profile.orders * u64::from(profile.accounts) / u64::from(accounts)
+    };
     o.fetchers = profile.replicas;
     o.transformers = profile.replicas;
     o.writers = profile.replicas;
@@ -180,7 +188,7 @@ fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) 
     if n == 8 {
         o.env.push(("HOLD_LIMIT".into(), ACK_TIMEOUT_HOLD_LIMIT.into()));
     }
-    o.jst_args.extend(source_args(n));
+    o.jst_args.extend(source_args(n, spread));
     o
 }
 
@@ -204,8 +212,12 @@ fn stage_env(profile: &Profile) -> Vec<(String, String)> {
     ]
 }
 
-/// jst-sim's churn, token lifetime and late commits in scenario `n`.
-fn source_args(n: u8) -> Vec<String> {
+/// Scenario 4 (`kill -9`) runs with at least this many merchants.
+pub const KILL_ACCOUNTS: u32 = 50;
+
+/// jst-sim's churn, token lifetime and late commits in scenario `n`, the churn rates (per
+/// merchant) times `spread`.
+fn source_args(n: u8, spread: f64) -> Vec<String> {
     let mut args: Vec<&str> = if n == 1 || n == 7 {
         vec![
             "--churn-modify",
@@ -236,7 +248,16 @@ fn source_args(n: u8) -> Vec<String> {
     if n == 2 || n == 7 {
         args.extend(["--churn-late-ts", "1"]);
     }
-    args.into_iter().map(String::from).collect()
+    let rate = |flag: &str| flag.starts_with("--churn-");
+    let mut out = Vec::with_capacity(args.len());
+    for (i, arg) in args.iter().enumerate() {
+        let scaled = i > 0 && rate(args[i - 1]) && spread != 1.0;
+        out.push(match arg.parse::<f64>() {
+            Ok(value) if scaled => format!("{}", value * spread),
+            _ => arg.to_string(),
+        });
+    }
+    out
 }
 
 /// Every replica's `/readyz` body and the `/metrics` texts.
