@@ -164,8 +164,8 @@ fn account_runtime(
 }
 
 /// One broker session: declare topology, announce this replica, run one worker per account and
-/// keep the replica count fresh. Every account's job consumer, and the checkpoint commits, use the
-/// `consume` connection (a replica whose ownership channel died can never commit); pages and
+/// keep the replica count fresh. Every account's job consumer and the checkpoint commits share one
+/// channel on the `consume` connection (a replica whose ownership channel died can never commit); pages and
 /// status reports are published on the other, so a broker alarm blocking publishes leaves the
 /// owners' connection free.
 async fn session(connections: Connections, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -173,8 +173,9 @@ async fn session(connections: Connections, shared: Arc<Shared>, shutdown: Cancel
     let presence = Presence::join(&connection, &shared.topology, shared.config.broker.declare_topology).await?;
     let timeout = shared.config.broker.amqp_confirm_timeout;
     let publisher = Publisher::open(&connections.publish).await?.with_confirm_timeout(timeout);
-    let commits = Publisher::open(&connection).await?.with_confirm_timeout(timeout);
     let owner = Owner::open(&connection).await?;
+    // Commits go out on the ownership channel: a replica that lost it cannot commit.
+    let commits = owner.commits().clone().with_confirm_timeout(timeout);
     shared.replicas.store(presence.replicas().await?, Ordering::SeqCst);
     let session_token = shutdown.child_token();
     let mut workers = JoinSet::new();

@@ -6,10 +6,11 @@
 //! once (failover without retries, no lock queue, no per-account channel).
 //!
 //! The job message is the account's checkpoint and stays in the broker: the owner holds it unacked
-//! while it fetches; a commit publishes the next job (confirmed) into the same queue — it comes back
-//! to the owner, still the active consumer — and only then acks what it replaces. A replica whose
-//! owner channel died (a stale owner: the job went back and another replica may hold it now) can
-//! never ack, so its reads are undone and the newest job (highest rank) wins.
+//! while it fetches; a commit publishes the next job (confirmed, on the ownership channel itself)
+//! into the same queue — it comes back to the owner, still the active consumer — and only then acks
+//! what it replaces. A replica whose owner channel died (a stale owner: the job went back and
+//! another replica may hold it now) can neither publish nor ack there, so its commits fail, its
+//! reads are undone and the newest job (highest rank) wins.
 //!
 //! Handing an account over ([`Lease::release`]) cancels this replica's consumer and returns the job
 //! to the queue: the next waiting consumer becomes active and receives it. A replica subscribes
@@ -65,6 +66,9 @@ pub type Rank = Box<dyn Fn(&[u8]) -> Option<u64> + Send + Sync>;
 #[derive(Clone)]
 pub struct Owner {
     channel: Channel,
+    /// Confirmed publishes on the ownership channel itself: a replica whose ownership channel the
+    /// broker closed (its jobs returned, maybe held by another replica now) cannot commit at all.
+    commits: Publisher,
     /// Where job queues of older versions are looked for (a failed probe closes it: reopened).
     probe: Arc<tokio::sync::Mutex<Option<Channel>>>,
 }
@@ -73,7 +77,13 @@ impl Owner {
     pub async fn open(connection: &Connection) -> Result<Owner, Error> {
         let channel = connection.create_channel().await?;
         channel.basic_qos(PREFETCH, BasicQosOptions { global: false }).await?;
-        Ok(Owner { channel, probe: Arc::default() })
+        let commits = Publisher::on(channel.clone(), connection).await?;
+        Ok(Owner { channel, commits, probe: Arc::default() })
+    }
+
+    /// The publisher for job commits, on the ownership channel.
+    pub fn commits(&self) -> &Publisher {
+        &self.commits
     }
 
     /// Whether a queue named `legacy` exists, asked without an error when it does not (a passive

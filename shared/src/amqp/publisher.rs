@@ -67,7 +67,12 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
-        let channel = connection.create_channel().await?;
+        Self::on(connection.create_channel().await?, connection).await
+    }
+
+    /// A confirmed publisher on an existing channel of `connection` (one that also consumes: a
+    /// publish there fails once the broker has closed that channel).
+    pub async fn on(channel: Channel, connection: &Connection) -> Result<Self, lapin::Error> {
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Self {
             channel,
