@@ -146,10 +146,6 @@ impl JstClient {
             .map_err(|e| format!("HTTP client: {e}"))
     }
 
-    pub fn new(base_url: &str, generation: ApiGeneration, timeout: Duration) -> Result<Self, String> {
-        Self::with_http(Self::http(timeout)?, base_url, generation)
-    }
-
     /// A client for one account on a shared HTTP client (see [`JstClient::http`]).
     pub fn with_http(http: reqwest::Client, base_url: &str, generation: ApiGeneration) -> Result<Self, String> {
         let base_url = base_url.trim_end_matches('/').to_string();
