@@ -117,7 +117,9 @@ impl Drop for Alarm {
 }
 
 /// The broker's `consumer_timeout` (how long a delivery may stay unacked before the broker
-/// closes its channel) set for channels opened from now on; dropping it restores the setting.
+/// closes its channel) set for channels opened from now on, and how often channels check it
+/// (`channel_tick_interval`, a minute by default: a fifth of the timeout here, at least 1 s, so a
+/// test sees the broker act within seconds); dropping it restores both settings.
 pub struct ConsumerTimeout {
     ctl: String,
     restore: String,
@@ -125,13 +127,22 @@ pub struct ConsumerTimeout {
 
 impl ConsumerTimeout {
     pub fn set(ctl: &str, timeout: Duration) -> anyhow::Result<ConsumerTimeout> {
-        let current = rabbitmqctl(ctl, &["eval", "application:get_env(rabbit, consumer_timeout)."])?;
-        let current = current.trim();
-        let restore = match current.strip_prefix("{ok,").and_then(|r| r.strip_suffix('}')) {
-            Some(value) => format!("application:set_env(rabbit, consumer_timeout, {}).", value.trim()),
-            None => "application:unset_env(rabbit, consumer_timeout).".to_string(),
-        };
-        let set = format!("application:set_env(rabbit, consumer_timeout, {}).", timeout.as_millis());
+        let tick = (timeout / 5).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut restore = Vec::new();
+        for key in ["consumer_timeout", "channel_tick_interval"] {
+            let current = rabbitmqctl(ctl, &["eval", &format!("application:get_env(rabbit, {key}).")])?;
+            let current = current.trim();
+            restore.push(match current.strip_prefix("{ok,").and_then(|r| r.strip_suffix('}')) {
+                Some(value) => format!("application:set_env(rabbit, {key}, {})", value.trim()),
+                None => format!("application:unset_env(rabbit, {key})"),
+            });
+        }
+        let restore = format!("{}.", restore.join(", "));
+        let set = format!(
+            "application:set_env(rabbit, consumer_timeout, {}), application:set_env(rabbit, channel_tick_interval, {}).",
+            timeout.as_millis(),
+            tick.as_millis()
+        );
         rabbitmqctl(ctl, &["eval", &set])?;
         Ok(ConsumerTimeout { ctl: ctl.to_string(), restore })
     }
