@@ -2,7 +2,9 @@
 //! images, ports moved to free ones on 127.0.0.1) loses the leader of `<ns>.records` in the middle
 //! of a sync with churn (`docker kill`), and no order: the stages (processes on this machine)
 //! connect through haproxy, a new leader is elected among the two members left, every Confirmed
-//! order is written and nothing is dead-lettered; the node then comes back and rejoins. Skipped,
+//! order is written and nothing is dead-lettered; the node then comes back and rejoins. Then a
+//! fetcher replica is replaced by the broker without being told (its node loses sight of the job
+//! queues' leader for a moment): it must stop working its accounts by its next commit. Skipped,
 //! saying why, when no Docker engine or Compose tool answers.
 
 use std::{
@@ -14,7 +16,7 @@ use std::{
 };
 
 use anyhow::Context;
-use orderflow_tests::{StackOptions, docker, docker::Project, log_dir, unique_ns, wait_for, wait_synced};
+use orderflow_tests::{Role, StackOptions, docker, docker::Project, log_dir, metric, unique_ns, wait_for, wait_synced};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "cluster-test-password";
@@ -198,6 +200,10 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
     .await;
     stack.stop().await;
     let _ = stack.delete_namespace().await;
+    let outcome = match outcome {
+        Ok(()) => a_silently_replaced_owner_stops_by_its_next_commit(&project, &management, &url).await,
+        Err(error) => Err(error),
+    };
     if outcome.is_err() {
         eprintln!(
             "--- cluster logs ---\n{}",
@@ -205,5 +211,178 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
         );
     }
     drop(project);
+    outcome
+}
+
+/// Fetcher accounts of the stale-owner phase, and the replicas (one more: a spare in every line).
+const STALE_ACCOUNTS: u32 = 3;
+const STALE_FETCHERS: u32 = 4;
+
+/// A job queue as a node's management API sees it: (leader node, active consumer's node and tag).
+async fn job_queue(management: &str, queue: &str) -> anyhow::Result<(String, Option<(String, String)>)> {
+    let q =
+        docker::get_json(&format!("http://{management}/api/queues/%2F/{queue}"), Some(("orderflow", PASSWORD))).await?;
+    let active = q["consumer_details"].as_array().into_iter().flatten().find(|c| c["active"] == true).map(|c| {
+        (
+            c["channel_details"]["node"].as_str().unwrap_or("").to_string(),
+            c["consumer_tag"].as_str().unwrap_or("").to_string(),
+        )
+    });
+    Ok((q["leader"].as_str().unwrap_or("").to_string(), active))
+}
+
+/// Runs `rabbitmqctl eval` inside a node's container.
+async fn eval(project: &Project, node: &str, expr: &str) -> anyhow::Result<String> {
+    let container = project.containers(node).await?.into_iter().next().context("the node's container")?;
+    docker::run_ok("docker", &["exec", &container, "rabbitmqctl", "eval", expr], Duration::from_secs(60)).await
+}
+
+/// RabbitMQ may make another consumer of a single-active-consumer queue active **without closing
+/// the first one's channel**: when the node of that channel loses sight of the queue's leader for
+/// a moment (`noconnection`), the leader returns the job and activates the next consumer, and when
+/// the nodes see each other again the first consumer simply waits in line; its replica is not told.
+/// Reproduced with `erlang:disconnect_node` on the leader's node (partition handling set to
+/// `ignore` for the phase, so no node pauses and closes its clients — that would tell the replica).
+/// The replaced replica must stop working the account by its next commit (it does not come back):
+/// `orderflow_fetch_ownership_lost_total` counts it, and no account stays held by two replicas.
+/// Before the fix the replaced replica went on fetching next to the new owner indefinitely.
+async fn a_silently_replaced_owner_stops_by_its_next_commit(
+    project: &Project,
+    management: &[(&str, String)],
+    url: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // A restarted node's management port was published anew.
+    let mut fresh = Vec::new();
+    for (node, _) in management {
+        fresh.push((*node, project.published(node, 15672).await?));
+    }
+    let management = &fresh;
+    let ns = unique_ns("stale");
+    let topology = orderflow_shared::amqp::Topology::new(ns.clone());
+    let accounts: Vec<String> = (1..=STALE_ACCOUNTS).map(|i| format!("m{i}")).collect();
+    // Every job queue declared first through rabbit-1 (a quorum queue's leader is the node that
+    // declares it), with the arguments the fetcher declares.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).no_proxy().build()?;
+    for account in &accounts {
+        let queue = topology.fetch_queue(account);
+        let body = json!({"durable": true, "auto_delete": false, "arguments": {
+            "x-queue-type": "quorum", "x-single-active-consumer": true,
+            "x-delivery-limit": orderflow_shared::amqp::topology::TERMINAL_DELIVERY_LIMIT}});
+        let resp = http
+            .put(format!("http://{}/api/queues/%2F/{queue}", management[0].1))
+            .basic_auth("orderflow", Some(PASSWORD))
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status().is_success(), "declaring {queue}: {}", resp.text().await?);
+    }
+    let mut options = StackOptions::new(url, &ns, &log_dir(&ns));
+    options.accounts = STALE_ACCOUNTS;
+    options.orders = 300;
+    options.fetchers = STALE_FETCHERS;
+    options.transformers = 0;
+    options.writers = 0;
+    options.rate_per_sec = 20;
+    options.rate_per_min = 1200;
+    options.env = vec![("FETCH_INTERVAL".into(), "1s".into()), ("FETCH_PASS_TIME".into(), "3s".into())];
+    let mut stack = orderflow_tests::Stack::start(options).await?;
+    let outcome = async {
+        let admins: Vec<_> = stack.replicas(Role::Fetcher).iter().filter_map(|p| p.admin).collect();
+        let sum = |name: &'static str| {
+            let admins = admins.clone();
+            async move {
+                let mut total = 0.0;
+                for admin in admins {
+                    total += metric(admin, name, None).await?;
+                }
+                anyhow::Ok(total)
+            }
+        };
+        let all = f64::from(STALE_ACCOUNTS);
+        wait_for("every account held once", Duration::from_secs(120), Duration::from_millis(500), || async {
+            let held = sum("orderflow_fetch_accounts_held").await?;
+            Ok(if held == all { Ok(()) } else { Err(format!("{held} held")) })
+        })
+        .await?;
+        // An account whose owner's channel lives on another node than its queue's leader (the
+        // management API shows consumers a few seconds late).
+        let (queue, leader, node, tag) = wait_for(
+            "an owner on another node than its queue's leader",
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            || async {
+                let mut seen = Vec::new();
+                for account in &accounts {
+                    let queue = topology.fetch_queue(account);
+                    let (leader, active) = job_queue(&management[0].1, &queue).await?;
+                    if let Some((node, tag)) = &active
+                        && !leader.is_empty()
+                        && *node != leader
+                    {
+                        return Ok(Ok((queue, leader, node.clone(), tag.clone())));
+                    }
+                    seen.push(format!("{account}: leader {leader}, active {active:?}"));
+                }
+                Ok(Err(seen.join("; ")))
+            },
+        )
+        .await?;
+        let short = |n: &str| n.trim_start_matches("rabbit@").to_string();
+        for (name, _) in management {
+            eval(project, name, "application:set_env(rabbit, cluster_partition_handling, ignore).").await?;
+        }
+        let lost_before = sum("orderflow_fetch_ownership_lost_total").await.unwrap_or(0.0);
+        let cut_at = Instant::now();
+        eval(project, &short(&leader), &format!("erlang:disconnect_node('{node}').")).await?;
+        // The broker switched the queue to another consumer (else the scenario did not happen).
+        let (new_node, new_tag) =
+            wait_for("another active consumer", Duration::from_secs(60), Duration::from_millis(250), || async {
+                Ok(match job_queue(&management[0].1, &queue).await {
+                    Ok((_, Some((n, t)))) if t != tag || n != node => Ok((n, t)),
+                    Ok(q) => Err(format!("{q:?}")),
+                    Err(e) => Err(format!("{e:#}")),
+                })
+            })
+            .await?;
+        let switched = cut_at.elapsed();
+        let lost =
+            wait_for("the replaced replica to notice", Duration::from_secs(60), Duration::from_millis(250), || async {
+                let lost = sum("orderflow_fetch_ownership_lost_total").await.unwrap_or(0.0);
+                let held = sum("orderflow_fetch_accounts_held").await?;
+                Ok(if lost > lost_before {
+                    Ok(lost - lost_before)
+                } else {
+                    Err(format!("{lost} ownership lost, {held} accounts held for {all}"))
+                })
+            })
+            .await?;
+        let noticed = cut_at.elapsed();
+        wait_for("every account held once again", Duration::from_secs(60), Duration::from_millis(500), || async {
+            let held = sum("orderflow_fetch_accounts_held").await?;
+            Ok(if held == all { Ok(()) } else { Err(format!("{held} held")) })
+        })
+        .await?;
+        // And it stays so: no account worked by two replicas.
+        let watch = Instant::now();
+        while watch.elapsed() < Duration::from_secs(15) {
+            let held = sum("orderflow_fetch_accounts_held").await?;
+            anyhow::ensure!(held <= all, "{held} accounts held for {all}: one is worked by two replicas");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        anyhow::ensure!(stack.exited().is_none(), "a fetcher exited: {:?}", stack.exited());
+        eprintln!(
+            "stale owner: {queue} (leader {leader}) was active on {node}; after disconnect_node the broker \
+             activated a consumer on {new_node} ({new_tag}) in {:.1}s; the replaced replica stopped \
+             ({lost} ownership lost) {:.1}s after the cut; phase took {:.1}s",
+            switched.as_secs_f64(),
+            noticed.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    stack.stop().await;
+    let _ = stack.delete_namespace().await;
     outcome
 }

@@ -739,3 +739,134 @@ async fn an_upgrade_keeps_the_checkpoint_left_in_the_old_job_queue() -> anyhow::
     teardown(stack).await;
     outcome
 }
+
+/// Two new replicas start together on a namespace an older version left: one of them is moving the
+/// old checkpoint (it holds the old queue's job, unacked) when the other opens the account. The
+/// second must neither seed a fresh job (its pass from the beginning would be fenced over the moved
+/// checkpoint, which is then lost) nor fail: it waits for the mover. Here the test is the mover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starting_while_another_moves_the_old_checkpoint_waits_for_it() -> anyhow::Result<()> {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use orderflow_shared::amqp::topology::{declare_queue, plain_quorum_queue};
+    let _heavy = heavy().await;
+    let ns = unique_ns("upgrade-race");
+    let mut options = fetch_only(&ns, 1, 500, 0);
+    options.amqp_url = broker_url().await;
+    let collector = PageCollector::start(&ns).await?;
+    let mut stack = Stack::start(options).await?;
+    let outcome = async {
+        let topology = orderflow_shared::amqp::Topology::new(ns.clone());
+        let (legacy, job_queue) = (topology.legacy_fetch_queue("m1"), topology.fetch_queue("m1"));
+        let connection = orderflow_shared::amqp::connect(&stack.broker_args(), "test-upgrade-race").await?;
+        let channel = connection.create_channel().await?;
+        declare_queue(&channel, &plain_quorum_queue(legacy.clone(), "old job queue")).await?;
+        let old = json!({"schema": orderflow_shared::messages::JOB_SCHEMA, "account": "m1", "seq": 7,
+            "cursor": {"mode": "start_ts", "start_ts": 9_000_000_000_i64}, "updated_at": "2026-12-01T00:00:00Z"});
+        publish(&connection, "", &legacy, "job:m1:7", old.to_string().as_bytes()).await?;
+        // The other replica reads the old job (unacked: it is moving it).
+        let mover = connection.create_channel().await?;
+        let held = mover.basic_get(legacy.as_str().into(), BasicGetOptions { no_ack: false }).await?;
+        anyhow::ensure!(held.is_some(), "the old job is there to move");
+
+        stack.spawn_stage(Role::Fetcher, 0).await?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        wait_for("the fetcher to open the account", Duration::from_secs(30), Duration::from_millis(100), || async {
+            let probe = connection.create_channel().await?;
+            Ok(match probe.queue_declare(job_queue.as_str().into(), passive, Default::default()).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("{e}")),
+            })
+        })
+        .await?;
+        // Time for a seed and a first pass, were the fetcher to start afresh.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The mover finishes: the job in the new queue, the old queue deleted.
+        publish(&connection, "", &job_queue, "migrated:m1:0:7", old.to_string().as_bytes()).await?;
+        mover.queue_delete(legacy.as_str().into(), QueueDeleteOptions::default()).await?;
+
+        let admin = stack.replicas(Role::Fetcher)[0].admin.expect("admin");
+        wait_for(
+            "passes from the moved checkpoint",
+            Duration::from_secs(60),
+            Duration::from_millis(250),
+            || async move {
+                let passes = metric(admin, "orderflow_fetch_passes_total", None).await?;
+                Ok(if passes >= 2.0 { Ok(()) } else { Err(format!("{passes} passes")) })
+            },
+        )
+        .await?;
+        let seen = collector.snapshot();
+        assert_eq!(seen.ids.len(), 0, "the fetcher started over instead of waiting for the moved checkpoint");
+        assert!(stack.exited().is_none(), "the fetcher exited: {:?}", stack.exited());
+        let _ = connection.close(200, "ok".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = collector.stop().await;
+    teardown(stack).await;
+    outcome
+}
+
+/// A source outage makes a pass last as long as the outage (its calls are retried). The job stays
+/// unacked meanwhile; past the broker's `consumer_timeout` the broker closes the ownership channel,
+/// and with it every account of the replica moves. With the broker's timeout at 10 s (checked
+/// every 2 s) and a 35 s outage: the fetcher keeps its broker session (a keep-alive commit beside
+/// the pass every `FETCH_KEEP_AFTER`), and after the outage every order is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_outage_longer_than_the_brokers_ack_timeout_keeps_the_ownership_channel() -> anyhow::Result<()> {
+    use orderflow_lab::alarms::ConsumerTimeout;
+    let _heavy = heavy().await;
+    let ns = unique_ns("outage");
+    let ack_timeout = ConsumerTimeout::set(&rabbitmqctl_command(), Duration::from_secs(10))?;
+    let mut options = fetch_only(&ns, 1, 2000, 1);
+    options.amqp_url = broker_url().await;
+    options.rate_per_sec = 20;
+    options.rate_per_min = 1200;
+    options.env.push(("FETCH_KEEP_AFTER".into(), "3s".into()));
+    let collector = PageCollector::start(&ns).await?;
+    let mut stack = Stack::start(options).await?;
+    let outcome = async {
+        let admin = stack.replicas(Role::Fetcher)[0].admin.expect("admin");
+        wait_for("a first pass", Duration::from_secs(60), Duration::from_millis(200), || async move {
+            let passes = metric(admin, "orderflow_fetch_passes_total", None).await?;
+            Ok(if passes >= 1.0 { Ok(()) } else { Err(format!("{passes} passes")) })
+        })
+        .await?;
+        stack.post_json(&format!("{}/admin/faults", stack.jst_url), &json!({"error_5xx_rate": 1.0})).await?;
+        // The outage: 3.5 times the broker's ack timeout.
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        // The broker's view: the job still held by its owner's consumer (a closed ownership channel
+        // would leave the job ready and the queue without a consumer; the replica would only notice
+        // at its next commit).
+        let job_queue = orderflow_shared::amqp::Topology::new(ns.clone()).fetch_queue("m1");
+        let connection = orderflow_shared::amqp::connect(&stack.broker_args(), "test-outage").await?;
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = connection.create_channel().await?.queue_declare(job_queue.as_str().into(), passive, Default::default()).await?;
+        let _ = connection.close(200, "ok".into()).await;
+        let reconnects = metric(admin, "orderflow_broker_reconnects_total", None).await?;
+        let failed = metric(admin, "orderflow_fetch_requests_total", Some("http_5xx")).await.unwrap_or(0.0);
+        stack.post_json(&format!("{}/admin/faults", stack.jst_url), &json!({})).await?;
+        eprintln!(
+            "outage: {failed} calls answered 5xx; job queue: {} consumer(s), {} ready; fetcher broker reconnects: {reconnects}",
+            q.consumer_count(),
+            q.message_count()
+        );
+        anyhow::ensure!(failed >= 3.0, "the outage reached the fetcher: {failed} calls answered 5xx");
+        anyhow::ensure!(
+            q.consumer_count() == 1 && q.message_count() == 0,
+            "the broker took the job back from its owner during the outage ({} consumers, {} ready): \
+             it closed the ownership channel",
+            q.consumer_count(),
+            q.message_count()
+        );
+        anyhow::ensure!(reconnects == 0.0, "the broker closed the fetcher's channel {reconnects} times");
+        wait_all_published(&stack, &collector, Duration::from_secs(120)).await?;
+        assert!(stack.exited().is_none(), "the fetcher exited: {:?}", stack.exited());
+        anyhow::Ok(())
+    }
+    .await;
+    drop(ack_timeout);
+    let _ = collector.stop().await;
+    teardown(stack).await;
+    outcome
+}

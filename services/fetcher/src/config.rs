@@ -87,6 +87,12 @@ pub struct Config {
     /// How often a replica tries to take over accounts nobody holds.
     #[arg(long, env = "FETCH_LOCK_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub lock_retry: Duration,
+    /// A job held unacked this long is committed again, also in the middle of a pass (a source
+    /// outage can make one last hours): the broker's consumer_timeout (30 min by default) must
+    /// never close the channel all of a replica's accounts live on, and a replica the broker has
+    /// silently replaced notices it by then at the latest. Keep it well under consumer_timeout.
+    #[arg(long, env = "FETCH_KEEP_AFTER", default_value = "5m", value_parser = parse_keep_after)]
+    pub keep_after: Duration,
     /// Modified windows close this long before now, so late commits land inside a later window.
     #[arg(long, env = "FETCH_WINDOW_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub window_delay: Duration,
@@ -106,6 +112,15 @@ pub struct Config {
 }
 
 /// A share of a budget: `10%` or `0.1`, above 0 and at most 1.
+/// FETCH_KEEP_AFTER: a duration of at least one second (the broker must see a commit come back).
+pub fn parse_keep_after(text: &str) -> Result<Duration, String> {
+    let keep = parse_duration(text)?;
+    if keep < Duration::from_secs(1) {
+        return Err(format!("{text:?} is too short: at least 1s (and well under the broker's consumer_timeout)"));
+    }
+    Ok(keep)
+}
+
 pub fn parse_share(text: &str) -> Result<f64, String> {
     let t = text.trim();
     let value = match t.strip_suffix('%') {

@@ -70,6 +70,11 @@ impl fmt::Debug for Tokens {
 pub struct Job {
     pub schema: String,
     pub account: String,
+    /// Raised by each replica that takes the account over (its fence, see
+    /// `orderflow_shared::amqp::lease`): a job of an older epoch never wins, whatever its `seq`.
+    /// Jobs of versions before it read as epoch 0.
+    #[serde(default)]
+    pub epoch: u64,
     /// Increases by one per committed pass; the highest wins when duplicates exist.
     pub seq: u64,
     pub cursor: Cursor,
@@ -89,6 +94,7 @@ impl Job {
         Job {
             schema: JOB_SCHEMA.to_string(),
             account: account.to_string(),
+            epoch: 0,
             seq: 0,
             cursor,
             tokens: None,
@@ -126,6 +132,7 @@ impl Job {
         Job {
             schema: JOB_SCHEMA.to_string(),
             account: self.account.clone(),
+            epoch: self.epoch,
             seq: self.seq + 1,
             cursor,
             tokens: tokens.or_else(|| self.tokens.clone()),
@@ -133,6 +140,16 @@ impl Job {
             updated_at: jiff::Timestamp::now().to_string(),
             orders_total: self.orders_total + orders,
         }
+    }
+
+    /// The job a new owner commits first: this one with the epoch raised (see `epoch`).
+    pub fn fenced(&self) -> Self {
+        Job { epoch: self.epoch + 1, updated_at: jiff::Timestamp::now().to_string(), ..self.clone() }
+    }
+
+    /// Its rank among the account's jobs: `(epoch, seq)`, higher is newer.
+    pub fn rank(&self) -> (u64, u64) {
+        (self.epoch, self.seq)
     }
 
     pub fn parse(body: &[u8]) -> Result<Job, String> {
@@ -146,7 +163,7 @@ impl Job {
 
 /// Of several jobs found for one account, the one to continue from.
 pub fn newest(jobs: impl IntoIterator<Item = Job>) -> Option<Job> {
-    jobs.into_iter().max_by_key(|j| j.seq)
+    jobs.into_iter().max_by_key(Job::rank)
 }
 
 #[cfg(test)]
@@ -162,6 +179,21 @@ mod tests {
         assert_eq!(best.seq, 2);
         assert_eq!(best.cursor.start_ts, Some(30));
         assert_eq!(best.orders_total, 10);
+    }
+
+    #[test]
+    fn a_fenced_job_outranks_whatever_the_stale_owner_commits_later() {
+        let held = Job::new("acme", Cursor::start_ts(10)).next(Cursor::start_ts(20), None, 5);
+        let fence = held.fenced();
+        assert_eq!((fence.epoch, fence.seq, fence.cursor.clone()), (1, 1, held.cursor.clone()));
+        // The stale owner goes on from `held`: its commits keep epoch 0 however far they get.
+        let stale = held.next(Cursor::start_ts(30), None, 5).next(Cursor::start_ts(40), None, 5);
+        let ours = fence.next(Cursor::start_ts(25), None, 1);
+        assert_eq!(newest(vec![stale.clone(), fence.clone()]), Some(fence));
+        assert_eq!(newest(vec![stale, ours.clone()]), Some(ours));
+        // A job written before epochs existed reads as epoch 0.
+        let old = br#"{"schema":"orderflow.job.v1","account":"acme","seq":7,"cursor":{"mode":"start_ts","start_ts":5},"updated_at":"x"}"#;
+        assert_eq!(Job::parse(old).map(|j| j.rank()), Ok((0, 7)));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::{
     client::{Credentials, JstClient},
     config::Config,
     job::{Cursor, CursorMode, Job},
-    lease::Lease,
+    lease::{Lease, LostOwnership},
     metrics::Metrics,
     pass::{PassContext, PassError, PassSettings},
     request_config::CursorKind,
@@ -284,19 +284,30 @@ impl AccountWorker {
         let topology = &self.shared.topology;
         let mut lease = Lease::open(&self.owner, &self.connection, &self.commits, topology, initial).await?;
         loop {
-            let job = tokio::select! {
+            tokio::select! {
                 _ = self.token.cancelled() => return Ok(()),
-                job = lease.acquire() => job?,
-            };
+                acquired = lease.acquire() => acquired?,
+            }
             if !self.shared.take_slot() {
                 // This replica holds its fair share: the next replica in line takes the account.
-                lease.release().await?;
-                if !self.sleep(retry).await {
+                if !self.requeue(&mut lease, retry).await? {
                     return Ok(());
                 }
-                lease.subscribe().await?;
                 continue;
             }
+            // Fence before the first call: whatever an earlier owner still commits ranks below.
+            let job = match lease.fence(&self.commits).await {
+                Ok(job) => job,
+                Err(error) if error.is::<LostOwnership>() => {
+                    self.shared.drop_slot();
+                    tracing::warn!(message = "Not the account's owner after all; queueing again.", account = %name, %error);
+                    if !self.requeue(&mut lease, retry).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             self.shared.metrics.held.inc();
             tracing::info!(message = "Holding account.", account = %name, seq = job.seq);
             // The previous holder may have called a moment ago: leave one call's spacing first,
@@ -307,23 +318,43 @@ impl AccountWorker {
                 Ok(Holding::Shutdown)
             };
             self.shared.metrics.held.dec();
-            match outcome? {
-                Holding::Released => {
-                    lease.release().await?;
+            match outcome {
+                Ok(Holding::Released) => {
                     // Let a less loaded replica take it before queueing for it again.
-                    if !self.sleep(retry * 3).await {
+                    if !self.requeue(&mut lease, retry * 3).await? {
                         return Ok(());
                     }
-                    lease.subscribe().await?;
                 }
-                Holding::Shutdown => {
+                Ok(Holding::Shutdown) => {
                     self.shared.drop_slot();
                     // Hand the job back now rather than when the connection closes.
                     let _ = lease.release().await;
                     return Ok(());
                 }
+                // The broker gave the account to another replica without closing our channel:
+                // whatever this replica was doing stops here (nothing of it was committed).
+                Err(error) if error.is::<LostOwnership>() => {
+                    self.shared.drop_slot();
+                    self.shared.metrics.ownership_lost.inc();
+                    tracing::warn!(message = "Lost the account to another replica; stopped working it.", account = %name, %error);
+                    if !self.requeue(&mut lease, retry).await? {
+                        return Ok(());
+                    }
+                }
+                Err(error) => return Err(error),
             }
         }
+    }
+
+    /// Hands the account on (returns what is held) and queues for it again after `wait`; `false`
+    /// on shutdown.
+    async fn requeue(&self, lease: &mut Lease, wait: Duration) -> anyhow::Result<bool> {
+        lease.release().await?;
+        if !self.sleep(wait).await {
+            return Ok(false);
+        }
+        lease.subscribe().await?;
+        Ok(true)
     }
 
     fn mode(&self) -> CursorMode {
@@ -350,7 +381,28 @@ impl AccountWorker {
             }
             sweeper.begin(&job);
             let (mut credentials, store) = self.credentials_for(&job);
-            let outcome = self.run_pass(&job, mode, &mut credentials, sweeping, fresh_until).await;
+            let mut kept = None;
+            let outcome = {
+                let pass = self.run_pass(&job, mode, &mut credentials, sweeping, fresh_until);
+                tokio::pin!(pass);
+                // A pass has no end while the source is down (calls are retried): keep the job
+                // alive beside it, and stop it at once if the broker gave the account away.
+                loop {
+                    let due = self.shared.config.keep_after.saturating_sub(lease.held_for());
+                    tokio::select! {
+                        outcome = &mut pass => break outcome,
+                        _ = tokio::time::sleep(due) => {
+                            let base: &Job = kept.as_ref().unwrap_or(&job);
+                            let alive = base.next(base.cursor.clone(), None, 0);
+                            lease.commit(&self.commits, &alive).await?;
+                            kept = Some(alive);
+                        }
+                    }
+                }
+            };
+            if let Some(alive) = kept {
+                job = alive;
+            }
             *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
             let result = match outcome {
                 Ok(result) => result,
@@ -396,17 +448,17 @@ impl AccountWorker {
             if left.is_zero() {
                 return Ok(true);
             }
-            if !self.sleep(left.min(KEEP_AFTER)).await {
+            if !self.sleep(left.min(self.shared.config.keep_after)).await {
                 return Ok(false);
             }
             self.keep(lease, job).await?;
         }
     }
 
-    /// Re-commits the job when it has been held unacked for `KEEP_AFTER`, so the broker's
+    /// Re-commits the job when it has been held unacked for `FETCH_KEEP_AFTER`, so the broker's
     /// `consumer_timeout` never closes the channel every account's consumer lives on.
     async fn keep(&self, lease: &mut Lease, job: &mut Job) -> anyhow::Result<()> {
-        if lease.held_for() >= KEEP_AFTER {
+        if lease.held_for() >= self.shared.config.keep_after {
             *job = job.next(job.cursor.clone(), None, 0);
             lease.commit(&self.commits, job).await?;
         }
@@ -687,10 +739,6 @@ enum Holding {
 
 /// How often a stopped account looks for new credentials in the accounts file.
 const STOPPED_RECHECK: Duration = Duration::from_secs(15);
-
-/// A job held unacked this long is committed again (RabbitMQ's `consumer_timeout` is 30 min by
-/// default and would close the channel every account's consumer lives on).
-const KEEP_AFTER: Duration = Duration::from_secs(300);
 
 enum Refreshed {
     /// Refreshed and committed; a code 100 before this instant means the new pair is bad.

@@ -1,7 +1,7 @@
 //! The fetcher's Prometheus metrics (labels: account, outcome — all low-cardinality).
 
 use orderflow_shared::{amqp::BrokerMetrics, metrics::Register};
-use prometheus::{CounterVec, Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use prometheus::{CounterVec, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -20,6 +20,9 @@ pub struct Metrics {
     pub stopped: IntGaugeVec,
     /// Accounts this replica holds now.
     pub held: IntGauge,
+    /// Accounts this replica stopped working because the broker gave them to another replica
+    /// without closing its channel (a commit did not come back).
+    pub ownership_lost: IntCounter,
     pub broker: BrokerMetrics,
     /// Unix time of the last successful page publish.
     pub last_publish: Gauge,
@@ -73,6 +76,10 @@ impl Metrics {
                 ACCOUNT,
             ),
             held: r.gauge("orderflow_fetch_accounts_held", "Accounts this replica is fetching now."),
+            ownership_lost: r.counter(
+                "orderflow_fetch_ownership_lost_total",
+                "Accounts this replica stopped working because a commit did not come back (another replica owns them).",
+            ),
             broker: BrokerMetrics::register(&registry),
             last_publish: r.float_gauge(
                 "orderflow_fetch_last_publish_timestamp_seconds",

@@ -9,8 +9,19 @@
 //! while it fetches; a commit publishes the next job (confirmed, on the ownership channel itself)
 //! into the same queue — it comes back to the owner, still the active consumer — and only then acks
 //! what it replaces. A replica whose owner channel died (a stale owner: the job went back and
-//! another replica may hold it now) can neither publish nor ack there, so its commits fail, its
-//! reads are undone and the newest job (highest rank) wins.
+//! another replica may hold it now) can neither publish nor ack there, so its commits fail.
+//!
+//! The broker may also make another consumer active **without closing this replica's channel**
+//! (a cluster node that lost sight of the queue's leader for a moment: the leader returns the job
+//! and activates the next consumer; newer brokers' queue-level delivery timeouts do the same). Two
+//! rules keep such a stale owner from ever committing:
+//! - **Fencing.** Jobs are ranked by `(epoch, seq)`. A replica that becomes the owner first commits
+//!   a fence: the newest job with its epoch raised ([`Lease::fence`]). Whatever a stale owner
+//!   commits afterwards carries the old epoch, ranks below the fence, and is acked away unread by
+//!   the real owner.
+//! - **Echo.** Every commit must come back to its publisher (matched by message id) within
+//!   [`ECHO_WAIT`]; when it does not, the broker delivers this queue to someone else: the commit
+//!   reports [`Ownership::Lost`] and the caller stops working the account and queues again.
 //!
 //! Handing an account over ([`Lease::release`]) cancels this replica's consumer and returns the job
 //! to the queue: the next waiting consumer becomes active and receives it. A replica subscribes
@@ -40,8 +51,8 @@ use lapin::{
 
 use super::{
     Publisher, Topology,
-    headers::json_properties,
-    is_resource_locked, soft_error,
+    headers::{json_properties, message_id},
+    is_not_found, is_resource_locked, soft_error,
     topology::{declare_queue, fetch_job_queue, plain_quorum_queue},
 };
 
@@ -55,11 +66,25 @@ pub type Error = lapin::Error;
 const PREFETCH: u16 = 16;
 /// Job messages read at most from a queue kept by an older version.
 const MAX_LEGACY: usize = 1000;
-/// How long a commit waits for its job to come back before going on (it is acked later).
-const ECHO_WAIT: Duration = Duration::from_secs(5);
+/// How long a commit waits for its job to come back; past it, this replica is no longer the
+/// queue's active consumer (or the broker is too slow to tell): ownership is given up.
+pub const ECHO_WAIT: Duration = Duration::from_secs(10);
 
-/// Ranks a job message: higher is newer; `None` is not a job of this account (dropped).
-pub type Rank = Box<dyn Fn(&[u8]) -> Option<u64> + Send + Sync>;
+/// A job's rank, `(epoch, seq)`: higher is newer. The epoch rises when an owner takes over (see
+/// [`Lease::fence`]), the seq with every commit.
+pub type Ranked = (u64, u64);
+
+/// Ranks a job message; `None` is not a job of this account (dropped).
+pub type Rank = Box<dyn Fn(&[u8]) -> Option<Ranked> + Send + Sync>;
+
+/// Whether a commit came back to this replica (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// The job came back: this replica still owns the account.
+    Held,
+    /// It did not come back within [`ECHO_WAIT`]: another consumer receives this queue.
+    Lost,
+}
 
 /// This replica's ownership channel for one broker session: every account's job consumer lives on
 /// it, so an account costs no channel of its own. Cheap to clone.
@@ -125,9 +150,20 @@ impl Owner {
 /// Times a probe for an old job queue is tried (see [`Owner::legacy_exists`]).
 const PROBES: u32 = 3;
 
+/// What opening found of an older version's job queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Migration {
+    /// None: the account starts from its initial job.
+    NoOldQueue,
+    /// Its job was moved here (by this replica or another).
+    Moved,
+}
+
 struct Held {
     tag: u64,
-    rank: u64,
+    rank: Ranked,
+    /// The publisher's message id (how a commit recognises its own job coming back).
+    id: String,
     data: Vec<u8>,
     /// When it was delivered (the broker's `consumer_timeout` counts from there).
     at: Instant,
@@ -146,7 +182,8 @@ pub struct Lease {
 impl Lease {
     /// Declares the account's job queue and, when it is new (no job ready and no consumer), fills
     /// it: with the newest job an older version left in its job queue (that queue is then
-    /// deleted), else with `initial()`. Does not subscribe yet.
+    /// deleted), else with `initial()`. Never seeds while an old job queue still exists (another
+    /// replica may be moving its checkpoint). Does not subscribe yet.
     pub async fn open(
         owner: &Owner,
         connection: &Connection,
@@ -161,8 +198,7 @@ impl Lease {
         let lease = Lease { channel: owner.channel.clone(), queue, rank, consumer: None, held: Vec::new() };
         if declared.message_count() == 0 && declared.consumer_count() == 0 {
             let legacy = topology.legacy_fetch_queue(account);
-            let migrated = lease.migrate(owner, connection, publisher, &legacy).await?;
-            if !migrated {
+            if lease.migrate(owner, connection, publisher, &legacy).await? == Migration::NoOldQueue {
                 let (id, body) = initial();
                 lease.publish(publisher, &id, &body).await?;
             }
@@ -171,41 +207,89 @@ impl Lease {
     }
 
     /// Moves the newest job of an older version's job queue into this one (confirmed), then
-    /// deletes the old queue. `false`: there was no such queue or no job in it.
+    /// deletes the old queue. Safe when several replicas start together: each moves what it read
+    /// (the newest wins by rank), a queue deleted under a reader means another replica moved it,
+    /// and a reader that finds the old queue empty while it still exists waits for the replica
+    /// that holds its job to finish (or deletes it, when it stays empty).
     async fn migrate(
         &self,
         owner: &Owner,
         connection: &Connection,
         publisher: &Publisher,
         legacy: &str,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Migration> {
         if !owner.legacy_exists(connection, legacy).await? {
-            return Ok(false);
+            return Ok(Migration::NoOldQueue);
         }
         let channel = connection.create_channel().await?;
-        let mut newest: Option<(u64, Vec<u8>)> = None;
+        let mut newest: Option<(Ranked, Vec<u8>)> = None;
         let mut read = 0;
-        while read < MAX_LEGACY
-            && let Some(message) = channel.basic_get(legacy.into(), BasicGetOptions { no_ack: false }).await?
-        {
-            read += 1;
-            let data = message.delivery.data;
-            if let Some(rank) = (self.rank)(&data)
-                && newest.as_ref().is_none_or(|(best, _)| rank > *best)
-            {
-                newest = Some((rank, data));
+        loop {
+            if read >= MAX_LEGACY {
+                break;
+            }
+            match channel.basic_get(legacy.into(), BasicGetOptions { no_ack: false }).await {
+                Ok(Some(message)) => {
+                    read += 1;
+                    let data = message.delivery.data;
+                    if let Some(rank) = (self.rank)(&data)
+                        && newest.as_ref().is_none_or(|(best, _)| rank > *best)
+                    {
+                        newest = Some((rank, data));
+                    }
+                }
+                Ok(None) => break,
+                // Deleted under us: another replica moved it (what we read went with it, and
+                // that replica published its newest; ours follows, the higher rank wins).
+                Err(error) if is_not_found(&error) => break,
+                Err(error) => return Err(error.into()),
             }
         }
         let Some((rank, body)) = newest else {
             let _ = channel.close(200, "nothing to migrate".into()).await;
-            return Ok(false);
+            return self.wait_for_other_mover(owner, connection, legacy).await;
         };
-        self.publish(publisher, &format!("migrated:{}:{rank}", self.queue), &body).await?;
-        // Only a replica that moved the job deletes the old queue (what it read goes with it).
-        channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await?;
-        let _ = channel.close(200, "migrated".into()).await;
+        self.publish(publisher, &format!("migrated:{}:{}:{}", self.queue, rank.0, rank.1), &body).await?;
+        // Only a replica that moved a job deletes the old queue (what it read goes with it).
+        match channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await {
+            Ok(_) => {
+                let _ = channel.close(200, "migrated".into()).await;
+            }
+            Err(error) if is_not_found(&error) => {}
+            Err(error) => return Err(error.into()),
+        }
         tracing::info!(message = "Moved an account's checkpoint from the old job queue.", from = legacy, to = %self.queue);
-        Ok(true)
+        Ok(Migration::Moved)
+    }
+
+    /// The old queue exists but gave nothing: another replica holds its job while moving it. Waits
+    /// for that replica to delete it; an old queue that stays empty (it never held a job) is
+    /// deleted here and the account starts afresh.
+    async fn wait_for_other_mover(
+        &self,
+        owner: &Owner,
+        connection: &Connection,
+        legacy: &str,
+    ) -> anyhow::Result<Migration> {
+        let deadline = Instant::now() + ECHO_WAIT;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !owner.legacy_exists(connection, legacy).await? {
+                return Ok(Migration::Moved);
+            }
+        }
+        let channel = connection.create_channel().await?;
+        let options = QueueDeleteOptions { if_empty: true, ..QueueDeleteOptions::default() };
+        match channel.queue_delete(legacy.into(), options).await {
+            Ok(_) => {
+                let _ = channel.close(200, "empty old job queue".into()).await;
+                tracing::warn!(message = "The old job queue held no job; starting the account afresh.", queue = legacy);
+                Ok(Migration::NoOldQueue)
+            }
+            Err(error) if is_not_found(&error) => Ok(Migration::Moved),
+            Err(error) => Err(anyhow::Error::from(error)
+                .context(format!("{legacy}: an old job queue kept messages nobody could read"))),
+        }
     }
 
     async fn publish(&self, publisher: &Publisher, id: &str, body: &[u8]) -> anyhow::Result<()> {
@@ -231,7 +315,8 @@ impl Lease {
     }
 
     /// Waits until the broker makes this replica the account's owner (its consumer receives the
-    /// job) and returns the newest job. Cancel-safe: a delivery received is kept.
+    /// job) and returns the newest job. Cancel-safe: a delivery received is kept. The caller then
+    /// [`fence`](Self::fence)s it before working the account.
     pub async fn acquire(&mut self) -> anyhow::Result<Vec<u8>> {
         loop {
             if let Some(newest) = self.settle().await? {
@@ -242,21 +327,85 @@ impl Lease {
         }
     }
 
-    /// Publishes `body` (confirmed) as the account's job, waits (briefly) for it to come back to
-    /// this consumer, and acks the jobs it replaces.
-    pub async fn commit(&mut self, publisher: &Publisher, id: &str, body: &[u8]) -> anyhow::Result<()> {
+    /// Takes over the account for good: commits `fence(newest)` — the newest job with a higher
+    /// epoch — so whatever an earlier owner may still commit ranks below it. When a newer job of
+    /// that owner turns up before the fence comes back, fences that one instead (its progress and
+    /// tokens are kept). Returns the fence's bytes, or `None` when this replica turned out not to
+    /// be the active consumer ([`Ownership::Lost`]).
+    pub async fn fence(
+        &mut self,
+        publisher: &Publisher,
+        fence: impl Fn(&[u8]) -> anyhow::Result<(String, Vec<u8>)>,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
+        loop {
+            let Some(base) = self.newest() else {
+                anyhow::bail!("{}: fence without a job held", self.queue);
+            };
+            let (id, body) = fence(&base.2)?;
+            let (ownership, earlier) = self.publish_and_echo(publisher, &id, &body).await?;
+            if ownership == Ownership::Lost {
+                return Ok(None);
+            }
+            // A newer job of the old epoch arrived while fencing: fence from it instead.
+            if let Some(newer) = earlier.into_iter().filter(|(rank, _)| *rank > base.0).max() {
+                tracing::info!(message = "A newer job arrived while taking over; fencing it.", queue = %self.queue, epoch = newer.0.0, seq = newer.0.1);
+                // Our fence is superseded: take it out of the queue again.
+                for echo in self.held.iter().filter(|h| h.id == id) {
+                    self.channel.basic_ack(echo.tag, BasicAckOptions::default()).await?;
+                }
+                self.held.retain(|h| h.id != id);
+                continue;
+            }
+            self.settle().await?;
+            return Ok(Some(body));
+        }
+    }
+
+    /// Publishes `body` (confirmed) as the account's job, waits for it to come back to this
+    /// consumer, and acks the jobs it replaces. [`Ownership::Lost`] when it does not come back
+    /// within [`ECHO_WAIT`]: another consumer is active; the caller must stop working the account
+    /// and [`release`](Self::release) it.
+    pub async fn commit(&mut self, publisher: &Publisher, id: &str, body: &[u8]) -> anyhow::Result<Ownership> {
+        let (ownership, _) = self.publish_and_echo(publisher, id, body).await?;
+        if ownership == Ownership::Held {
+            self.settle().await?;
+        }
+        Ok(ownership)
+    }
+
+    /// Publishes a job and waits for it to come back; also returns the (rank, tag) of every job
+    /// that arrived before it.
+    async fn publish_and_echo(
+        &mut self,
+        publisher: &Publisher,
+        id: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(Ownership, Vec<(Ranked, u64)>)> {
         let last_tag = self.held.iter().map(|h| h.tag).max().unwrap_or(0);
         self.publish(publisher, id, body).await?;
         let deadline = tokio::time::Instant::now() + ECHO_WAIT;
-        while !self.held.iter().any(|h| h.tag > last_tag) {
+        loop {
+            let arrived = self.held.iter().filter(|h| h.tag > last_tag);
+            if arrived.clone().any(|h| h.id == id) {
+                let earlier = arrived.filter(|h| h.id != id).map(|h| (h.rank, h.tag)).collect();
+                return Ok((Ownership::Held, earlier));
+            }
             match tokio::time::timeout_at(deadline, self.next_delivery()).await {
                 Ok(delivery) => self.take(delivery?).await?,
-                // Not back yet: it is acked with the next commit.
-                Err(_) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        message = "A commit did not come back: another replica receives this job queue now.",
+                        queue = %self.queue, waited_s = ECHO_WAIT.as_secs(),
+                    );
+                    return Ok((Ownership::Lost, Vec::new()));
+                }
             }
         }
-        self.settle().await?;
-        Ok(())
+    }
+
+    /// The newest job held: (rank, tag, bytes).
+    fn newest(&self) -> Option<(Ranked, u64, Vec<u8>)> {
+        self.held.iter().max_by_key(|h| (h.rank, h.tag)).map(|h| (h.rank, h.tag, h.data.clone()))
     }
 
     /// How long the oldest job delivery held has been unacked (`None` when none is).
@@ -271,7 +420,14 @@ impl Lease {
             self.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await?;
             // Deliveries that crossed the cancel are ours to return too.
             while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
-                self.held.push(Held { tag: delivery.delivery_tag, rank: 0, data: Vec::new(), at: Instant::now() });
+                let at = Instant::now();
+                self.held.push(Held {
+                    tag: delivery.delivery_tag,
+                    rank: (0, 0),
+                    id: String::new(),
+                    data: Vec::new(),
+                    at,
+                });
             }
         }
         for held in std::mem::take(&mut self.held) {
@@ -299,7 +455,8 @@ impl Lease {
             match (self.rank)(&delivery.data) {
                 Some(rank) => {
                     let at = Instant::now();
-                    self.held.push(Held { tag: delivery.delivery_tag, rank, data: delivery.data, at });
+                    let id = message_id(&delivery.properties);
+                    self.held.push(Held { tag: delivery.delivery_tag, rank, id, data: delivery.data, at });
                 }
                 None => {
                     tracing::warn!(message = "Dropping a message that is not a job of this account.", queue = %self.queue);
