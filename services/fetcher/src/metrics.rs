@@ -152,6 +152,11 @@ mod tests {
             ("orderflow_fetch_cursor_lag_seconds", "Now minus the time up to which the account is fully read.", GAUGE),
             ("orderflow_fetch_last_publish_timestamp_seconds", "Unix time of the last confirmed page publish.", GAUGE),
             ("orderflow_fetch_orders_total", "Orders fetched and published, by account.", COUNTER),
+            (
+                "orderflow_fetch_ownership_lost_total",
+                "Accounts this replica stopped working because a commit did not come back (another replica owns them).",
+                COUNTER,
+            ),
             ("orderflow_fetch_pages_total", "Pages published (confirmed), by account.", COUNTER),
             ("orderflow_fetch_passes_total", "Fetch passes by account and result.", COUNTER),
             ("orderflow_fetch_requests_total", "Jushuitan API calls by account and outcome.", COUNTER),
