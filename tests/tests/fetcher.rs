@@ -870,3 +870,39 @@ async fn a_source_outage_longer_than_the_brokers_ack_timeout_keeps_the_ownership
     teardown(stack).await;
     outcome
 }
+
+/// An old job queue that exists but holds no job (an old fetcher that never seeded it, or an
+/// operator's purge): after waiting for a mover that never comes, the new fetcher deletes it and
+/// starts the account afresh. RabbitMQ refuses an `if-empty` delete of a quorum queue with a
+/// connection error (540): a fetcher that tried it lost its whole connection on every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_old_job_queue_is_deleted_and_the_account_starts_afresh() -> anyhow::Result<()> {
+    use orderflow_shared::amqp::topology::{declare_queue, plain_quorum_queue};
+    let _heavy = heavy().await;
+    let ns = unique_ns("upgrade-empty");
+    let mut options = fetch_only(&ns, 1, 300, 0);
+    options.amqp_url = broker_url().await;
+    let collector = PageCollector::start(&ns).await?;
+    let mut stack = Stack::start(options).await?;
+    let outcome = async {
+        let legacy = orderflow_shared::amqp::Topology::new(ns.clone()).legacy_fetch_queue("m1");
+        let connection = orderflow_shared::amqp::connect(&stack.broker_args(), "test-upgrade-empty").await?;
+        declare_queue(&connection.create_channel().await?, &plain_quorum_queue(legacy.clone(), "old job queue"))
+            .await?;
+        stack.spawn_stage(Role::Fetcher, 0).await?;
+        wait_all_published(&stack, &collector, Duration::from_secs(90)).await?;
+        let admin = stack.replicas(Role::Fetcher)[0].admin.expect("admin");
+        let reconnects = metric(admin, "orderflow_broker_reconnects_total", None).await?;
+        anyhow::ensure!(reconnects == 0.0, "the fetcher lost its broker session {reconnects} times");
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let gone =
+            connection.create_channel().await?.queue_declare(legacy.as_str().into(), passive, Default::default()).await;
+        assert!(gone.as_ref().is_err_and(orderflow_shared::amqp::is_not_found), "the old job queue is still there");
+        let _ = connection.close(200, "ok".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = collector.stop().await;
+    teardown(stack).await;
+    outcome
+}

@@ -99,6 +99,12 @@ impl Lease {
         self.inner.held_for().unwrap_or_default()
     }
 
+    /// After [`LostOwnership`]: returns what is held without leaving the line (the active
+    /// consumer, maybe this replica again, takes over from the newest job).
+    pub async fn give_back(&mut self) -> anyhow::Result<()> {
+        Ok(self.inner.give_back().await?)
+    }
+
     /// Gives the account up: the next replica in line receives the job.
     pub async fn release(&mut self) -> anyhow::Result<()> {
         Ok(self.inner.release().await?)

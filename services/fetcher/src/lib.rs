@@ -300,10 +300,8 @@ impl AccountWorker {
                 Ok(job) => job,
                 Err(error) if error.is::<LostOwnership>() => {
                     self.shared.drop_slot();
-                    tracing::warn!(message = "Not the account's owner after all; queueing again.", account = %name, %error);
-                    if !self.requeue(&mut lease, retry).await? {
-                        return Ok(());
-                    }
+                    tracing::warn!(message = "Not the account's owner after all; waiting in line again.", account = %name, %error);
+                    lease.give_back().await?;
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -337,9 +335,9 @@ impl AccountWorker {
                     self.shared.drop_slot();
                     self.shared.metrics.ownership_lost.inc();
                     tracing::warn!(message = "Lost the account to another replica; stopped working it.", account = %name, %error);
-                    if !self.requeue(&mut lease, retry).await? {
-                        return Ok(());
-                    }
+                    // Stay in line (no cancel): if the broker makes this replica active again it
+                    // takes over from the newest job, fenced.
+                    lease.give_back().await?;
                 }
                 Err(error) => return Err(error),
             }

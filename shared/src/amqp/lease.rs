@@ -224,6 +224,7 @@ impl Lease {
         let channel = connection.create_channel().await?;
         let mut newest: Option<(Ranked, Vec<u8>)> = None;
         let mut read = 0;
+        let mut deleted = false;
         loop {
             if read >= MAX_LEGACY {
                 break;
@@ -241,15 +242,26 @@ impl Lease {
                 Ok(None) => break,
                 // Deleted under us: another replica moved it (what we read went with it, and
                 // that replica published its newest; ours follows, the higher rank wins).
-                Err(error) if is_not_found(&error) => break,
+                Err(error) if is_not_found(&error) => {
+                    deleted = true;
+                    break;
+                }
                 Err(error) => return Err(error.into()),
             }
         }
         let Some((rank, body)) = newest else {
+            if deleted {
+                return Ok(Migration::Moved);
+            }
             let _ = channel.close(200, "nothing to migrate".into()).await;
             return self.wait_for_other_mover(owner, connection, legacy).await;
         };
         self.publish(publisher, &format!("migrated:{}:{}:{}", self.queue, rank.0, rank.1), &body).await?;
+        if deleted {
+            // The 404 closed that channel; the replica that deleted the queue moved its job too.
+            tracing::info!(message = "Moved an account's checkpoint from the old job queue.", from = legacy, to = %self.queue);
+            return Ok(Migration::Moved);
+        }
         // Only a replica that moved a job deletes the old queue (what it read goes with it).
         match channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await {
             Ok(_) => {
@@ -263,8 +275,9 @@ impl Lease {
     }
 
     /// The old queue exists but gave nothing: another replica holds its job while moving it. Waits
-    /// for that replica to delete it; an old queue that stays empty (it never held a job) is
-    /// deleted here and the account starts afresh.
+    /// for that replica to delete it; an old queue that stays without a ready job (it never held
+    /// one) is deleted here and the account starts afresh. (Quorum queues refuse `if-empty`
+    /// deletes with a connection error: the queue is looked at first, then deleted.)
     async fn wait_for_other_mover(
         &self,
         owner: &Owner,
@@ -279,16 +292,24 @@ impl Lease {
             }
         }
         let channel = connection.create_channel().await?;
-        let options = QueueDeleteOptions { if_empty: true, ..QueueDeleteOptions::default() };
-        match channel.queue_delete(legacy.into(), options).await {
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let state = match channel.queue_declare(legacy.into(), passive, FieldTable::default()).await {
+            Ok(state) => state,
+            Err(error) if is_not_found(&error) => return Ok(Migration::Moved),
+            Err(error) => return Err(error.into()),
+        };
+        if state.message_count() > 0 {
+            // Its job came back (a mover that crashed): move it on the next start of the session.
+            anyhow::bail!("{legacy}: the old job queue holds a job again; moving it on the next try");
+        }
+        match channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await {
             Ok(_) => {
                 let _ = channel.close(200, "empty old job queue".into()).await;
                 tracing::warn!(message = "The old job queue held no job; starting the account afresh.", queue = legacy);
                 Ok(Migration::NoOldQueue)
             }
             Err(error) if is_not_found(&error) => Ok(Migration::Moved),
-            Err(error) => Err(anyhow::Error::from(error)
-                .context(format!("{legacy}: an old job queue kept messages nobody could read"))),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -356,7 +377,10 @@ impl Lease {
                 self.held.retain(|h| h.id != id);
                 continue;
             }
-            self.settle().await?;
+            // A job ranked above our fence (another replica fenced too: we are not alone).
+            if !self.settle_keeps(&id).await? {
+                return Ok(None);
+            }
             return Ok(Some(body));
         }
     }
@@ -367,10 +391,22 @@ impl Lease {
     /// and [`release`](Self::release) it.
     pub async fn commit(&mut self, publisher: &Publisher, id: &str, body: &[u8]) -> anyhow::Result<Ownership> {
         let (ownership, _) = self.publish_and_echo(publisher, id, body).await?;
-        if ownership == Ownership::Held {
-            self.settle().await?;
+        // Back, but outranked (a replica that fenced while this one was replaced, before the
+        // broker made this one active again): the job to go on from is that one, not ours.
+        if ownership == Ownership::Held && !self.settle_keeps(id).await? {
+            return Ok(Ownership::Lost);
         }
         Ok(ownership)
+    }
+
+    /// Settles the jobs held; whether the one kept is ours (`id`).
+    async fn settle_keeps(&mut self, id: &str) -> Result<bool, Error> {
+        self.settle().await?;
+        let kept = self.held.first().is_some_and(|h| h.id == id);
+        if !kept {
+            tracing::warn!(message = "A newer job than this replica's is in the queue: another replica took the account over.", queue = %self.queue);
+        }
+        Ok(kept)
     }
 
     /// Publishes a job and waits for it to come back; also returns the (rank, tag) of every job
@@ -411,6 +447,17 @@ impl Lease {
     /// How long the oldest job delivery held has been unacked (`None` when none is).
     pub fn held_for(&self) -> Option<Duration> {
         self.held.iter().map(|h| h.at.elapsed()).max()
+    }
+
+    /// Returns the jobs held to the queue without leaving the line (after [`Ownership::Lost`]):
+    /// whoever is the active consumer receives them — this replica again, if the loss was only a
+    /// slow broker, and it takes the account over from the newest job.
+    pub async fn give_back(&mut self) -> Result<(), Error> {
+        for held in std::mem::take(&mut self.held) {
+            let options = BasicNackOptions { multiple: false, requeue: true };
+            self.channel.basic_nack(held.tag, options).await?;
+        }
+        Ok(())
     }
 
     /// Gives the account up: stops consuming and returns the jobs held to the queue, where the
