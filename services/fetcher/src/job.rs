@@ -142,6 +142,11 @@ impl Job {
         }
     }
 
+    /// The same job committed again (no progress): a keep-alive, or a new token pair stored.
+    pub fn renewed(&self) -> Self {
+        self.next(self.cursor.clone(), None, 0)
+    }
+
     /// The job a new owner commits first: this one with the epoch raised (see `epoch`).
     pub fn fenced(&self) -> Self {
         Job { epoch: self.epoch + 1, updated_at: jiff::Timestamp::now().to_string(), ..self.clone() }

@@ -390,8 +390,7 @@ impl AccountWorker {
                     tokio::select! {
                         outcome = &mut pass => break outcome,
                         _ = tokio::time::sleep(due) => {
-                            let base: &Job = kept.as_ref().unwrap_or(&job);
-                            let alive = base.next(base.cursor.clone(), None, 0);
+                            let alive = kept.as_ref().unwrap_or(&job).renewed();
                             lease.commit(&self.commits, &alive).await?;
                             kept = Some(alive);
                         }
@@ -457,7 +456,7 @@ impl AccountWorker {
     /// `consumer_timeout` never closes the channel every account's consumer lives on.
     async fn keep(&self, lease: &mut Lease, job: &mut Job) -> anyhow::Result<()> {
         if lease.held_for() >= self.shared.config.keep_after {
-            *job = job.next(job.cursor.clone(), None, 0);
+            *job = job.renewed();
             lease.commit(&self.commits, job).await?;
         }
         Ok(())
@@ -605,7 +604,7 @@ impl AccountWorker {
         *rt.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.clone();
         Ok(match outcome {
             Ok((tokens, lifetime)) => {
-                *next = next.next(next.cursor.clone(), None, 0);
+                *next = next.renewed();
                 next.store_tokens(tokens, &self.shared.sealer).map_err(anyhow::Error::msg)?;
                 // If this commit fails the replica still has the pair in memory (newest wins).
                 lease.commit(&self.commits, next).await?;

@@ -225,10 +225,7 @@ impl Lease {
         let mut newest: Option<(Ranked, Vec<u8>)> = None;
         let mut read = 0;
         let mut deleted = false;
-        loop {
-            if read >= MAX_LEGACY {
-                break;
-            }
+        while read < MAX_LEGACY {
             match channel.basic_get(legacy.into(), BasicGetOptions { no_ack: false }).await {
                 Ok(Some(message)) => {
                     read += 1;
@@ -257,18 +254,16 @@ impl Lease {
             return self.wait_for_other_mover(owner, connection, legacy).await;
         };
         self.publish(publisher, &format!("migrated:{}:{}:{}", self.queue, rank.0, rank.1), &body).await?;
-        if deleted {
-            // The 404 closed that channel; the replica that deleted the queue moved its job too.
-            tracing::info!(message = "Moved an account's checkpoint from the old job queue.", from = legacy, to = %self.queue);
-            return Ok(Migration::Moved);
-        }
-        // Only a replica that moved a job deletes the old queue (what it read goes with it).
-        match channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await {
-            Ok(_) => {
-                let _ = channel.close(200, "migrated".into()).await;
+        // Only a replica that moved a job deletes the old queue (what it read goes with it). After
+        // a 404 the channel is closed, and the replica that deleted the queue moved its job too.
+        if !deleted {
+            match channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await {
+                Ok(_) => {
+                    let _ = channel.close(200, "migrated".into()).await;
+                }
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error.into()),
             }
-            Err(error) if is_not_found(&error) => {}
-            Err(error) => return Err(error.into()),
         }
         tracing::info!(message = "Moved an account's checkpoint from the old job queue.", from = legacy, to = %self.queue);
         Ok(Migration::Moved)
@@ -477,11 +472,7 @@ impl Lease {
                 });
             }
         }
-        for held in std::mem::take(&mut self.held) {
-            let options = BasicNackOptions { multiple: false, requeue: true };
-            self.channel.basic_nack(held.tag, options).await?;
-        }
-        Ok(())
+        self.give_back().await
     }
 
     async fn next_delivery(&mut self) -> anyhow::Result<Delivery> {
