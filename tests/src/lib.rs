@@ -375,6 +375,14 @@ pub async fn sim_stats(stack: &Stack, account: &str) -> anyhow::Result<serde_jso
     Ok(stats["accounts"][account].clone())
 }
 
+/// A queue's depth and consumers as the broker says now (`None`: no such queue).
+pub async fn queue_state(stack: &Stack, name: &str) -> anyhow::Result<Option<orderflow_shared::amqp::ops::QueueState>> {
+    let client = orderflow_shared::amqp::ops::Client::connect(&stack.broker_args(), "test-queue-state").await?;
+    let state = client.queue_state(name).await;
+    client.close().await;
+    state
+}
+
 /// Scrapes one replica's `/metrics` and sums the samples of a metric family (optionally those
 /// whose labels contain `label`, e.g. `account="m1"`).
 pub async fn metric(proc_admin: std::net::SocketAddr, name: &str, label: Option<&str>) -> anyhow::Result<f64> {

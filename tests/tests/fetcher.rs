@@ -724,13 +724,8 @@ async fn an_upgrade_keeps_the_checkpoint_left_in_the_old_job_queue() -> anyhow::
         .await?;
         let seen = collector.snapshot();
         assert_eq!(seen.ids.len(), 0, "the fetcher started over instead of from the old checkpoint");
-        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let gone =
-            connection.create_channel().await?.queue_declare(legacy.as_str().into(), passive, Default::default()).await;
-        assert!(
-            gone.as_ref().is_err_and(orderflow_shared::amqp::is_not_found),
-            "the old job queue is still there: {gone:?}"
-        );
+        let left = queue_state(&stack, &legacy).await?;
+        assert!(left.is_none(), "the old job queue is still there: {left:?}");
         let _ = connection.close(200, "ok".into()).await;
         anyhow::Ok(())
     }
@@ -746,7 +741,7 @@ async fn an_upgrade_keeps_the_checkpoint_left_in_the_old_job_queue() -> anyhow::
 /// checkpoint, which is then lost) nor fail: it waits for the mover. Here the test is the mover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_starting_while_another_moves_the_old_checkpoint_waits_for_it() -> anyhow::Result<()> {
-    use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::options::{BasicGetOptions, QueueDeleteOptions};
     use orderflow_shared::amqp::topology::{declare_queue, plain_quorum_queue};
     let _heavy = heavy().await;
     let ns = unique_ns("upgrade-race");
@@ -769,13 +764,8 @@ async fn a_replica_starting_while_another_moves_the_old_checkpoint_waits_for_it(
         anyhow::ensure!(held.is_some(), "the old job is there to move");
 
         stack.spawn_stage(Role::Fetcher, 0).await?;
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         wait_for("the fetcher to open the account", Duration::from_secs(30), Duration::from_millis(100), || async {
-            let probe = connection.create_channel().await?;
-            Ok(match probe.queue_declare(job_queue.as_str().into(), passive, Default::default()).await {
-                Ok(_) => Ok(()),
-                Err(e) => Err(format!("{e}")),
-            })
+            Ok(queue_state(&stack, &job_queue).await?.map(|_| ()).ok_or_else(|| "no job queue yet".to_string()))
         })
         .await?;
         // Time for a seed and a first pass, were the fetcher to start afresh.
@@ -839,25 +829,22 @@ async fn a_source_outage_longer_than_the_brokers_ack_timeout_keeps_the_ownership
         // would leave the job ready and the queue without a consumer; the replica would only notice
         // at its next commit).
         let job_queue = orderflow_shared::amqp::Topology::new(ns.clone()).fetch_queue("m1");
-        let connection = orderflow_shared::amqp::connect(&stack.broker_args(), "test-outage").await?;
-        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let q = connection.create_channel().await?.queue_declare(job_queue.as_str().into(), passive, Default::default()).await?;
-        let _ = connection.close(200, "ok".into()).await;
+        let q = queue_state(&stack, &job_queue).await?.ok_or_else(|| anyhow::anyhow!("no job queue"))?;
         let reconnects = metric(admin, "orderflow_broker_reconnects_total", None).await?;
         let failed = metric(admin, "orderflow_fetch_requests_total", Some("http_5xx")).await.unwrap_or(0.0);
         stack.post_json(&format!("{}/admin/faults", stack.jst_url), &json!({})).await?;
         eprintln!(
             "outage: {failed} calls answered 5xx; job queue: {} consumer(s), {} ready; fetcher broker reconnects: {reconnects}",
-            q.consumer_count(),
-            q.message_count()
+            q.consumers,
+            q.messages
         );
         anyhow::ensure!(failed >= 3.0, "the outage reached the fetcher: {failed} calls answered 5xx");
         anyhow::ensure!(
-            q.consumer_count() == 1 && q.message_count() == 0,
+            q.consumers == 1 && q.messages == 0,
             "the broker took the job back from its owner during the outage ({} consumers, {} ready): \
              it closed the ownership channel",
-            q.consumer_count(),
-            q.message_count()
+            q.consumers,
+            q.messages
         );
         anyhow::ensure!(reconnects == 0.0, "the broker closed the fetcher's channel {reconnects} times");
         wait_all_published(&stack, &collector, Duration::from_secs(120)).await?;
@@ -894,10 +881,8 @@ async fn an_empty_old_job_queue_is_deleted_and_the_account_starts_afresh() -> an
         let admin = stack.replicas(Role::Fetcher)[0].admin.expect("admin");
         let reconnects = metric(admin, "orderflow_broker_reconnects_total", None).await?;
         anyhow::ensure!(reconnects == 0.0, "the fetcher lost its broker session {reconnects} times");
-        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let gone =
-            connection.create_channel().await?.queue_declare(legacy.as_str().into(), passive, Default::default()).await;
-        assert!(gone.as_ref().is_err_and(orderflow_shared::amqp::is_not_found), "the old job queue is still there");
+        let left = queue_state(&stack, &legacy).await?;
+        assert!(left.is_none(), "the old job queue is still there: {left:?}");
         let _ = connection.close(200, "ok".into()).await;
         anyhow::Ok(())
     }
