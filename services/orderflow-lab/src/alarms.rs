@@ -65,6 +65,15 @@ pub fn alarm_active(ctl: &str, resource: Resource) -> anyhow::Result<bool> {
     Ok(alarms.contains(&format!("resource_limit,{}", resource.as_str())))
 }
 
+/// The broker's alarms as it prints them (`[]` when none), or why they could not be read: for
+/// the message of a run that stalled.
+pub fn describe_alarms(ctl: &str) -> String {
+    match rabbitmqctl(ctl, &["eval", "rabbit_alarm:get_alarms()."]) {
+        Ok(alarms) => alarms.trim().to_string(),
+        Err(error) => format!("unknown ({error:#})"),
+    }
+}
+
 async fn wait_alarm(ctl: &str, resource: Resource, active: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while alarm_active(ctl, resource)? != active {

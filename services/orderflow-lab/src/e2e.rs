@@ -248,9 +248,15 @@ async fn measure(stack: &mut Stack, o: &E2eOptions) -> anyhow::Result<(E2eResult
     Ok((result, lines))
 }
 
+/// How long the target may see no new record before the run is called stalled: far above any
+/// pause of a healthy run (a retry tier's delay, a paced source's minute budget), far below the
+/// hour a blocked broker would otherwise hold a run (and a CI job) for.
+const STALL_LIMIT: Duration = Duration::from_secs(300);
+
 /// Waits until target-sim holds `confirmed` records, printing progress every 5 s; returns how many
 /// it holds and each process's resident memory when 100,000 were written. Fails when a process
-/// exits, or after an hour.
+/// exits, when nothing new is written for [`STALL_LIMIT`] (naming any broker alarm that blocks
+/// publishers), or after an hour.
 async fn wait_written(
     stack: &mut Stack,
     confirmed: u64,
@@ -259,9 +265,13 @@ async fn wait_written(
     let mut rss_at_100k: HashMap<String, f64> = HashMap::new();
     let mut last_print = Instant::now();
     let deadline = started + Duration::from_secs(3600);
+    let mut progress = (0, Instant::now());
     loop {
         let stats = stack.target_stats().await?;
         let written = stats["stats"]["records"].as_u64().unwrap_or(0);
+        if written != progress.0 {
+            progress = (written, Instant::now());
+        }
         if rss_at_100k.is_empty() && written >= 100_000 {
             for p in &stack.procs {
                 if let Some((_, _, rss)) = p.child.id().and_then(proc_stat) {
@@ -276,6 +286,14 @@ async fn wait_written(
             anyhow::bail!("{} #{index} exited ({status}) during the benchmark; see {}", role.binary(), log.display());
         }
         anyhow::ensure!(Instant::now() < deadline, "not synced within an hour ({written} of {confirmed})");
+        if progress.1.elapsed() >= STALL_LIMIT {
+            anyhow::bail!(
+                "stalled: {written} of {confirmed} written and nothing new for {} s; broker alarms: {}; logs in {}",
+                STALL_LIMIT.as_secs(),
+                crate::alarms::describe_alarms(&crate::rabbitmqctl::rabbitmqctl_command()),
+                stack.options.log_dir.display(),
+            );
+        }
         if last_print.elapsed() >= Duration::from_secs(5) {
             last_print = Instant::now();
             let secs = started.elapsed().as_secs_f64();
