@@ -153,10 +153,67 @@ pub async fn wait_synced(stack: &Stack, timeout: Duration) -> anyhow::Result<Pro
     anyhow::bail!("not synced after {timeout:?}; last progress {last:?}")
 }
 
-/// Heavy end-to-end tests take this so they run one at a time on a 2-core machine.
-pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+/// Heavy end-to-end tests take this so they run one at a time on a 2-core machine. It also arms
+/// a [`Watchdog`]: a heavy test that hangs ends the run with a report instead of holding CI
+/// until its job is killed with nothing said.
+pub async fn heavy() -> Heavy {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+    let lock = LOCK.lock().await;
+    Heavy { _watchdog: Watchdog::arm(watchdog_limit()), _lock: lock }
+}
+
+/// Held for the whole of a heavy test (see [`heavy`]).
+pub struct Heavy {
+    _watchdog: Watchdog,
+    _lock: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// How long one heavy test may run: `ORDERFLOW_TEST_WATCHDOG` (e.g. `40m`), else 25 minutes —
+/// the longest test (the fault suite) takes about 15 on a 2-core machine.
+fn watchdog_limit() -> Duration {
+    std::env::var("ORDERFLOW_TEST_WATCHDOG")
+        .ok()
+        .and_then(|v| orderflow_shared::settings::parse_duration(&v).ok())
+        .unwrap_or(Duration::from_secs(25 * 60))
+}
+
+/// Ends the test process when a test outlives its limit: reports which test, the broker's alarms,
+/// free disk and the processes the test started, kills those processes, and aborts. Disarmed when
+/// dropped.
+pub struct Watchdog {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    pub fn arm(limit: Duration) -> Watchdog {
+        let (disarm, armed) = std::sync::mpsc::channel::<()>();
+        let test = std::thread::current().name().unwrap_or("a test").to_string();
+        std::thread::spawn(move || {
+            if armed.recv_timeout(limit) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                return;
+            }
+            // Straight to the process's stderr: the test harness captures `eprintln!`, and an
+            // aborted test's captured output is never printed.
+            let run = |program: &str, args: &[&str]| match std::process::Command::new(program).args(args).output() {
+                Ok(out) => format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+                Err(error) => format!("{program}: {error}\n"),
+            };
+            let pid = std::process::id().to_string();
+            let report = format!(
+                "\n*** WATCHDOG: {test} still running after {} s; aborting the test process.\n\
+                 broker alarms: {}\nfree disk:\n{}processes this test started:\n{}",
+                limit.as_secs(),
+                orderflow_lab::alarms::describe_alarms(&orderflow_lab::rabbitmqctl::rabbitmqctl_command()),
+                run("df", &["-h", "/", "/tmp"]),
+                run("ps", &["-o", "pid,etime,time,rss,args", "--ppid", &pid]),
+            );
+            use std::io::Write;
+            let _ = std::io::stderr().lock().write_all(report.as_bytes());
+            let _ = std::process::Command::new("pkill").args(["-KILL", "-P", &pid]).status();
+            std::process::abort();
+        });
+        Watchdog { _disarm: disarm }
+    }
 }
 
 /// Stops the stack and removes the namespace's queues.

@@ -165,3 +165,29 @@ fn secrets_are_refused_as_flags_and_read_from_the_environment() {
     assert_ne!(code, 0);
     assert!(err.contains("AMQP_CA_FILE") && !err.contains("hunter2"), "{err}");
 }
+
+/// Run only by the test below, in a child process with a 2-second watchdog: it starts a process
+/// and then hangs, as a test waiting on a blocked broker without a timeout would.
+#[test]
+#[ignore = "hangs on purpose; run by a_hung_heavy_test_is_reported_and_ends_the_run"]
+fn hangs_past_the_watchdog() {
+    let _watchdog = Watchdog::arm(Duration::from_secs(2));
+    let mut child = Command::new("sleep").arg("600").spawn().expect("sleep starts");
+    std::thread::sleep(Duration::from_secs(120));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_hung_heavy_test_is_reported_and_ends_the_run() {
+    let started = std::time::Instant::now();
+    let out = Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--ignored", "--exact", "hangs_past_the_watchdog", "--test-threads", "1"])
+        .output()
+        .expect("the test binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a hung test must fail the run: {stderr}");
+    assert!(started.elapsed() < Duration::from_secs(60), "ended by the watchdog, not by the hang's end");
+    assert!(stderr.contains("WATCHDOG: hangs_past_the_watchdog still running after 2 s"), "{stderr}");
+    assert!(stderr.contains("broker alarms:") && stderr.contains("sleep 600"), "names what it saw: {stderr}");
+}
