@@ -279,7 +279,7 @@ pub async fn take(args: &BrokerArgs, queue: &str, count: usize, timeout: Duratio
             None => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    let _ = connection.close(200, "ok".into()).await;
+    orderflow_shared::amqp::connect::close(&connection).await;
     Ok(out)
 }
 
@@ -369,7 +369,7 @@ impl PageCollector {
                 }
                 delivery.acker.ack(BasicAckOptions::default()).await?;
             }
-            let _ = connection.close(200, "bye".into()).await;
+            orderflow_shared::amqp::connect::close(&connection).await;
             anyhow::Ok(())
         });
         Ok(PageCollector { state, stop, task })

@@ -98,7 +98,7 @@ async fn least_privilege(amqp: &str) -> anyhow::Result<()> {
     access_refused(declare(&fetcher, &format!("{NS}.records.sneaky")).await, "fetcher declares outside fetch.*")
         .await?;
     for c in [transformer, writer, fetcher] {
-        let _ = c.close(200, "ok".into()).await;
+        orderflow_shared::amqp::connect::close(&c).await;
     }
     Ok(())
 }

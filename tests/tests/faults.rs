@@ -270,3 +270,33 @@ async fn a_full_records_queue_parks_pages_instead_of_outliving_the_ack_timeout()
     teardown(stack).await;
     outcome
 }
+
+/// A connection the broker blocks (a resource alarm: it stops reading the socket) never answers
+/// a close, and lapin 4.12 can leave a close unanswered after its socket went: every close of
+/// ours waits at most `CLOSE_TIMEOUT` (5 s). Before that bound, `Client::close` here waited until
+/// the alarm cleared, and the bench's raw relay once waited for ever (a CI run killed at 90 min).
+#[tokio::test(flavor = "multi_thread")]
+async fn closing_a_connection_the_broker_blocks_returns_within_the_close_timeout() -> anyhow::Result<()> {
+    use orderflow_lab::alarms::{Alarm, Resource};
+    use orderflow_shared::amqp::{Publisher, connect::CLOSE_TIMEOUT, headers::json_properties};
+    use std::time::{Duration, Instant};
+    let _guard = heavy().await;
+    let ns = unique_ns("close");
+    let broker = broker_args(&ns).await;
+    let client = Client::connect(&broker, "test-blocked").await?;
+    let publisher = Publisher::open(client.connection()).await?;
+    let alarm = Alarm::raise(&rabbitmqctl_command(), Resource::Memory).await?;
+    // A publish makes the broker block the connection (it stops reading it).
+    let held = publisher.send("", &format!("{ns}.nowhere"), b"x", json_properties("x", Default::default())).await;
+    wait_for("the broker to block the connection", Duration::from_secs(30), Duration::from_millis(100), || async {
+        Ok(if client.connection().status().blocked() { Ok(()) } else { Err("not blocked yet".to_string()) })
+    })
+    .await?;
+    let started = Instant::now();
+    client.close().await;
+    let took = started.elapsed();
+    alarm.clear().await?;
+    drop(held);
+    assert!(took < CLOSE_TIMEOUT + Duration::from_secs(3), "close took {took:?} on a blocked connection");
+    Ok(())
+}

@@ -726,7 +726,7 @@ async fn an_upgrade_keeps_the_checkpoint_left_in_the_old_job_queue() -> anyhow::
         assert_eq!(seen.ids.len(), 0, "the fetcher started over instead of from the old checkpoint");
         let left = queue_state(&stack, &legacy).await?;
         assert!(left.is_none(), "the old job queue is still there: {left:?}");
-        let _ = connection.close(200, "ok".into()).await;
+        orderflow_shared::amqp::connect::close(&connection).await;
         anyhow::Ok(())
     }
     .await;
@@ -788,7 +788,7 @@ async fn a_replica_starting_while_another_moves_the_old_checkpoint_waits_for_it(
         let seen = collector.snapshot();
         assert_eq!(seen.ids.len(), 0, "the fetcher started over instead of waiting for the moved checkpoint");
         assert!(stack.exited().is_none(), "the fetcher exited: {:?}", stack.exited());
-        let _ = connection.close(200, "ok".into()).await;
+        orderflow_shared::amqp::connect::close(&connection).await;
         anyhow::Ok(())
     }
     .await;
@@ -883,7 +883,7 @@ async fn an_empty_old_job_queue_is_deleted_and_the_account_starts_afresh() -> an
         anyhow::ensure!(reconnects == 0.0, "the fetcher lost its broker session {reconnects} times");
         let left = queue_state(&stack, &legacy).await?;
         assert!(left.is_none(), "the old job queue is still there: {left:?}");
-        let _ = connection.close(200, "ok".into()).await;
+        orderflow_shared::amqp::connect::close(&connection).await;
         anyhow::Ok(())
     }
     .await;

@@ -74,7 +74,7 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() -> any
         for q in [&full, &open] {
             let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        let _ = connection.close(200, "bye".into()).await;
+        orderflow_shared::amqp::connect::close(&connection).await;
     })
     .await;
     outcome

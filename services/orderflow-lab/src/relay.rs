@@ -255,13 +255,13 @@ async fn wait_for_records(mut done: mpsc::UnboundedReceiver<u64>, total: u64, st
 /// Closes the relays' and sinks' connections, deletes the run's queues, closes `admin`.
 async fn clean_up(admin: Connection, connections: Vec<Connection>, queues: &Queues) -> anyhow::Result<()> {
     for c in connections {
-        let _ = c.close(200, "bye".into()).await;
+        orderflow_shared::amqp::connect::close(&c).await;
     }
     let channel = admin.create_channel().await?;
     for q in [&queues.pages, &queues.records] {
         let _ = channel.queue_delete(q.as_str().into(), Default::default()).await;
     }
-    let _ = admin.close(200, "bye".into()).await;
+    orderflow_shared::amqp::connect::close(&admin).await;
     Ok(())
 }
 

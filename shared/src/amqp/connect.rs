@@ -40,6 +40,28 @@ pub fn broker_uri(args: &BrokerArgs) -> Result<AMQPUri, ConnectError> {
     Ok(uri)
 }
 
+/// How long closing a connection waits for the broker's close-ok before the connection is just
+/// dropped (the broker cleans up when the socket goes): a blocked connection sends nothing while
+/// an alarm lasts, and lapin 4.12 can leave a close waiting forever when the socket went first
+/// (the bench's raw relay hung on its sink's close after the broker logged "client unexpectedly
+/// closed TCP connection": the last CI run was killed in it at 90 minutes).
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes `connection` (reply 200), waiting at most [`CLOSE_TIMEOUT`]; a failure to close leaves
+/// nothing to do, so it is not reported.
+pub async fn close(connection: &lapin::Connection) {
+    if connection.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
+    }
+}
+
+/// Closes `channel` with `why`, waiting at most [`CLOSE_TIMEOUT`] (as [`close`]).
+pub async fn close_channel(channel: &lapin::Channel, why: &str) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, why.into())).await;
+    }
+}
+
 pub async fn connect(args: &BrokerArgs, connection_name: &str) -> Result<Connection, ConnectError> {
     let uri = broker_uri(args)?;
     let mut tls = OwnedTLSConfig::default();

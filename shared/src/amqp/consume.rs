@@ -268,7 +268,7 @@ pub async fn serve<H: Handler>(connections: &Connections, serve: Serve<'_>, hand
     stop_acks.cancel();
     let _ = ack_task.await;
     if channel.status().connected() {
-        let _ = channel.close(200, "bye".into()).await;
+        super::connect::close_channel(&channel, "bye").await;
     }
     outcome
 }

@@ -250,7 +250,7 @@ impl Lease {
             if deleted {
                 return Ok(Migration::Moved);
             }
-            let _ = channel.close(200, "nothing to migrate".into()).await;
+            super::connect::close_channel(&channel, "nothing to migrate").await;
             return self.wait_for_other_mover(owner, connection, legacy).await;
         };
         self.publish(publisher, &format!("migrated:{}:{}:{}", self.queue, rank.0, rank.1), &body).await?;
@@ -259,7 +259,7 @@ impl Lease {
         if !deleted {
             match channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await {
                 Ok(_) => {
-                    let _ = channel.close(200, "migrated".into()).await;
+                    super::connect::close_channel(&channel, "migrated").await;
                 }
                 Err(error) if is_not_found(&error) => {}
                 Err(error) => return Err(error.into()),
@@ -299,7 +299,7 @@ impl Lease {
         }
         match channel.queue_delete(legacy.into(), QueueDeleteOptions::default()).await {
             Ok(_) => {
-                let _ = channel.close(200, "empty old job queue".into()).await;
+                super::connect::close_channel(&channel, "empty old job queue").await;
                 tracing::warn!(message = "The old job queue held no job; starting the account afresh.", queue = legacy);
                 Ok(Migration::NoOldQueue)
             }

@@ -40,10 +40,15 @@ impl Client {
         Ok(Client { connection: connect(broker, name).await? })
     }
 
-    /// Closes the connection; whatever was taken and not acked goes back to its queue. A failure
-    /// to close leaves nothing to do, so it is not reported.
+    /// The connection itself (for a publisher or a channel of a test's own).
+    pub fn connection(&self) -> &lapin::Connection {
+        &self.connection
+    }
+
+    /// Closes the connection (waiting at most `CLOSE_TIMEOUT`); whatever was taken and not acked
+    /// goes back to its queue. A failure to close leaves nothing to do, so it is not reported.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "bye".into()).await;
+        super::connect::close(&self.connection).await;
     }
 
     /// Depth and consumers of a queue; `None` when it does not exist.
@@ -116,7 +121,7 @@ pub async fn close_publisher(publisher: &Publisher) {
 
 async fn close_channel(channel: &Channel) {
     if channel.status().connected() {
-        let _ = channel.close(200, "done".into()).await;
+        super::connect::close_channel(channel, "done").await;
     }
 }
 

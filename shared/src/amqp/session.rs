@@ -86,16 +86,10 @@ pub struct Connections {
     pub publish: Arc<Connection>,
 }
 
-/// A blocked connection sends nothing, so its close-ok never comes while an alarm lasts: a close
-/// waits this long, then the connection is dropped (the broker cleans up when the socket goes).
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl Connections {
     async fn close(&self) {
         for connection in [&self.consume, &self.publish] {
-            if connection.status().connected() {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
-            }
+            super::connect::close(connection).await;
         }
     }
 }
@@ -107,7 +101,7 @@ async fn open(broker: &BrokerArgs, name: &str) -> Result<Connections, super::con
     match super::connect(broker, &format!("{name}/publish")).await {
         Ok(publish) => Ok(Connections { consume, publish: Arc::new(publish) }),
         Err(error) => {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, consume.close(200, "bye".into())).await;
+            super::connect::close(&consume).await;
             Err(error)
         }
     }
