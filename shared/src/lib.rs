@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod body;
 pub mod json;
 pub mod jst;
+pub mod ledger;
 pub mod messages;
 pub mod metrics;
 pub mod otel;

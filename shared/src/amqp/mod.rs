@@ -6,6 +6,7 @@ pub mod consume;
 pub mod deadletter;
 pub mod headers;
 pub mod lease;
+pub mod ledger;
 pub mod ops;
 pub mod publisher;
 pub mod session;

@@ -181,6 +181,11 @@ impl Topology {
         format!("{}.fetch.replicas", self.ns)
     }
 
+    /// The ledger: a stream every stage appends order events to (see `crate::ledger`).
+    pub fn ledger_stream(&self) -> String {
+        format!("{}.ledger", self.ns)
+    }
+
     pub fn exchanges(&self) -> Vec<ExchangeSpec> {
         [self.pages_exchange(), self.records_exchange(), self.dead_exchange(), self.retry_exchange()]
             .into_iter()
@@ -366,9 +371,40 @@ pub fn fetch_job_queue(name: String) -> QueueSpec {
     }
 }
 
+/// The ledger stream: kept for `max_age` (`x-max-age`, whole seconds) and at most `max_bytes`
+/// (`x-max-length-bytes`), whichever ends first; the broker drops whole segments (here 64 MiB at
+/// most, so a small cap still leaves several) from the old end.
+pub fn ledger_stream(name: String, max_age: Duration, max_bytes: u64) -> QueueSpec {
+    let segment = (max_bytes / 4).clamp(1 << 20, 64 << 20);
+    QueueSpec {
+        name,
+        role: "ledger: what happened to each order, every stage (stream)",
+        arguments: vec![
+            ("x-queue-type".into(), ArgValue::Text("stream".into())),
+            ("x-max-age".into(), ArgValue::Text(format!("{}s", max_age.as_secs().max(1)))),
+            ("x-max-length-bytes".into(), ArgValue::Int(i64::try_from(max_bytes).unwrap_or(i64::MAX))),
+            ("x-stream-max-segment-size-bytes".into(), ArgValue::Int(segment as i64)),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ledger_is_a_stream_with_an_age_and_a_size_cap() {
+        let spec = ledger_stream(Topology::new("t").ledger_stream(), Duration::from_secs(7 * 86_400), 10 << 30);
+        assert_eq!(spec.name, "t.ledger");
+        let arg = |k: &str| spec.arguments.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(arg("x-queue-type"), Some(ArgValue::Text("stream".into())));
+        assert_eq!(arg("x-max-age"), Some(ArgValue::Text("604800s".into())));
+        assert_eq!(arg("x-max-length-bytes"), Some(ArgValue::Int(10 << 30)));
+        assert_eq!(arg("x-stream-max-segment-size-bytes"), Some(ArgValue::Int(64 << 20)));
+        let small = ledger_stream("s".into(), Duration::from_millis(10), 1000);
+        assert!(small.arguments.contains(&("x-max-age".into(), ArgValue::Text("1s".into()))));
+        assert!(small.arguments.contains(&("x-stream-max-segment-size-bytes".into(), ArgValue::Int(1 << 20))));
+    }
 
     #[test]
     fn every_name_lives_under_the_namespace() {
