@@ -353,7 +353,9 @@ impl Stack {
     /// Deletes what the stack's processes declared on the broker (after [`Stack::stop`]).
     pub async fn delete_namespace(&self) -> anyhow::Result<()> {
         let client = Client::connect(&self.broker_args(), "orderflow-cleanup").await?;
-        let result = delete_stack_namespace(&client, &self.options).await;
+        let result = tokio::time::timeout(Duration::from_secs(120), delete_stack_namespace(&client, &self.options))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("deleting namespace {} took over 120 s", self.options.ns)));
         client.close().await;
         result
     }

@@ -50,8 +50,13 @@ pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 /// Closes `connection` (reply 200), waiting at most [`CLOSE_TIMEOUT`]; a failure to close leaves
 /// nothing to do, so it is not reported.
 pub async fn close(connection: &lapin::Connection) {
-    if connection.status().connected() {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
+    if connection.status().connected()
+        && tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await.is_err()
+    {
+        tracing::warn!(
+            message = "The broker did not answer a connection close in time; dropping the connection.",
+            waited_s = CLOSE_TIMEOUT.as_secs()
+        );
     }
 }
 

@@ -260,7 +260,8 @@ pub async fn serve<H: Handler>(connections: &Connections, serve: Serve<'_>, hand
     .await;
     serve.readiness.set_failing(CONSUMING_CHECK, if outcome.is_ok() { "stopping" } else { "consumer failed" });
     if channel.status().connected() {
-        let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
+        let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+        let _ = tokio::time::timeout(super::connect::CLOSE_TIMEOUT, cancel).await;
     }
     drain(&mut tasks).await;
     // Every finished delivery is acked before the channel closes (so a graceful stop leaves
