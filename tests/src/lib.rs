@@ -157,9 +157,15 @@ pub async fn wait_synced(stack: &Stack, timeout: Duration) -> anyhow::Result<Pro
 /// a [`Watchdog`]: a heavy test that hangs ends the run with a report instead of holding CI
 /// until its job is killed with nothing said.
 pub async fn heavy() -> Heavy {
+    heavy_for(watchdog_limit()).await
+}
+
+/// [`heavy`] with a limit of its own (the Docker tests may build their images first), never
+/// below `ORDERFLOW_TEST_WATCHDOG`.
+pub async fn heavy_for(limit: Duration) -> Heavy {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let lock = LOCK.lock().await;
-    Heavy { _watchdog: Watchdog::arm(watchdog_limit()), _lock: lock }
+    Heavy { _watchdog: Watchdog::arm(limit.max(watchdog_limit())), _lock: lock }
 }
 
 /// Held for the whole of a heavy test (see [`heavy`]).
@@ -178,8 +184,9 @@ fn watchdog_limit() -> Duration {
 }
 
 /// Ends the test process when a test outlives its limit: reports which test, the broker's alarms,
-/// free disk and the processes the test started, kills those processes, and aborts. Disarmed when
-/// dropped.
+/// free disk and the processes the test started, kills those processes, puts back the broker
+/// settings a guard changed (an abort skips every `Drop`), and aborts — within a minute even when
+/// the report itself hangs (a wedged broker). Disarmed when dropped.
 pub struct Watchdog {
     _disarm: std::sync::mpsc::Sender<()>,
 }
@@ -192,6 +199,10 @@ impl Watchdog {
             if armed.recv_timeout(limit) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
                 return;
             }
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_secs(60));
+                std::process::abort();
+            });
             // Straight to the process's stderr: the test harness captures `eprintln!`, and an
             // aborted test's captured output is never printed.
             let run = |program: &str, args: &[&str]| match std::process::Command::new(program).args(args).output() {
@@ -210,6 +221,9 @@ impl Watchdog {
             use std::io::Write;
             let _ = std::io::stderr().lock().write_all(report.as_bytes());
             let _ = std::process::Command::new("pkill").args(["-KILL", "-P", &pid]).status();
+            for failure in orderflow_lab::alarms::restore_pending() {
+                let _ = writeln!(std::io::stderr(), "could not put a broker setting back: {failure}");
+            }
             std::process::abort();
         });
         Watchdog { _disarm: disarm }

@@ -46,7 +46,8 @@ async fn a_three_node_cluster_loses_the_records_leader_and_no_order() -> anyhow:
         }
     };
     let _docker = docker::lock()?;
-    let _heavy = orderflow_tests::heavy().await;
+    // Longer than other tests: the first one builds the test images from Debian packages.
+    let _heavy = orderflow_tests::heavy_for(std::time::Duration::from_secs(45 * 60)).await;
     let started = Instant::now();
     let dir = docker::repo().join("deploy/cluster");
     let images = docker::test_images().await?;

@@ -151,7 +151,8 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
         }
     };
     let _docker = docker::lock()?;
-    let _heavy = orderflow_tests::heavy().await;
+    // Longer than other tests: the first one builds the test images from Debian packages.
+    let _heavy = orderflow_tests::heavy_for(std::time::Duration::from_secs(45 * 60)).await;
     let started = Instant::now();
     let repo = docker::repo();
 

@@ -172,6 +172,9 @@ fn secrets_are_refused_as_flags_and_read_from_the_environment() {
 #[ignore = "hangs on purpose; run by a_hung_heavy_test_is_reported_and_ends_the_run"]
 fn hangs_past_the_watchdog() {
     let _watchdog = Watchdog::arm(Duration::from_secs(2));
+    // A broker setting changed by a guard whose Drop the abort will skip (two hours: harmless to
+    // tests running beside this one).
+    let _timeout = orderflow_lab::alarms::ConsumerTimeout::set(&rabbitmqctl_command(), Duration::from_secs(7200));
     let mut child = Command::new("sleep").arg("600").spawn().expect("sleep starts");
     std::thread::sleep(Duration::from_secs(120));
     let _ = child.kill();
@@ -180,6 +183,12 @@ fn hangs_past_the_watchdog() {
 
 #[test]
 fn a_hung_heavy_test_is_reported_and_ends_the_run() {
+    let ctl = rabbitmqctl_command();
+    let consumer_timeout = || {
+        orderflow_lab::rabbitmqctl::rabbitmqctl(&ctl, &["eval", "application:get_env(rabbit, consumer_timeout)."])
+            .expect("rabbitmqctl reads the broker's consumer_timeout")
+    };
+    let before = consumer_timeout();
     let started = std::time::Instant::now();
     let out = Command::new(std::env::current_exe().expect("this test binary"))
         .args(["--ignored", "--exact", "hangs_past_the_watchdog", "--test-threads", "1"])
@@ -190,4 +199,5 @@ fn a_hung_heavy_test_is_reported_and_ends_the_run() {
     assert!(started.elapsed() < Duration::from_secs(60), "ended by the watchdog, not by the hang's end");
     assert!(stderr.contains("WATCHDOG: hangs_past_the_watchdog still running after 2 s"), "{stderr}");
     assert!(stderr.contains("broker alarms:") && stderr.contains("sleep 600"), "names what it saw: {stderr}");
+    assert_eq!(consumer_timeout(), before, "the broker setting the aborted test changed is put back");
 }

@@ -29,6 +29,36 @@ pub struct Alarm {
     resource: Resource,
     restore: Vec<String>,
     cleared: bool,
+    pending: u64,
+}
+
+/// Broker settings a guard here changed and has not put back yet (`rabbitmqctl` command and
+/// arguments that put each back), so a process that must end at once, skipping every `Drop` (the
+/// test watchdog's abort), can still leave the broker as it found it.
+static PENDING: std::sync::Mutex<Vec<(u64, String, Vec<String>)>> = std::sync::Mutex::new(Vec::new());
+
+fn remember(ctl: &str, restore: Vec<String>) -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PENDING.lock().unwrap_or_else(|e| e.into_inner()).push((id, ctl.to_string(), restore));
+    id
+}
+
+fn forget(id: u64) {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner()).retain(|(pending, _, _)| *pending != id);
+}
+
+/// Puts back every broker setting a guard still holds (newest first); returns what failed.
+pub fn restore_pending() -> Vec<String> {
+    let pending = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut failures = Vec::new();
+    for (_, ctl, args) in pending.iter().rev() {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Err(error) = rabbitmqctl(ctl, &args) {
+            failures.push(format!("{error:#}"));
+        }
+    }
+    failures
 }
 
 /// The `rabbitmqctl` arguments that put a threshold back as `eval` printed it: `0.4` or
@@ -96,7 +126,8 @@ impl Alarm {
             Resource::Disk => rabbitmqctl(ctl, &["eval", "rabbit_disk_monitor:get_disk_free_limit()."])?,
         };
         let restore = restore_args(resource, &current)?;
-        let alarm = Alarm { ctl: ctl.to_string(), resource, restore, cleared: false };
+        let pending = remember(ctl, restore.clone());
+        let alarm = Alarm { ctl: ctl.to_string(), resource, restore, cleared: false, pending };
         match resource {
             Resource::Memory => rabbitmqctl(ctl, &["set_vm_memory_high_watermark", "absolute", "1MB"])?,
             Resource::Disk => rabbitmqctl(ctl, &["set_disk_free_limit", "100000GB"])?,
@@ -110,12 +141,14 @@ impl Alarm {
         let args: Vec<&str> = self.restore.iter().map(String::as_str).collect();
         rabbitmqctl(&self.ctl, &args)?;
         self.cleared = true;
+        forget(self.pending);
         wait_alarm(&self.ctl, self.resource, false).await
     }
 }
 
 impl Drop for Alarm {
     fn drop(&mut self) {
+        forget(self.pending);
         if !self.cleared {
             let args: Vec<&str> = self.restore.iter().map(String::as_str).collect();
             if let Err(error) = rabbitmqctl(&self.ctl, &args) {
@@ -132,6 +165,7 @@ impl Drop for Alarm {
 pub struct ConsumerTimeout {
     ctl: String,
     restore: String,
+    pending: u64,
 }
 
 impl ConsumerTimeout {
@@ -152,13 +186,15 @@ impl ConsumerTimeout {
             timeout.as_millis(),
             tick.as_millis()
         );
+        let pending = remember(ctl, vec!["eval".into(), restore.clone()]);
         rabbitmqctl(ctl, &["eval", &set])?;
-        Ok(ConsumerTimeout { ctl: ctl.to_string(), restore })
+        Ok(ConsumerTimeout { ctl: ctl.to_string(), restore, pending })
     }
 }
 
 impl Drop for ConsumerTimeout {
     fn drop(&mut self) {
+        forget(self.pending);
         if let Err(error) = rabbitmqctl(&self.ctl, &["eval", &self.restore]) {
             eprintln!("could not restore the broker's consumer_timeout: {error:#}");
         }
