@@ -136,8 +136,30 @@ pub trait Sink {
 #[derive(Clone)]
 pub struct Ledger {
     tx: Option<mpsc::Sender<Event>>,
+    stats: Arc<Stats>,
+}
+
+/// What the ledger lost, shared by the handles and the task that appends.
+struct Stats {
     dropped: IntCounter,
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl Stats {
+    fn set_failure(&self, failure: Option<String>) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = failure;
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The receiving end of a [`Ledger`], for its [`run`] task (which holds no sender, so it ends
+/// when the stage's last handle is dropped, too).
+pub struct Drain {
+    rx: mpsc::Receiver<Event>,
+    stats: Arc<Stats>,
 }
 
 /// How a stage's ledger task batches.
@@ -165,16 +187,21 @@ impl Options {
     }
 }
 
+/// How long the last flush at shutdown may take; what it has not appended by then is dropped
+/// and counted (under a broker alarm every append would wait for the alarm).
+pub const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
 impl Ledger {
     /// A ledger that records nothing (`LEDGER=off`).
     pub fn off(dropped: IntCounter) -> Ledger {
-        Ledger { tx: None, dropped, failure: Arc::default() }
+        Ledger { tx: None, stats: Arc::new(Stats { dropped, failure: Mutex::new(None) }) }
     }
 
     /// A ledger and the receiving end its [`run`] task drains.
-    pub fn new(options: &Options, dropped: IntCounter) -> (Ledger, mpsc::Receiver<Event>) {
+    pub fn new(options: &Options, dropped: IntCounter) -> (Ledger, Drain) {
         let (tx, rx) = mpsc::channel(options.buffer.max(1));
-        (Ledger { tx: Some(tx), dropped, failure: Arc::default() }, rx)
+        let stats = Arc::new(Stats { dropped, failure: Mutex::new(None) });
+        (Ledger { tx: Some(tx), stats: stats.clone() }, Drain { rx, stats })
     }
 
     /// Records `event` without waiting: when the buffer is full (the sink is slow or down) the
@@ -183,13 +210,13 @@ impl Ledger {
         if let Some(tx) = &self.tx
             && tx.try_send(event).is_err()
         {
-            self.dropped.inc();
+            self.stats.dropped.inc();
         }
     }
 
     /// Events dropped so far (the value of `orderflow_ledger_dropped_events_total` it counts).
     pub fn dropped_count(&self) -> u64 {
-        self.dropped.get()
+        self.stats.dropped.get()
     }
 
     pub fn is_on(&self) -> bool {
@@ -198,37 +225,38 @@ impl Ledger {
 
     /// The last append that failed, for `/readyz`'s detail (`None` once one succeeds again).
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set_failure(&self, failure: Option<String>) {
-        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = failure;
+        self.stats.failure()
     }
 }
 
-/// Drains `rx` into batches appended to `sink` until `shutdown` (then what is buffered is
-/// appended once more) or until every [`Ledger`] handle is gone.
-pub async fn run(
-    ledger: Ledger,
-    mut rx: mpsc::Receiver<Event>,
-    mut sink: impl Sink,
-    options: Options,
-    shutdown: CancellationToken,
-) {
+/// Drains into batches appended to `sink`, until every [`Ledger`] handle is gone or `shutdown`;
+/// then an append in flight may finish and what is buffered is appended once more, each for at
+/// most [`FINAL_FLUSH`]. A stage cancels
+/// `shutdown` only after it has settled its last delivery: events recorded after it are dropped.
+pub async fn run(drain: Drain, mut sink: impl Sink, options: Options, shutdown: CancellationToken) {
+    let Drain { mut rx, stats } = drain;
     let mut events = Vec::with_capacity(options.max_events);
     loop {
         let open = tokio::select! {
             biased;
+            _ = shutdown.cancelled() => false,
             got = rx.recv_many(&mut events, options.max_events) => got > 0,
-            _ = shutdown.cancelled() => {
-                rx.close();
-                while rx.recv_many(&mut events, usize::MAX).await > 0 {}
-                flush(&ledger, &mut sink, &options, &mut events).await;
-                return;
-            }
         };
         if !open {
-            flush(&ledger, &mut sink, &options, &mut events).await;
+            rx.close();
+            while rx.recv_many(&mut events, usize::MAX).await > 0 {}
+            let mut settled = 0;
+            let total = events.len() as u64;
+            if tokio::time::timeout(FINAL_FLUSH, flush(&stats, &mut sink, &options, &mut events, &mut settled))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    message = "The ledger's last flush ran out of time; its events are dropped.",
+                    events = total - settled
+                );
+                stats.dropped.inc_by(total - settled);
+            }
             return;
         }
         // Let the batch fill for up to `linger` after its first event.
@@ -243,12 +271,25 @@ pub async fn run(
                 _ = shutdown.cancelled() => break,
             }
         }
-        flush(&ledger, &mut sink, &options, &mut events).await;
+        let (before, mut settled) = (events.len() as u64, 0);
+        let flushed = tokio::select! {
+            _ = flush(&stats, &mut sink, &options, &mut events, &mut settled) => true,
+            _ = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(FINAL_FLUSH).await;
+            } => false,
+        };
+        if !flushed {
+            // Shutdown while an append waited past FINAL_FLUSH (a broker alarm): the batch in
+            // flight is lost with it; the rest goes to the last flush.
+            stats.dropped.inc_by(before - settled - events.len() as u64);
+        }
     }
 }
 
 /// Appends `events` as batches of at most `max_events`; a refused batch is dropped and counted.
-async fn flush(ledger: &Ledger, sink: &mut impl Sink, options: &Options, events: &mut Vec<Event>) {
+/// `settled` counts the events appended or dropped so far.
+async fn flush(stats: &Stats, sink: &mut impl Sink, options: &Options, events: &mut Vec<Event>, settled: &mut u64) {
     while !events.is_empty() {
         let rest = events.split_off(events.len().min(options.max_events));
         let batch = Batch {
@@ -263,15 +304,16 @@ async fn flush(ledger: &Ledger, sink: &mut impl Sink, options: &Options, events:
             Err(error) => Err(error.into()),
         };
         match outcome {
-            Ok(()) => ledger.set_failure(None),
+            Ok(()) => stats.set_failure(None),
             Err(error) => {
-                if ledger.failure().is_none() {
+                if stats.failure().is_none() {
                     tracing::warn!(message = "The ledger could not append; its events are dropped until it can.", events = count, error = %format!("{error:#}"));
                 }
-                ledger.dropped.inc_by(count);
-                ledger.set_failure(Some(format!("ledger append failed: {error:#}")));
+                stats.dropped.inc_by(count);
+                stats.set_failure(Some(format!("ledger append failed: {error:#}")));
             }
         }
+        *settled += count;
     }
 }
 
@@ -359,7 +401,7 @@ mod tests {
         let sink = Memory::default();
         let (ledger, rx) = Ledger::new(&options(10_000, 100), counter());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(ledger.clone(), rx, sink.clone(), options(10_000, 100), shutdown.clone()));
+        let task = tokio::spawn(run(rx, sink.clone(), options(10_000, 100), shutdown.clone()));
         for n in 0..250 {
             ledger.record(written(n));
         }
@@ -385,7 +427,7 @@ mod tests {
             .collect();
         assert_eq!(order.first().map(String::as_str), Some("rec-0"));
         assert_eq!(order.last().map(String::as_str), Some("rec-999"), "events keep their order");
-        assert_eq!(ledger.dropped.get(), 0);
+        assert_eq!(ledger.dropped_count(), 0);
         shutdown.cancel();
         task.await.expect("test value");
     }
@@ -399,10 +441,10 @@ mod tests {
             ledger.record(written(n));
         }
         assert!(started.elapsed() < Duration::from_secs(1), "record never waits");
-        assert_eq!(ledger.dropped.get(), 15);
+        assert_eq!(ledger.dropped_count(), 15);
         let off = Ledger::off(counter());
         off.record(written(1));
-        assert_eq!((off.is_on(), off.dropped.get()), (false, 0), "off records nothing and drops nothing");
+        assert_eq!((off.is_on(), off.dropped_count()), (false, 0), "off records nothing and drops nothing");
     }
 
     #[tokio::test]
@@ -411,11 +453,11 @@ mod tests {
         sink.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
         let (ledger, rx) = Ledger::new(&options(10_000, 100), counter());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(ledger.clone(), rx, sink.clone(), options(10_000, 100), shutdown.clone()));
+        let task = tokio::spawn(run(rx, sink.clone(), options(10_000, 100), shutdown.clone()));
         for n in 0..30 {
             ledger.record(written(n));
         }
-        settle_until("the refused events counted", || ledger.dropped.get() == 30).await;
+        settle_until("the refused events counted", || ledger.dropped_count() == 30).await;
         let failure = ledger.failure().unwrap_or_default();
         assert!(failure.contains("stream unavailable"), "{failure}");
         sink.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -426,13 +468,50 @@ mod tests {
         task.await.expect("test value");
     }
 
+    /// Never answers (a broker that blocks every publisher).
+    struct Stuck;
+
+    impl Sink for Stuck {
+        async fn append(&mut self, _body: Vec<u8>) -> anyhow::Result<()> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_flush_is_bounded_and_what_it_could_not_append_is_counted() {
+        let (ledger, rx) = Ledger::new(&options(10_000, 10), counter());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(rx, Stuck, options(10_000, 10), shutdown.clone()));
+        tokio::task::yield_now().await;
+        for n in 0..25 {
+            ledger.record(written(n));
+        }
+        shutdown.cancel();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(60), task).await.expect("run ends").expect("no panic");
+        // An append in flight gets FINAL_FLUSH, then what is left gets it again.
+        assert!(started.elapsed() <= FINAL_FLUSH * 2 + Duration::from_secs(1), "{:?}", started.elapsed());
+        assert_eq!(ledger.dropped_count(), 25);
+    }
+
+    #[tokio::test]
+    async fn the_task_ends_with_a_flush_when_the_stage_drops_its_last_handle() {
+        let sink = Memory::default();
+        let (ledger, rx) = Ledger::new(&options(10_000, 100), counter());
+        let task = tokio::spawn(run(rx, sink.clone(), options(10_000, 100), CancellationToken::new()));
+        ledger.record(written(1));
+        drop(ledger);
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("run ends").expect("no panic");
+        assert_eq!(sink.batches.lock().expect("lock").iter().map(|b| b.events.len()).sum::<usize>(), 1);
+    }
+
     #[tokio::test]
     async fn shutdown_appends_what_is_buffered() {
         let sink = Memory::default();
         let slow = Options { linger: Duration::from_secs(3600), ..options(10_000, 1000) };
         let (ledger, rx) = Ledger::new(&slow, counter());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(ledger.clone(), rx, sink.clone(), slow, shutdown.clone()));
+        let task = tokio::spawn(run(rx, sink.clone(), slow, shutdown.clone()));
         for n in 0..42 {
             ledger.record(written(n));
         }

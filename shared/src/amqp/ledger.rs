@@ -43,48 +43,65 @@ pub async fn declare(channel: &Channel, spec: &QueueSpec) -> Result<(), lapin::E
     declare_queue(channel, spec).await.map(|_| ())
 }
 
-/// How long a read waits for the next message before it calls the stream read to its end.
-const IDLE_END: Duration = Duration::from_secs(1);
+/// How long a read waits for the next message before it gives up on reaching its end marker
+/// (the read is then reported incomplete).
+const IDLE_LIMIT: Duration = Duration::from_secs(30);
 
-/// Reads the ledger `stream` from `since` (seconds since the epoch; the broker starts at the first
-/// chunk at or before it, so a few earlier batches may come too) up to what was published before
-/// the read began, handing each batch to `each`. Messages that are not ledger batches are skipped
-/// and counted in the result.
+/// Reads the ledger `stream` from `since` (seconds since the epoch; the broker starts at the
+/// first chunk at or before it, so a few earlier batches may come too: callers filter by `at`) up
+/// to everything appended before the read began, handing each batch to `each`. "Before the read
+/// began" is exact: the read first appends a marker of its own (confirmed) and ends when that
+/// marker comes back, whatever the stages' clocks say. Messages that are not ledger batches
+/// (other readers' markers) are skipped and counted.
 pub async fn read(
     connection: &Connection,
     stream: &str,
     since: i64,
     mut each: impl FnMut(Batch),
 ) -> anyhow::Result<ReadSummary> {
-    let started = jiff::Timestamp::now().as_second();
+    let marker = format!("ledger-read:{}:{}", crate::messages::now_ms(), fastrand::u64(..));
+    let publisher = Publisher::open(connection).await?;
+    let body = br#"{"schema":"orderflow.ledger.read-marker.v1"}"#;
+    publisher.publish("", stream, body, json_properties(&marker, FieldTable::default())).await?;
+    super::connect::close_channel(publisher.channel(), "marked").await;
+
     let channel = connection.create_channel().await?;
     // A stream consumer must have a prefetch, and acks move its credit along.
     channel.basic_qos(500, BasicQosOptions::default()).await?;
     let mut arguments = FieldTable::default();
-    arguments.insert(ShortString::from("x-stream-offset"), AMQPValue::Timestamp(since.max(0) as u64));
+    // Never past now: a read from the future would start after its own marker.
+    let since = since.clamp(0, crate::messages::now_ms() / 1000);
+    arguments.insert(ShortString::from("x-stream-offset"), AMQPValue::Timestamp(since as u64));
     let mut consumer =
         channel.basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments).await?;
     let mut summary = ReadSummary::default();
     loop {
-        let delivery = match tokio::time::timeout(IDLE_END, consumer.next()).await {
+        let delivery = match tokio::time::timeout(IDLE_LIMIT, consumer.next()).await {
             Err(_) | Ok(None) => break,
             Ok(Some(delivery)) => delivery?,
         };
-        channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()).await?;
-        let published = delivery.properties.timestamp().map(|t| t as i64);
+        // One ack for everything up to here, every few hundred messages and at the end.
+        let ours = super::headers::message_id(&delivery.properties) == marker;
+        if ours || delivery.delivery_tag % 200 == 0 {
+            channel.basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true }).await?;
+        }
+        if ours {
+            summary.complete = true;
+            break;
+        }
         match serde_json::from_slice::<Batch>(&delivery.data) {
             Ok(batch) if batch.schema == LEDGER_SCHEMA => {
                 summary.batches += 1;
                 each(batch);
             }
-            _ => summary.unreadable += 1,
-        }
-        // Live stages keep appending: stop at the first batch published after the read began.
-        if published.is_some_and(|at| at > started) {
-            break;
+            _ => summary.other += 1,
         }
     }
-    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+    let _ = tokio::time::timeout(
+        super::connect::CLOSE_TIMEOUT,
+        channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+    )
+    .await;
     super::connect::close_channel(&channel, "read").await;
     Ok(summary)
 }
@@ -94,5 +111,8 @@ pub async fn read(
 pub struct ReadSummary {
     pub batches: u64,
     /// Messages that were not ledger batches (skipped).
-    pub unreadable: u64,
+    pub other: u64,
+    /// The read reached its own marker: it saw everything appended before it began. `false` when
+    /// the stream went quiet for [`IDLE_LIMIT`] first (a stream the broker cannot serve).
+    pub complete: bool,
 }
