@@ -67,6 +67,19 @@ pub async fn close_channel(channel: &lapin::Channel, why: &str) {
     }
 }
 
+/// Cancels consumer `tag` on `channel`, waiting at most [`CLOSE_TIMEOUT`]: a cancel the broker
+/// does not answer in time is an error (`TimedOut`), as a stuck channel ends its session.
+pub async fn cancel(channel: &lapin::Channel, tag: &str) -> Result<(), lapin::Error> {
+    let cancel = channel.basic_cancel(tag.into(), lapin::options::BasicCancelOptions::default());
+    match tokio::time::timeout(CLOSE_TIMEOUT, cancel).await {
+        Ok(result) => result,
+        Err(_) => {
+            let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "basic.cancel timed out");
+            Err(lapin::ErrorKind::IOError(std::sync::Arc::new(timed_out)).into())
+        }
+    }
+}
+
 pub async fn connect(args: &BrokerArgs, connection_name: &str) -> Result<Connection, ConnectError> {
     let uri = broker_uri(args)?;
     let mut tls = OwnedTLSConfig::default();

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use lapin::{
     Acker,
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
 use prometheus::IntCounter;
@@ -260,17 +260,14 @@ pub async fn serve<H: Handler>(connections: &Connections, serve: Serve<'_>, hand
     .await;
     serve.readiness.set_failing(CONSUMING_CHECK, if outcome.is_ok() { "stopping" } else { "consumer failed" });
     if channel.status().connected() {
-        let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
-        let _ = tokio::time::timeout(super::connect::CLOSE_TIMEOUT, cancel).await;
+        let _ = super::connect::cancel(&channel, tag.as_str()).await;
     }
     drain(&mut tasks).await;
     // Every finished delivery is acked before the channel closes (so a graceful stop leaves
     // nothing to redeliver but the work that was cut off).
     stop_acks.cancel();
     let _ = ack_task.await;
-    if channel.status().connected() {
-        super::connect::close_channel(&channel, "bye").await;
-    }
+    super::connect::close_channel(&channel, "bye").await;
     outcome
 }
 

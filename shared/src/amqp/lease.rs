@@ -43,8 +43,8 @@ use lapin::{
     Channel, Consumer,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
     },
     types::FieldTable,
 };
@@ -459,15 +459,9 @@ impl Lease {
     /// next waiting consumer (another replica) receives them.
     pub async fn release(&mut self) -> Result<(), Error> {
         if let Some(mut consumer) = self.consumer.take() {
-            let cancel = self.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-            match tokio::time::timeout(super::connect::CLOSE_TIMEOUT, cancel).await {
-                Ok(result) => result?,
-                // The session ends with it (a stuck channel): the broker returns what is held.
-                Err(_) => {
-                    let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "basic.cancel timed out");
-                    return Err(lapin::ErrorKind::IOError(Arc::new(timed_out)).into());
-                }
-            }
+            // A cancel that times out ends the session (a stuck channel): the broker returns
+            // what is held.
+            super::connect::cancel(&self.channel, consumer.tag().as_str()).await?;
             // Deliveries that crossed the cancel are ours to return too.
             while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
                 let at = Instant::now();

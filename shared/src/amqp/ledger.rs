@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::{
     Channel, Connection,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 
@@ -97,11 +97,7 @@ pub async fn read(
             _ => summary.other += 1,
         }
     }
-    let _ = tokio::time::timeout(
-        super::connect::CLOSE_TIMEOUT,
-        channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
-    )
-    .await;
+    let _ = super::connect::cancel(&channel, consumer.tag().as_str()).await;
     super::connect::close_channel(&channel, "read").await;
     Ok(summary)
 }

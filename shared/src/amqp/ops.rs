@@ -14,7 +14,7 @@ use lapin::{
 
 use super::{
     Topology,
-    connect::{ConnectError, connect},
+    connect::{ConnectError, close_channel, connect},
     headers::{get_i64, get_str, headers_of, set_i64, set_str, strip_broker_death_headers},
     is_not_found,
     publisher::Publisher,
@@ -63,7 +63,7 @@ impl Client {
             Err(error) if is_not_found(&error) => None,
             Err(error) => return Err(error.into()),
         };
-        close_channel(&channel).await;
+        close_channel(&channel, "done").await;
         Ok(state)
     }
 
@@ -71,7 +71,7 @@ impl Client {
     pub async fn declare(&self, topology: &Topology) -> anyhow::Result<()> {
         let channel = self.connection.create_channel().await?;
         topology.declare(&channel).await?;
-        close_channel(&channel).await;
+        close_channel(&channel, "done").await;
         Ok(())
     }
 
@@ -94,7 +94,7 @@ impl Client {
             channel = self.usable(channel).await?;
             let _ = channel.exchange_delete(exchange.name.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
-        close_channel(&channel).await;
+        close_channel(&channel, "done").await;
         Ok(())
     }
 
@@ -116,13 +116,7 @@ impl Client {
 
 /// Closes a publisher's channel (its connection stays open).
 pub async fn close_publisher(publisher: &Publisher) {
-    close_channel(publisher.channel()).await;
-}
-
-async fn close_channel(channel: &Channel) {
-    if channel.status().connected() {
-        super::connect::close_channel(channel, "done").await;
-    }
+    close_channel(publisher.channel(), "done").await;
 }
 
 /// Takes messages from queues without removing them: a message is removed only when acked
@@ -162,7 +156,7 @@ impl Reader {
 
     /// Gives back every message taken and not acked.
     pub async fn close(self) {
-        close_channel(&self.channel).await;
+        close_channel(&self.channel, "done").await;
     }
 }
 
