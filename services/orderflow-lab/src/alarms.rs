@@ -27,9 +27,7 @@ impl Resource {
 pub struct Alarm {
     ctl: String,
     resource: Resource,
-    restore: Vec<String>,
-    cleared: bool,
-    pending: u64,
+    restore: Restore,
 }
 
 /// Broker settings a guard here changed and has not put back yet (`rabbitmqctl` command and
@@ -37,15 +35,28 @@ pub struct Alarm {
 /// test watchdog's abort), can still leave the broker as it found it.
 static PENDING: std::sync::Mutex<Vec<(u64, String, Vec<String>)>> = std::sync::Mutex::new(Vec::new());
 
-fn remember(ctl: &str, restore: Vec<String>) -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    PENDING.lock().unwrap_or_else(|e| e.into_inner()).push((id, ctl.to_string(), restore));
-    id
-}
+/// A guard's entry in [`PENDING`]: the one place that knows how to put its setting back.
+struct Restore(u64);
 
-fn forget(id: u64) {
-    PENDING.lock().unwrap_or_else(|e| e.into_inner()).retain(|(pending, _, _)| *pending != id);
+impl Restore {
+    fn remember(ctl: &str, args: Vec<String>) -> Restore {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        PENDING.lock().unwrap_or_else(|e| e.into_inner()).push((id, ctl.to_string(), args));
+        Restore(id)
+    }
+
+    /// Puts the setting back (once: a success removes the entry; a failure keeps it for a later
+    /// try). Nothing to do when it is back already.
+    fn put_back(&self) -> anyhow::Result<()> {
+        let entry = PENDING.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(id, _, _)| *id == self.0).cloned();
+        if let Some((_, ctl, args)) = entry {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rabbitmqctl(&ctl, &args)?;
+            PENDING.lock().unwrap_or_else(|e| e.into_inner()).retain(|(id, _, _)| *id != self.0);
+        }
+        Ok(())
+    }
 }
 
 /// Puts back every broker setting a guard still holds (newest first); returns what failed.
@@ -91,14 +102,18 @@ fn restore_args(resource: Resource, printed: &str) -> anyhow::Result<Vec<String>
 
 /// True while the broker reports an alarm for `resource`.
 pub fn alarm_active(ctl: &str, resource: Resource) -> anyhow::Result<bool> {
-    let alarms = rabbitmqctl(ctl, &["eval", "rabbit_alarm:get_alarms()."])?;
-    Ok(alarms.contains(&format!("resource_limit,{}", resource.as_str())))
+    Ok(alarms(ctl)?.contains(&format!("resource_limit,{}", resource.as_str())))
+}
+
+/// The broker's alarms as `rabbit_alarm:get_alarms()` prints them.
+fn alarms(ctl: &str) -> anyhow::Result<String> {
+    rabbitmqctl(ctl, &["eval", "rabbit_alarm:get_alarms()."])
 }
 
 /// The broker's alarms as it prints them (`[]` when none), or why they could not be read: for
 /// the message of a run that stalled.
 pub fn describe_alarms(ctl: &str) -> String {
-    match rabbitmqctl(ctl, &["eval", "rabbit_alarm:get_alarms()."]) {
+    match alarms(ctl) {
         Ok(alarms) => alarms.trim().to_string(),
         Err(error) => format!("unknown ({error:#})"),
     }
@@ -125,9 +140,8 @@ impl Alarm {
             Resource::Memory => rabbitmqctl(ctl, &["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])?,
             Resource::Disk => rabbitmqctl(ctl, &["eval", "rabbit_disk_monitor:get_disk_free_limit()."])?,
         };
-        let restore = restore_args(resource, &current)?;
-        let pending = remember(ctl, restore.clone());
-        let alarm = Alarm { ctl: ctl.to_string(), resource, restore, cleared: false, pending };
+        let restore = Restore::remember(ctl, restore_args(resource, &current)?);
+        let alarm = Alarm { ctl: ctl.to_string(), resource, restore };
         match resource {
             Resource::Memory => rabbitmqctl(ctl, &["set_vm_memory_high_watermark", "absolute", "1MB"])?,
             Resource::Disk => rabbitmqctl(ctl, &["set_disk_free_limit", "100000GB"])?,
@@ -137,23 +151,16 @@ impl Alarm {
     }
 
     /// Restores the threshold and returns once the broker reports the alarm gone.
-    pub async fn clear(mut self) -> anyhow::Result<()> {
-        let args: Vec<&str> = self.restore.iter().map(String::as_str).collect();
-        rabbitmqctl(&self.ctl, &args)?;
-        self.cleared = true;
-        forget(self.pending);
+    pub async fn clear(self) -> anyhow::Result<()> {
+        self.restore.put_back()?;
         wait_alarm(&self.ctl, self.resource, false).await
     }
 }
 
 impl Drop for Alarm {
     fn drop(&mut self) {
-        forget(self.pending);
-        if !self.cleared {
-            let args: Vec<&str> = self.restore.iter().map(String::as_str).collect();
-            if let Err(error) = rabbitmqctl(&self.ctl, &args) {
-                eprintln!("could not clear the broker's {} alarm: {error:#}", self.resource.as_str());
-            }
+        if let Err(error) = self.restore.put_back() {
+            eprintln!("could not clear the broker's {} alarm: {error:#}", self.resource.as_str());
         }
     }
 }
@@ -163,9 +170,7 @@ impl Drop for Alarm {
 /// (`channel_tick_interval`, a minute by default: a fifth of the timeout here, at least 1 s, so a
 /// test sees the broker act within seconds); dropping it restores both settings.
 pub struct ConsumerTimeout {
-    ctl: String,
-    restore: String,
-    pending: u64,
+    restore: Restore,
 }
 
 impl ConsumerTimeout {
@@ -186,16 +191,15 @@ impl ConsumerTimeout {
             timeout.as_millis(),
             tick.as_millis()
         );
-        let pending = remember(ctl, vec!["eval".into(), restore.clone()]);
+        let restore = Restore::remember(ctl, vec!["eval".into(), restore]);
         rabbitmqctl(ctl, &["eval", &set])?;
-        Ok(ConsumerTimeout { ctl: ctl.to_string(), restore, pending })
+        Ok(ConsumerTimeout { restore })
     }
 }
 
 impl Drop for ConsumerTimeout {
     fn drop(&mut self) {
-        forget(self.pending);
-        if let Err(error) = rabbitmqctl(&self.ctl, &["eval", &self.restore]) {
+        if let Err(error) = self.restore.put_back() {
             eprintln!("could not restore the broker's consumer_timeout: {error:#}");
         }
     }
