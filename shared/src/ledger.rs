@@ -245,17 +245,12 @@ pub async fn run(drain: Drain, mut sink: impl Sink, options: Options, shutdown: 
         if !open {
             rx.close();
             while rx.recv_many(&mut events, usize::MAX).await > 0 {}
-            let mut settled = 0;
-            let total = events.len() as u64;
-            if tokio::time::timeout(FINAL_FLUSH, flush(&stats, &mut sink, &options, &mut events, &mut settled))
-                .await
-                .is_err()
-            {
+            if !flush_until(&stats, &mut sink, &options, &mut events, tokio::time::sleep(FINAL_FLUSH)).await {
                 tracing::warn!(
                     message = "The ledger's last flush ran out of time; its events are dropped.",
-                    events = total - settled
+                    events = events.len()
                 );
-                stats.dropped.inc_by(total - settled);
+                stats.dropped.inc_by(events.len() as u64);
             }
             return;
         }
@@ -271,20 +266,34 @@ pub async fn run(drain: Drain, mut sink: impl Sink, options: Options, shutdown: 
                 _ = shutdown.cancelled() => break,
             }
         }
-        let (before, mut settled) = (events.len() as u64, 0);
-        let flushed = tokio::select! {
-            _ = flush(&stats, &mut sink, &options, &mut events, &mut settled) => true,
-            _ = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(FINAL_FLUSH).await;
-            } => false,
+        // Shutdown while an append waits (a broker alarm) gives it FINAL_FLUSH; what is left then
+        // goes to the last flush.
+        let shutdown_and_then_some = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(FINAL_FLUSH).await;
         };
-        if !flushed {
-            // Shutdown while an append waited past FINAL_FLUSH (a broker alarm): the batch in
-            // flight is lost with it; the rest goes to the last flush.
-            stats.dropped.inc_by(before - settled - events.len() as u64);
-        }
+        flush_until(&stats, &mut sink, &options, &mut events, shutdown_and_then_some).await;
     }
+}
+
+/// [`flush`]es until `stop` completes first; then the batch whose append was cut off is dropped
+/// and counted, and what was not tried stays in `events`. Whether everything was flushed.
+async fn flush_until(
+    stats: &Stats,
+    sink: &mut impl Sink,
+    options: &Options,
+    events: &mut Vec<Event>,
+    stop: impl Future<Output = ()>,
+) -> bool {
+    let (before, mut settled) = (events.len() as u64, 0);
+    let flushed = tokio::select! {
+        _ = flush(stats, sink, options, events, &mut settled) => true,
+        _ = stop => false,
+    };
+    if !flushed {
+        stats.dropped.inc_by(before - settled - events.len() as u64);
+    }
+    flushed
 }
 
 /// Appends `events` as batches of at most `max_events`; a refused batch is dropped and counted.
