@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     checks: Arc<Mutex<BTreeMap<String, Result<(), String>>>>,
+    /// Trouble worth showing that does not make the service unready (the ledger's last failure).
+    details: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Readiness {
@@ -41,6 +43,21 @@ impl Readiness {
 
     pub fn remove(&self, name: &str) {
         self.lock().remove(name);
+    }
+
+    /// Shows `detail` under `name` in `/readyz`'s `details` without failing readiness; `None`
+    /// takes it away.
+    pub fn set_detail(&self, name: &str, detail: Option<String>) {
+        let mut details = self.details.lock().unwrap_or_else(|e| e.into_inner());
+        match detail {
+            Some(text) => details.insert(name.to_string(), text),
+            None => details.remove(name),
+        };
+    }
+
+    /// The details shown beside the checks.
+    pub fn details(&self) -> BTreeMap<String, String> {
+        self.details.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -89,7 +106,10 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let ready = state.readiness.is_ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(serde_json::json!({ "ready": ready, "checks": state.readiness.report() })))
+    let body = serde_json::json!({
+        "ready": ready, "checks": state.readiness.report(), "details": state.readiness.details(),
+    });
+    (status, Json(body))
 }
 
 /// Adds `orderflow_replica_info{replica="<name>"} 1`, so a scraped replica (known to Prometheus

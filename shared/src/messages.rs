@@ -25,8 +25,13 @@ pub mod header {
     pub const FETCHED_AT_MS: &str = "x-orderflow-fetched-at-ms";
     /// When the message was dead-lettered (unix milliseconds).
     pub const DEAD_AT_MS: &str = "x-orderflow-dead-at-ms";
-    /// The record's source order id, for finding one order in logs and dead letters.
+    /// The record's id (the source's `o_id` by default), for finding one order in logs and dead letters.
     pub const ORDER_ID: &str = "x-orderflow-order-id";
+    /// The source's ids of the order a record or a rejected order is (for the ledger and for
+    /// people reading dead letters): `o_id`, `so_id` (the shop's order number), `io_id`.
+    pub const SOURCE_O_ID: &str = "x-orderflow-o-id";
+    pub const SOURCE_SO_ID: &str = "x-orderflow-so-id";
+    pub const SOURCE_IO_ID: &str = "x-orderflow-io-id";
     /// How often a record was parked: held (the target refusing everyone) for longer than
     /// `HOLD_LIMIT`, then republished to a retry tier with its attempt count unchanged.
     pub const PARKED: &str = "x-orderflow-parked";

@@ -43,6 +43,53 @@ pub struct BrokerArgs {
     pub amqp_confirm_timeout: std::time::Duration,
 }
 
+/// The ledger (`<ns>.ledger`, a RabbitMQ stream): what happened to each order at every stage, for
+/// `orderflow trace` and `orderflow audit`. Shared by the three stages and the CLI.
+#[derive(Debug, Clone, Args)]
+pub struct LedgerArgs {
+    /// Record what happens to each order in the ledger stream <ns>.ledger: on or off. Off, trace
+    /// and audit have nothing to read.
+    #[arg(long = "ledger", env = "LEDGER", default_value = "on", value_parser = parse_on_off)]
+    pub ledger: bool,
+    /// How long the broker keeps ledger entries (the stream's x-max-age, set when it is first
+    /// declared; see the README to change it later).
+    #[arg(long, env = "LEDGER_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
+    pub ledger_max_age: std::time::Duration,
+    /// The most the ledger stream may hold on the broker's disk (x-max-length-bytes), e.g. 4GiB,
+    /// 500MB; the oldest entries go first.
+    #[arg(long, env = "LEDGER_MAX_BYTES", default_value = "4GiB", value_parser = parse_bytes)]
+    pub ledger_max_bytes: u64,
+}
+
+impl Default for LedgerArgs {
+    fn default() -> Self {
+        LedgerArgs { ledger: true, ledger_max_age: std::time::Duration::from_secs(7 * 86_400), ledger_max_bytes: 4 << 30 }
+    }
+}
+
+/// `on`/`off` (also true/false, 1/0, yes/no).
+pub fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{text:?} must be on or off")),
+    }
+}
+
+/// A size as people write it (`bytesize`): `4GiB`, `500MB`, `64 MiB`, or a bare number of bytes;
+/// at least 1 MiB.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let size = text
+        .trim()
+        .parse::<bytesize::ByteSize>()
+        .map_err(|e| format!("{text:?} is not a size ({e}; e.g. 4GiB, 500MB)"))?
+        .as_u64();
+    if size < 1 << 20 {
+        return Err(format!("{text:?} is too small: at least 1MiB"));
+    }
+    Ok(size)
+}
+
 /// Logging: `LOG_FORMAT=json|pretty|auto` (auto: pretty on a terminal, JSON otherwise) and `RUST_LOG`.
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
@@ -217,5 +264,17 @@ mod tests {
         assert!(parse_duration("1e400").is_err());
         assert!(parse_duration("99999999999999999999999d").is_err(), "overflow is an error, not a panic");
         assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn ledger_sizes_and_switches_parse_or_name_the_input() {
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("500MB"), Ok(500_000_000));
+        assert_eq!(parse_bytes("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2000000"), Ok(2_000_000));
+        assert!(parse_bytes("1KiB").expect_err("too small").contains("at least"));
+        assert!(parse_bytes("lots").expect_err("not a size").contains("lots"));
+        assert_eq!((parse_on_off("on"), parse_on_off("OFF"), parse_on_off("false")), (Ok(true), Ok(false), Ok(false)));
+        assert!(parse_on_off("maybe").is_err());
     }
 }

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use orderflow_shared::settings::{BrokerArgs, LogArgs, parse_duration, secret_env};
+use orderflow_shared::settings::{BrokerArgs, LedgerArgs, LogArgs, parse_duration, secret_env};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
@@ -24,6 +24,8 @@ pub struct Config {
     pub broker: BrokerArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// Accounts file (TOML or JSON) with many merchants; when set, the JST_* account variables are not used.
     #[arg(long, env = "ORDERFLOW_ACCOUNTS")]
     pub accounts_file: Option<PathBuf>,

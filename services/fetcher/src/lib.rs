@@ -27,7 +27,8 @@ use std::{
 use jiff::Timestamp;
 use orderflow_shared::{
     admin::{self, Readiness},
-    amqp::{Connection, Connections, Fatal, Headers, Owner, Presence, Publisher, Topology, supervise},
+    amqp::{Connection, Connections, Fatal, Headers, Owner, Presence, Publisher, Topology, ledger::StageLedger, supervise},
+    ledger::Ledger,
     rng::Rng,
 };
 use serde_json::json;
@@ -79,6 +80,8 @@ struct Shared {
     /// Seals tokens stored in the broker (ORDERFLOW_SECRET_KEY).
     sealer: tokens::Sealer,
     tracer: orderflow_shared::otel::Tracer,
+    /// Where every published order is recorded (`fetched`).
+    ledger: Ledger,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -103,7 +106,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         window_delay: config.window_delay,
         window_overlap: config.window_overlap,
     };
+    let name = orderflow_shared::amqp::connection_name("fetcher", &config.broker.ns);
+    let stage_ledger =
+        StageLedger::start("fetcher", &config.ledger, &config.broker, &name, &metrics.registry, &readiness);
     let shared = Arc::new(Shared {
+        ledger: stage_ledger.ledger.clone(),
         topology: Topology::new(config.broker.ns.clone()),
         accounts: runtimes,
         metrics,
@@ -118,11 +125,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let broker = shared.config.broker.clone();
     let broker_metrics = shared.metrics.broker.clone();
     let readiness = shared.readiness.clone();
-    let name = orderflow_shared::amqp::connection_name("fetcher", &broker.ns);
-    supervise(&broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
+    let result = supervise(&broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
         session(connections, shared.clone(), shutdown.clone())
     })
-    .await
+    .await;
+    // Every page is confirmed or abandoned by now: what was recorded goes out before the ledger stops.
+    stage_ledger.stop().await;
+    result
 }
 
 /// One configured account, ready to be held: its client, budgets, metrics and readiness check.
@@ -580,6 +589,7 @@ impl AccountWorker {
             seen: sweeping.then_some(&rt.seen),
             follow: None,
             fresh_until,
+            ledger: &self.shared.ledger,
         };
         match mode {
             CursorMode::StartTs => pass::start_ts_pass(&mut ctx, job.cursor.start_ts.unwrap_or(0)).await,
@@ -825,6 +835,7 @@ impl Sweeper {
             seen: None,
             follow: Some(&rt.credentials),
             fresh_until: None,
+            ledger: &shared.ledger,
         };
         sweep::sweep(&mut ctx, &rt.seen, shared.config.sweep_span).await
     }

@@ -27,6 +27,7 @@ use orderflow_shared::{
     },
     backoff::Backoff,
     jst::CodeAction,
+    ledger::{Event, Ledger, OrderIds, What},
     messages::{PAGE_SCHEMA, Page, header, now_ms, page_message_id},
     otel,
     time::rfc3339_china,
@@ -83,7 +84,13 @@ pub struct PassContext<'a> {
     /// Until when the tokens count as just refreshed: a code 100 before then means bad
     /// credentials (stop), after it an expired token (refresh again). Cleared by a good call.
     pub fresh_until: Option<Instant>,
+    /// Where each published order is recorded (`fetched`, once its page is confirmed).
+    pub ledger: &'a Ledger,
 }
+
+/// A page ready to publish: body, properties, its span (when exporting) and the ledger events
+/// recorded once the broker confirms it.
+pub type PageMessage = (Vec<u8>, Properties, Option<Span>, Vec<Event>);
 
 #[derive(Debug)]
 pub struct PassResult {
@@ -234,15 +241,27 @@ impl PassContext<'_> {
     }
 
     /// The page message for `rows` (published by the caller).
-    fn page_message(
+    pub fn page_message(
         &self,
         cursor: Value,
         cursor_key: &str,
         page_index: u32,
         rows: Vec<Value>,
-    ) -> Result<(Vec<u8>, Properties, Option<Span>), PassError> {
+    ) -> Result<PageMessage, PassError> {
         let fetched_ms = now_ms();
         let id = page_message_id(&self.account.name, cursor_key, page_index);
+        let events = if self.ledger.is_on() {
+            let what = || What::Fetched { page: page_index, cursor: cursor_key.to_string() };
+            rows.iter()
+                .map(|row| {
+                    Event::new(what(), &self.account.name, &id)
+                        .ids(&OrderIds::of_row(row))
+                        .version(OrderIds::row_version(row))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // A fetch starts the trace; when exporting, the page's traceparent names this span.
         let (traceparent, span) = otel::hop(self.tracer, None, || {
             let list = |key: &str| {
@@ -272,7 +291,7 @@ impl PassContext<'_> {
         set_i64(&mut headers, header::ATTEMPT, 0);
         set_i64(&mut headers, header::FETCHED_AT_MS, fetched_ms);
         set_str(&mut headers, header::TRACEPARENT, &traceparent);
-        Ok((body, json_properties(&id, headers), span))
+        Ok((body, json_properties(&id, headers), span, events))
     }
 }
 
@@ -324,25 +343,27 @@ pub async fn refresh_tokens(
 }
 
 /// Confirmed publishes in flight, bounded.
-struct Inflight<'p> {
+pub struct Inflight<'p> {
     publisher: &'p Publisher,
     exchange: String,
+    ledger: &'p Ledger,
     futures: FuturesUnordered<futures_util::future::BoxFuture<'p, Result<u64, anyhow::Error>>>,
 }
 
 impl<'p> Inflight<'p> {
-    fn new(publisher: &'p Publisher, topology: &Topology) -> Self {
-        Self { publisher, exchange: topology.pages_exchange(), futures: FuturesUnordered::new() }
+    pub fn new(publisher: &'p Publisher, topology: &Topology, ledger: &'p Ledger) -> Self {
+        Self { publisher, exchange: topology.pages_exchange(), ledger, futures: FuturesUnordered::new() }
     }
 
-    async fn push(
+    pub async fn push(
         &mut self,
-        message: (Vec<u8>, Properties, Option<Span>),
+        message: PageMessage,
         orders: u64,
         metrics: &Metrics,
         account: &str,
     ) -> Result<(), PassError> {
-        let (body, props, span) = message;
+        let (body, props, span, events) = message;
+        let ledger = self.ledger;
         // On the wire now; only the confirm is awaited later.
         let confirm = self
             .publisher
@@ -357,6 +378,7 @@ impl<'p> Inflight<'p> {
             }
             confirmed?;
             drop(span);
+            ledger.record_all(events);
             Ok(orders)
         }));
         while self.futures.len() >= PUBLISH_WINDOW {
@@ -376,7 +398,7 @@ impl<'p> Inflight<'p> {
     }
 
     /// Waits for every publish; any failure fails the pass (no checkpoint).
-    async fn drain(&mut self, metrics: &Metrics, account: &str) -> Result<(), PassError> {
+    pub async fn drain(&mut self, metrics: &Metrics, account: &str) -> Result<(), PassError> {
         while !self.futures.is_empty() {
             self.next(metrics, account).await?;
         }
@@ -406,7 +428,7 @@ pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<P
     let started = Instant::now();
     let name = ctx.account.name.clone();
     let page_size = ctx.account.request.page_size;
-    let mut inflight = Inflight::new(ctx.publisher, ctx.topology);
+    let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.ledger);
     let mut cursor = start_ts;
     let (mut pages, mut orders, mut caught_up, mut needs_refresh) = (0u32, 0u64, false, false);
     while pages < ctx.settings.max_pages && started.elapsed() < ctx.settings.max_time {
@@ -522,7 +544,8 @@ pub async fn walk_windows(
 ) -> Result<PassResult, PassError> {
     let started = Instant::now();
     let name = ctx.account.name.clone();
-    let mut published = Published { inflight: Inflight::new(ctx.publisher, ctx.topology), pages: 0, orders: 0 };
+    let mut published =
+        Published { inflight: Inflight::new(ctx.publisher, ctx.topology, ctx.ledger), pages: 0, orders: 0 };
     let mut synced = from;
     let (mut caught_up, mut needs_refresh) = (false, false);
     let mut overlap = walk.overlap;

@@ -18,12 +18,14 @@ use orderflow_shared::{
         Applied, Connections, DeadLetter, ErrorClass, Fatal, Headers, Message, Outgoing, Settlement, Stage, Topology,
         consume::{self, Handler, Serve},
         headers::{json_properties, set_i64, set_str},
+        ledger::StageLedger,
         settle::{Policy, SettleMetrics},
         supervise,
         topology::{PAGE_ROUTING_KEY, RECORD_ROUTING_KEY},
     },
+    ledger::{Event, Ledger, OrderIds, What},
     messages::{PAGE_SCHEMA, header},
-    settings::{BrokerArgs, LogArgs},
+    settings::{BrokerArgs, LedgerArgs, LogArgs},
     trace::child_traceparent,
 };
 use prometheus::IntGauge;
@@ -45,6 +47,8 @@ pub struct Config {
     pub broker: BrokerArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// Admin HTTP address (/metrics, /healthz, /readyz).
     #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9102")]
     pub admin_addr: SocketAddr,
@@ -98,6 +102,8 @@ struct Shared {
     metrics: Metrics,
     /// The first account seen, until a second one shows whether ids can collide (warned once).
     id_check: std::sync::Mutex<AccountIds>,
+    /// What became of each order of a page (transformed, dropped, rejected).
+    ledger: Ledger,
 }
 
 /// Records of several merchants written with ids from the order alone (`o_id`) collide when the
@@ -139,7 +145,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .map_err(|e| Fatal(format!("ADMIN_ADDR {}: {e}", config.admin_addr)))?;
     tracing::info!(message = "Transformer started.", admin = %bound, ns = %config.broker.ns, mapping = ?config.mapping_file.as_ref().map(|p| p.display().to_string()));
+    let name = orderflow_shared::amqp::connection_name("transformer", &config.broker.ns);
+    let stage_ledger =
+        StageLedger::start("transformer", &config.ledger, &config.broker, &name, &metrics.registry, &readiness);
     let shared = Arc::new(Shared {
+        ledger: stage_ledger.ledger.clone(),
         declare_topology: config.broker.declare_topology,
         confirm_timeout: config.broker.amqp_confirm_timeout,
         hold_limit: config.hold_limit,
@@ -151,11 +161,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         id_check: std::sync::Mutex::new(AccountIds::default()),
     });
     let broker_metrics = shared.metrics.broker.clone();
-    let name = orderflow_shared::amqp::connection_name("transformer", &config.broker.ns);
-    supervise(&config.broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
+    let result = supervise(&config.broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
         session(connections, shared.clone(), config.prefetch, shutdown.clone(), readiness.clone())
     })
-    .await
+    .await;
+    // Every page is settled by now: what they recorded goes out before the ledger stops.
+    stage_ledger.stop().await;
+    result
 }
 
 /// One broker session: pages are consumed and acked on one connection, records and dead letters
@@ -209,12 +221,14 @@ impl Drop for InFlight {
 /// The transformer's handler: a page in, its records and rejected orders out.
 struct Transformer(Arc<Shared>);
 
-/// What a page turned into, for the metrics and spans once it is settled.
+/// What a page turned into, for the metrics, spans and the ledger once it is settled.
 struct Note {
     _in_flight: InFlight,
     outcome: Counts,
     /// The records' spans (when exporting): they end when the page is settled.
     spans: Vec<tracing::Span>,
+    /// What became of each order, recorded once the page is settled (empty with the ledger off).
+    events: Vec<Event>,
 }
 
 enum Counts {
@@ -238,12 +252,16 @@ impl Handler for Transformer {
         } else {
             transform_page(&shared.mapping, &message.body)
         };
+        let mut events = Vec::new();
         let (settlement, outcome, spans) = match outcome {
             PageOutcome::Poison { reason, detail } => {
                 tracing::warn!(message = "Poison page dead-lettered.", message_id = %message.message_id(), reason, %detail);
                 (Settlement::DeadLetter(shared.dead_letter(reason, detail)), Counts::Poison { reason }, Vec::new())
             }
             PageOutcome::Transformed(t) => {
+                if shared.ledger.is_on() {
+                    events = ledger_events(message, &t);
+                }
                 shared.id_check.lock().unwrap_or_else(|e| e.into_inner()).see(&shared.mapping, &t.account);
                 let mut spans = Vec::new();
                 let mut out = shared.records(message, &t, &mut spans);
@@ -257,7 +275,7 @@ impl Handler for Transformer {
                 (Settlement::Forward(out), counts, spans)
             }
         };
-        (settlement, Note { _in_flight: in_flight, outcome, spans })
+        (settlement, Note { _in_flight: in_flight, outcome, spans, events })
     }
 
     fn settled(&self, message: &Message, note: Note, applied: Applied) {
@@ -274,6 +292,7 @@ impl Handler for Transformer {
                 metrics.rejected.with_label_values(&[reason]).inc();
             }
             Counts::Transformed { records, rejects, dropped, duplicates } => {
+                self.0.ledger.record_all(note.events);
                 metrics.records.inc_by(records);
                 for reason in rejects {
                     metrics.rejected.with_label_values(&[reason]).inc();
@@ -307,9 +326,11 @@ impl Shared {
         let exchange = self.topology.records_exchange();
         t.records
             .iter()
-            .map(|record| {
+            .zip(&t.sources)
+            .map(|(record, ids)| {
                 let mut headers = Headers::default();
                 set_i64(&mut headers, header::ATTEMPT, 0);
+                ids.set_headers(|key, value| set_str(&mut headers, key, value));
                 let (traceparent, span) =
                     orderflow_shared::otel::hop(&self.tracer, parent_trace.as_deref(), || record_span(record));
                 spans.extend(span);
@@ -349,12 +370,34 @@ impl Shared {
                 let mut headers = Headers::default();
                 set_str(&mut headers, header::TRACEPARENT, &child_traceparent(parent_trace.as_deref()));
                 set_str(&mut headers, header::ORDER_ID, &order_id);
+                OrderIds::of_row(&reject.order).set_headers(|key, value| set_str(&mut headers, key, value));
                 let props = json_properties(&format!("{page_id}:order:{}", reject.index), headers);
                 let dl = self.dead_letter(reject.reason.as_str(), format!("{}: {}", reject.reason.as_str(), reject.detail));
                 dl.outgoing(&self.topology, serde_json::to_vec(&single).expect("JSON serializes"), &props)
             })
             .collect()
     }
+}
+
+/// What became of each order of a transformed page, for the ledger: its record published, left
+/// out by a filter, or rejected (its dead letter's id).
+fn ledger_events(message: &Message, t: &page::Transformed) -> Vec<Event> {
+    let page_id = message.message_id();
+    let account = t.account.as_str();
+    let mut events = Vec::with_capacity(t.records.len() + t.drops.len() + t.rejects.len());
+    for (record, ids) in t.records.iter().zip(&t.sources) {
+        events.push(Event::new(What::Transformed, account, record.message_id()).ids(ids).version(Some(record.version.clone())));
+    }
+    for (ids, version, rule) in &t.drops {
+        events.push(Event::new(What::Dropped { rule: rule.clone() }, account, &page_id).ids(ids).version(version.clone()));
+    }
+    for reject in &t.rejects {
+        let what = What::Rejected { reason: format!("{}: {}", reject.reason.as_str(), reject.detail) };
+        let id = format!("{page_id}:order:{}", reject.index);
+        let version = OrderIds::row_version(&reject.order);
+        events.push(Event::new(what, account, id).ids(&OrderIds::of_row(&reject.order)).version(version));
+    }
+    events
 }
 
 /// A record's span (made only when exporting).

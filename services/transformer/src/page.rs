@@ -2,7 +2,10 @@
 
 use std::collections::HashMap;
 
-use orderflow_shared::messages::{PAGE_SCHEMA, Page, RECORD_SCHEMA, Record, schema_of};
+use orderflow_shared::{
+    ledger::OrderIds,
+    messages::{PAGE_SCHEMA, Page, RECORD_SCHEMA, Record, schema_of},
+};
 use serde_json::Value;
 
 use crate::mapping::{
@@ -35,8 +38,12 @@ pub struct Transformed {
     pub account: String,
     pub cursor: Value,
     pub records: Vec<Record>,
+    /// The source's ids of each record's order (same order as `records`).
+    pub sources: Vec<OrderIds>,
     pub rejects: Vec<RejectedOrder>,
     pub dropped: usize,
+    /// The orders a filter left out: their ids, version and the rule.
+    pub drops: Vec<(OrderIds, Option<String>, String)>,
     /// Orders that repeated inside the page; the highest version was kept.
     pub duplicates: usize,
 }
@@ -66,15 +73,20 @@ pub fn transform_page(mapping: &Mapping, body: &[u8]) -> PageOutcome {
                         out.duplicates += 1;
                         if newer(&record.version, &out.records[at].version) {
                             out.records[at] = record;
+                            out.sources[at] = OrderIds::of_row(&order);
                         }
                     }
                     None => {
                         by_id.insert(record.id.clone(), out.records.len());
                         out.records.push(record);
+                        out.sources.push(OrderIds::of_row(&order));
                     }
                 }
             }
-            Ok(Outcome::Dropped(_)) => out.dropped += 1,
+            Ok(Outcome::Dropped(rule)) => {
+                out.dropped += 1;
+                out.drops.push((OrderIds::of_row(&order), OrderIds::row_version(&order), rule));
+            }
             Err(reject) => {
                 out.rejects.push(RejectedOrder { index, order, reason: reject.reason, detail: reject.detail })
             }

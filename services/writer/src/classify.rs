@@ -211,12 +211,54 @@ pub fn code_and_message(body: Option<&Value>) -> (Option<String>, Option<String>
     )
 }
 
+/// What the target answered one write, as the ledger records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status; 0 when no answer came (a timeout, a connection error).
+    pub status: u16,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    /// The answer says the record was there already (idCheck): `duplicate` or `data.duplicate`.
+    pub duplicate: bool,
+}
+
+impl Answer {
+    /// No answer: what happened instead.
+    pub fn none(detail: &str) -> Answer {
+        Answer { message: Some(orderflow_shared::amqp::headers::clip(detail, 300)), ..Answer::default() }
+    }
+}
+
 /// Classifies an HTTP answer: its status, `Retry-After` and (at most the first 64 KiB of) its body.
 pub fn classify(rules: &Rules, status: u16, retry_after: Option<&str>, body: &[u8]) -> WriteOutcome {
+    classify_answer(rules, status, retry_after, body).0
+}
+
+/// [`classify`], and what the answer said (status, business code and message, duplicate).
+pub fn classify_answer(rules: &Rules, status: u16, retry_after: Option<&str>, body: &[u8]) -> (WriteOutcome, Answer) {
+    let parsed: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(body).ok() };
+    let (code, mut message) = code_and_message(parsed.as_ref());
+    let duplicate = parsed.as_ref().is_some_and(|b| {
+        [b.get("duplicate"), b.get("data").and_then(|d| d.get("duplicate"))].into_iter().flatten().any(|v| v == true)
+    });
+    let outcome = classify_parsed(rules, status, retry_after, body, parsed.as_ref());
+    if message.is_none() && !(200..300).contains(&status) && !body.is_empty() {
+        message = Some(orderflow_shared::amqp::headers::clip(String::from_utf8_lossy(body).trim(), 200));
+    }
+    (outcome, Answer { status, code, message, duplicate })
+}
+
+fn classify_parsed(
+    rules: &Rules,
+    status: u16,
+    retry_after: Option<&str>,
+    body: &[u8],
+    parsed: Option<&Value>,
+) -> WriteOutcome {
     let text = String::from_utf8_lossy(body);
     let excerpt = orderflow_shared::amqp::headers::clip(text.trim(), 300);
     match status {
-        200..=299 => classify_2xx(rules, status, body, &excerpt),
+        200..=299 => classify_2xx(rules, status, parsed, &excerpt),
         401 | 403 | 404 | 407 => WriteOutcome::TargetDown {
             reason: match status {
                 401 => "http_401",
@@ -242,13 +284,12 @@ pub fn classify(rules: &Rules, status: u16, retry_after: Option<&str>, body: &[u
     }
 }
 
-fn classify_2xx(rules: &Rules, status: u16, body: &[u8], excerpt: &str) -> WriteOutcome {
+fn classify_2xx(rules: &Rules, status: u16, parsed: Option<&Value>, excerpt: &str) -> WriteOutcome {
     if !rules.success.reads_body() {
         return WriteOutcome::Written;
     }
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let Some(broken) = rules.success.broken_by(parsed.as_ref()) else { return WriteOutcome::Written };
-    let (code, message) = code_and_message(parsed.as_ref());
+    let Some(broken) = rules.success.broken_by(parsed) else { return WriteOutcome::Written };
+    let (code, message) = code_and_message(parsed);
     let said = match (&code, &message) {
         (Some(c), Some(m)) => format!("code {c}: {m}"),
         (Some(c), None) => format!("code {c}"),

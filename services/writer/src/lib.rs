@@ -23,18 +23,20 @@ use orderflow_shared::{
     amqp::{
         Applied, Connections, DeadLetter, ErrorClass, Fatal, Message, Settlement, Stage, Topology,
         consume::{self, Handler, Serve},
+        ledger::StageLedger,
         settle::{Policy, SettleMetrics},
         supervise,
         topology::{RECORD_ROUTING_KEY, tier_label},
     },
+    ledger::{Event, Ledger, OrderIds, What},
     messages::{RECORD_SCHEMA, RawRecord, header, now_ms, schema_of},
-    settings::{BrokerArgs, LogArgs, parse_duration, redact_url},
+    settings::{BrokerArgs, LedgerArgs, LogArgs, parse_duration, redact_url},
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::{Breaker, State},
-    classify::{Rules, SuccessRule, WriteOutcome, choose_tier, classify, parse_codes},
+    classify::{Answer, Rules, SuccessRule, WriteOutcome, choose_tier, classify_answer, parse_codes},
     metrics::Metrics,
 };
 
@@ -50,6 +52,8 @@ pub struct Config {
     pub broker: BrokerArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// Admin HTTP address (/metrics, /healthz, /readyz).
     #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9103")]
     pub admin_addr: SocketAddr,
@@ -148,6 +152,8 @@ struct Shared {
     target_down: AtomicBool,
     /// Budget, concurrency limit and Retry-After pauses toward the target.
     pace: pace::Pace,
+    /// What happens to each record (attempts, retries, dead letters, writes).
+    ledger: Ledger,
 }
 
 impl Config {
@@ -236,7 +242,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for tier in &topology.retry_tiers {
         metrics.retries.with_label_values(&[&tier_label(*tier)]);
     }
+    let name = orderflow_shared::amqp::connection_name("writer", &config.broker.ns);
+    let stage_ledger =
+        StageLedger::start("writer", &config.ledger, &config.broker, &name, &metrics.registry, &readiness);
     let shared = Arc::new(Shared {
+        ledger: stage_ledger.ledger.clone(),
         tracer: orderflow_shared::otel::Tracer::current(),
         topology,
         target,
@@ -248,11 +258,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config: config.clone(),
     });
     let broker_metrics = shared.metrics.broker.clone();
-    let name = orderflow_shared::amqp::connection_name("writer", &config.broker.ns);
-    supervise(&config.broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
+    let result = supervise(&config.broker, &name, &shutdown, &readiness, &broker_metrics, |connections| {
         session(connections, shared.clone(), shutdown.clone(), readiness.clone())
     })
-    .await
+    .await;
+    // Every delivery is settled by now: what they recorded goes out before the ledger stops.
+    stage_ledger.stop().await;
+    result
 }
 
 /// One broker session: records are consumed and acked on one connection, retries, parked records
@@ -302,8 +314,8 @@ struct Payload<'a> {
 /// target that streams a huge answer cannot exhaust memory.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// One POST of the record's payload.
-async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> WriteOutcome {
+/// One POST of the record's payload, and what the target answered.
+async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> (WriteOutcome, Answer) {
     let payload = Payload { api: &target.api, method: "POST", id_check: target.id_check, data: record.data };
     let mut request = target.http.post(&target.url).header("Idempotency-Key", message_id).json(&payload);
     if let Some((name, value)) = &target.auth {
@@ -321,16 +333,20 @@ async fn write(target: &Target, record: &RawRecord<'_>, message_id: &str) -> Wri
                 Ok(Vec::new())
             };
             match body {
-                Ok(body) => classify(&target.rules, status, retry_after.as_deref(), &body),
+                Ok(body) => classify_answer(&target.rules, status, retry_after.as_deref(), &body),
                 // A 2xx whose body was cut off cannot be judged: try again (idCheck absorbs a repeat).
                 Err(error) => {
-                    transport_outcome(false, false, format!("HTTP {status}, then the answer was cut off: {error}"))
+                    let detail = format!("HTTP {status}, then the answer was cut off: {error}");
+                    let answer = Answer { status, ..Answer::none(&detail) };
+                    (transport_outcome(false, false, detail), answer)
                 }
             }
         }
         Err(error) => {
             let (timeout, connect) = (error.is_timeout(), error.is_connect());
-            transport_outcome(timeout, connect, error_chain(&error.without_url()))
+            let detail = error_chain(&error.without_url());
+            let answer = Answer::none(&detail);
+            (transport_outcome(timeout, connect, detail), answer)
         }
     }
 }
@@ -448,39 +464,81 @@ struct Writer {
     shutdown: CancellationToken,
 }
 
-/// What the writer decided, for its metrics once the settlement is applied.
+/// What the writer decided, for its metrics and the ledger once the settlement is applied.
 enum Note {
     Written { fetched_at_ms: Option<i64> },
     DeadLettered { class: ErrorClass, reason: &'static str },
-    Retried { tier: String },
+    Retried { tier: String, attempts: u32 },
     Other,
 }
 
-impl Handler for Writer {
-    type Note = Note;
+/// The order a record is, as the ledger names it.
+struct Order {
+    account: String,
+    ids: OrderIds,
+    version: Option<String>,
+    message_id: String,
+}
 
-    async fn decide(&self, message: &Message) -> (Settlement, Note) {
+impl Order {
+    /// From the record and the source ids the transformer put in its headers (a record from an
+    /// older transformer has only its record id, taken as the o_id).
+    fn of(message: &Message, account: &str, id: &str, version: Option<&str>) -> Order {
+        let mut ids = OrderIds::from_headers(|key| message.header_str(key));
+        if ids.o_id.is_none() {
+            ids.o_id = message.header_str(header::ORDER_ID).or_else(|| (!id.is_empty()).then(|| id.to_string()));
+        }
+        Order {
+            account: account.to_string(),
+            ids,
+            version: version.map(str::to_string),
+            message_id: message.message_id(),
+        }
+    }
+
+    fn event(&self, what: What) -> Event {
+        Event::new(what, &self.account, &self.message_id).ids(&self.ids).version(self.version.clone())
+    }
+}
+
+impl Handler for Writer {
+    type Note = (Note, Order);
+
+    async fn decide(&self, message: &Message) -> (Settlement, Self::Note) {
         match read(&self.shared, message) {
-            Ok(record) => self.write_until_final(message, &record).await,
+            Ok(record) => {
+                let order = Order::of(message, &record.account, &record.id, Some(&record.version));
+                let (settlement, note) = self.write_until_final(message, &record, &order).await;
+                (settlement, (note, order))
+            }
             Err((reason, detail)) => {
                 tracing::warn!(message = "Unreadable record dead-lettered.", message_id = %message.message_id(), reason, %detail);
-                dead_letter(&self.shared, ErrorClass::Permanent, reason, detail)
+                let (settlement, note) = dead_letter(&self.shared, ErrorClass::Permanent, reason, detail);
+                (settlement, (note, Order::of(message, "", "", None)))
             }
         }
     }
 
-    fn settled(&self, message: &Message, note: Note, applied: Applied) {
+    fn settled(&self, message: &Message, (note, order): Self::Note, applied: Applied) {
         let metrics = &self.shared.metrics;
+        let ledger = &self.shared.ledger;
         match (note, applied) {
             (Note::Written { fetched_at_ms: Some(fetched) }, Applied::Done) => {
                 metrics.fetch_to_write_seconds.observe((now_ms() - fetched).max(0) as f64 / 1000.0);
             }
             (Note::DeadLettered { class, reason }, Applied::Done) => {
                 metrics.dead_letters.with_label_values(&[class.as_str(), reason]).inc();
+                let what = What::DeadLettered { class: class.as_str().into(), reason: reason.into() };
+                ledger.record(order.event(what));
             }
-            (Note::Retried { tier }, Applied::Done) => {
+            (Note::Retried { tier, attempts }, Applied::Done) => {
                 metrics.retries.with_label_values(&[&tier]).inc();
                 tracing::debug!(message = "Write failed; retrying later.", message_id = %message.message_id(), %tier);
+                ledger.record(order.event(What::Retry { tier, attempts }));
+            }
+            (_, Applied::Parked) => {
+                let reason = "held past HOLD_LIMIT (the target, or the broker, refused everyone)";
+                ledger.record(order.event(What::Parked { reason: reason.into() }));
             }
             _ => {}
         }
@@ -519,10 +577,31 @@ struct Tries {
     first: bool,
 }
 
+/// Records one write and its answer in the ledger: written, or an attempt that did not write it.
+fn record_write(shared: &Shared, order: &Order, attempt: u32, outcome: &WriteOutcome, answer: Answer) {
+    if !shared.ledger.is_on() {
+        return;
+    }
+    let Answer { status, code, message, duplicate } = answer;
+    let what = match outcome {
+        WriteOutcome::Written => What::Written { attempt, status, duplicate },
+        other => {
+            let kind = match other {
+                WriteOutcome::Permanent { .. } => "permanent",
+                WriteOutcome::TargetDown { .. } => "target",
+                _ => "transient",
+            };
+            let message = message.or_else(|| other.error().map(|e| orderflow_shared::amqp::headers::clip(e, 300)));
+            What::Attempt { attempt, status, code, message, outcome: kind.into() }
+        }
+    };
+    shared.ledger.record(order.event(what));
+}
+
 impl Writer {
     /// Writes until the answer settles the record; holds it (spending no attempt) while the
     /// breaker is open or a pause is in force, parks it at `HOLD_LIMIT`, requeues it on shutdown.
-    async fn write_until_final(&self, message: &Message, record: &RawRecord<'_>) -> (Settlement, Note) {
+    async fn write_until_final(&self, message: &Message, record: &RawRecord<'_>, order: &Order) -> (Settlement, Note) {
         let shared = &self.shared;
         let before = u32::try_from(message.header_i64(header::ATTEMPT).unwrap_or(0)).unwrap_or(0);
         let mut tries = Tries { before, in_place: 0, throttled: 0, first: before == 0 };
@@ -538,7 +617,8 @@ impl Writer {
                     probe
                 } => probe,
             };
-            let outcome = attempt(shared, message, record, tries.before).await;
+            let (outcome, answer) = attempt(shared, message, record, tries.before).await;
+            record_write(shared, order, tries.before + 1, &outcome, answer);
             note_target(shared, &outcome);
             note_breaker(shared, judge(&shared.breaker, &outcome, probe, tries.first));
             match self.next(message, record, outcome, &mut tries).await {
@@ -619,14 +699,19 @@ fn in_place_delay(n: u32) -> Duration {
     Duration::from_millis(base + orderflow_shared::rng::Rng::from_entropy().below(base.saturating_mul(2)))
 }
 
-/// One write of the record, measured and traced.
-async fn attempt(shared: &Shared, message: &Message, record: &RawRecord<'_>, attempts_before: u32) -> WriteOutcome {
+/// One write of the record, measured and traced; what the target answered.
+async fn attempt(
+    shared: &Shared,
+    message: &Message,
+    record: &RawRecord<'_>,
+    attempts_before: u32,
+) -> (WriteOutcome, Answer) {
     let metrics = &shared.metrics;
     let slot = shared.pace.acquire().await;
     metrics.inflight.inc();
     let timer = metrics.write_seconds.start_timer();
     let span = shared.tracer.enabled().then(|| write_span(message, record, attempts_before));
-    let outcome = write(&shared.target, record, &message.message_id()).await;
+    let (outcome, answer) = write(&shared.target, record, &message.message_id()).await;
     timer.observe_duration();
     metrics.inflight.dec();
     let adaptive = shared.pace.done(slot, outcome.signal());
@@ -644,7 +729,7 @@ async fn attempt(shared: &Shared, message: &Message, record: &RawRecord<'_>, att
             orderflow_shared::otel::fail(&span, error);
         }
     }
-    outcome
+    (outcome, answer)
 }
 
 /// The span of one write (made only when exporting): a child of the record's span, ended when
@@ -679,7 +764,7 @@ fn retry_later(
     let tier = choose_tier(&shared.topology.retry_tiers, attempts, retry_after);
     match tier {
         Some(tier) if attempts < shared.config.max_attempts => {
-            (Settlement::Retry { tier, attempts }, Note::Retried { tier: tier_label(tier) })
+            (Settlement::Retry { tier, attempts }, Note::Retried { tier: tier_label(tier), attempts })
         }
         _ => {
             tracing::warn!(message = "Record exhausted its attempts; dead-lettered.", message_id = %message.message_id(), o_id = %record.id, attempts, %detail);

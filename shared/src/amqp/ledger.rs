@@ -1,112 +1,288 @@
-//! The ledger stream on the broker: appending batches (with confirms) and reading them back from a
-//! point in time (what `orderflow trace` and the audit read). The batching and the event format are
+//! The ledger stream on the broker: declaring it, appending batches (with confirms, over a
+//! connection of the ledger's own that reconnects by itself) and reading them back from a point
+//! in time (what `orderflow trace` and the audit read). The batching and the event format are
 //! `crate::ledger`.
+//!
+//! Stages publish to the fanout exchange `<ns>.ledger`, bound to the stream `<ns>.ledger`: a
+//! least-privilege user needs write on that exchange only (not on the default exchange, which
+//! reaches every queue).
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::{
-    Channel, Connection,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
+    Channel, Connection, ExchangeKind,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 
 use super::{
+    connect::{close, close_channel},
     headers::json_properties,
     publisher::Publisher,
-    topology::{QueueSpec, declare_queue},
+    soft_error,
+    topology::{Topology, declare_queue},
 };
-use crate::ledger::{Batch, LEDGER_SCHEMA, Sink};
+use tokio_util::sync::CancellationToken;
 
-/// Appends batches to the ledger stream through a confirmed publisher.
+use crate::{
+    ledger::{LEDGER_SCHEMA, Ledger, Options, ReadBatch, Sink},
+    settings::{BrokerArgs, LedgerArgs},
+};
+
+/// Declares the ledger's exchange, stream and binding when the ledger is on (idempotent), on a
+/// channel of its own. A stream declared earlier with other retention arguments is kept as it is
+/// (the broker refuses to change a queue's arguments): a warning says so and how to change it.
+pub async fn declare(connection: &Connection, topology: &Topology) -> anyhow::Result<()> {
+    let Some(spec) = topology.ledger_spec() else { return Ok(()) };
+    let mut channel = connection.create_channel().await?;
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let exchange = topology.ledger_exchange();
+    channel.exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
+    if let Err(error) = declare_queue(&channel, &spec).await {
+        if !matches!(soft_error(&error), Some(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)) {
+            return Err(error.into());
+        }
+        tracing::warn!(
+            message = "The ledger stream exists with other retention arguments; it keeps them. To change LEDGER_MAX_AGE or LEDGER_MAX_BYTES on an existing stream, set a policy (rabbitmqctl set_policy … '{\"max-age\":…}') or delete the stream.",
+            stream = %spec.name, %error
+        );
+        channel = connection.create_channel().await?;
+    }
+    channel
+        .queue_bind(
+            spec.name.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    close_channel(&channel, "declared").await;
+    Ok(())
+}
+
+/// The properties of one batch: a unique id and the publisher's clock (seconds).
+fn batch_properties() -> lapin::BasicProperties {
+    let id = format!("ledger:{}:{}:{}", crate::replica::name(), crate::messages::now_ms(), fastrand::u32(..));
+    json_properties(&id, FieldTable::default())
+}
+
+/// Appends batches through a confirmed publisher the caller keeps (the CLI's connection).
 pub struct StreamSink {
     publisher: Publisher,
-    stream: String,
+    exchange: String,
 }
 
 impl StreamSink {
-    pub fn new(publisher: Publisher, stream: String) -> StreamSink {
-        StreamSink { publisher, stream }
+    pub fn new(publisher: Publisher, topology: &Topology) -> StreamSink {
+        StreamSink { publisher, exchange: topology.ledger_exchange() }
     }
 }
 
 impl Sink for StreamSink {
-    async fn append(&mut self, body: Vec<u8>) -> anyhow::Result<()> {
-        let id = format!("ledger:{}", crate::messages::now_ms());
-        self.publisher.publish("", &self.stream, &body, json_properties(&id, FieldTable::default())).await?;
+    async fn append(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        self.publisher.publish(&self.exchange, "", body, batch_properties()).await?;
         Ok(())
     }
 }
 
-/// Declares the ledger stream (idempotent: the same arguments each time).
-pub async fn declare(channel: &Channel, spec: &QueueSpec) -> Result<(), lapin::Error> {
-    declare_queue(channel, spec).await.map(|_| ())
+/// How long connecting (and declaring) may take before an append counts as refused.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A stage's sink: its own broker connection (`<name>/ledger`), opened on the first append and
+/// again after any failure, so the ledger follows the broker through restarts without the
+/// stage's sessions; a broker alarm blocking it blocks only the ledger.
+pub struct BrokerSink {
+    broker: BrokerArgs,
+    name: String,
+    topology: Topology,
+    link: Option<(Connection, Publisher)>,
+}
+
+impl BrokerSink {
+    pub fn new(broker: BrokerArgs, connection_name: &str, topology: Topology) -> BrokerSink {
+        BrokerSink { broker, name: format!("{connection_name}/ledger"), topology, link: None }
+    }
+
+    async fn open(&self) -> anyhow::Result<(Connection, Publisher)> {
+        let connection = super::connect(&self.broker, &self.name).await?;
+        if self.broker.declare_topology
+            && let Err(error) = declare(&connection, &self.topology).await
+        {
+            close(&connection).await;
+            return Err(error.context("declaring the ledger stream"));
+        }
+        let publisher = Publisher::open(&connection).await?.with_confirm_timeout(self.broker.amqp_confirm_timeout);
+        Ok((connection, publisher))
+    }
+
+    /// Closes the connection (at shutdown, after the last flush).
+    pub async fn close(&mut self) {
+        if let Some((connection, _)) = self.link.take() {
+            close(&connection).await;
+        }
+    }
+}
+
+impl Sink for BrokerSink {
+    async fn append(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        if self.link.as_ref().is_some_and(|(c, _)| !c.status().connected()) {
+            self.link = None;
+        }
+        if self.link.is_none() {
+            let opened = tokio::time::timeout(CONNECT_TIMEOUT, self.open())
+                .await
+                .map_err(|_| anyhow::anyhow!("connecting to the broker timed out"))??;
+            self.link = Some(opened);
+        }
+        let Some((_, publisher)) = &self.link else { unreachable!("opened above") };
+        let exchange = self.topology.ledger_exchange();
+        if let Err(error) = publisher.publish(&exchange, "", body, batch_properties()).await {
+            // A refused or unroutable batch, or a lost channel: start again on a fresh connection.
+            if let Some((connection, _)) = self.link.take() {
+                close(&connection).await;
+            }
+            return Err(error.into());
+        }
+        Ok(())
+    }
+}
+
+/// A stage's ledger: the handle its handlers record on, and the task that appends to the stream
+/// over the ledger's own connection.
+pub struct StageLedger {
+    pub ledger: Ledger,
+    task: Option<tokio::task::JoinHandle<()>>,
+    shutdown: CancellationToken,
+}
+
+impl StageLedger {
+    /// Starts `stage`'s ledger as `args` say (off: a ledger that records nothing), registering
+    /// `orderflow_ledger_dropped_events_total` in `registry` and showing failures in `readiness`'s
+    /// details.
+    pub fn start(
+        stage: &str,
+        args: &LedgerArgs,
+        broker: &BrokerArgs,
+        connection_name: &str,
+        registry: &prometheus::Registry,
+        readiness: &crate::admin::Readiness,
+    ) -> StageLedger {
+        let dropped = crate::ledger::dropped_counter(registry);
+        let shutdown = CancellationToken::new();
+        if !args.ledger {
+            return StageLedger { ledger: Ledger::off(dropped), task: None, shutdown };
+        }
+        let topology = Topology::new(broker.ns.clone()).with_ledger(args);
+        let options = Options { readiness: Some(readiness.clone()), ..Options::new(stage, crate::replica::name()) };
+        let (ledger, drain) = Ledger::new(&options, dropped);
+        let mut sink = BrokerSink::new(broker.clone(), connection_name, topology);
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            crate::ledger::run(drain, &mut sink, options, token).await;
+            sink.close().await;
+        });
+        StageLedger { ledger, task: Some(task), shutdown }
+    }
+
+    /// After the stage settled its last delivery: appends what is left (bounded, see
+    /// `crate::ledger::FINAL_FLUSH`) and closes the ledger's connection.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let bound = crate::ledger::FINAL_FLUSH * 2 + CONNECT_TIMEOUT;
+            if tokio::time::timeout(bound, task).await.is_err() {
+                tracing::warn!(message = "The ledger did not stop in time.");
+            }
+        }
+    }
 }
 
 /// How long a read waits for the next message before it gives up on reaching its end marker
 /// (the read is then reported incomplete).
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 
+/// Credit a reader gives the stream (messages in flight to it).
+const READ_PREFETCH: u16 = 1000;
+
 /// Reads the ledger `stream` from `since` (seconds since the epoch; the broker starts at the
 /// first chunk at or before it, so a few earlier batches may come too: callers filter by `at`) up
-/// to everything appended before the read began, handing each batch to `each`. "Before the read
-/// began" is exact: the read first appends a marker of its own (confirmed) and ends when that
-/// marker comes back, whatever the stages' clocks say. Messages that are not ledger batches
-/// (other readers' markers) are skipped and counted.
+/// to everything appended before the read began, handing each message body to `each` (which
+/// decides whether to parse it). "Before the read began" is exact: the read first appends a
+/// marker of its own (confirmed) and ends when that marker comes back, whatever the stages'
+/// clocks say. Messages that are not ledger batches are skipped and counted.
 pub async fn read(
     connection: &Connection,
-    stream: &str,
+    topology: &Topology,
     since: i64,
-    mut each: impl FnMut(Batch),
+    mut each: impl FnMut(&[u8]) -> Option<ReadBatch>,
+    mut batch: impl FnMut(ReadBatch),
 ) -> anyhow::Result<ReadSummary> {
+    let stream = topology.ledger_stream();
     let marker = format!("ledger-read:{}:{}", crate::messages::now_ms(), fastrand::u64(..));
     let publisher = Publisher::open(connection).await?;
     let body = br#"{"schema":"orderflow.ledger.read-marker.v1"}"#;
-    publisher.publish("", stream, body, json_properties(&marker, FieldTable::default())).await?;
-    super::connect::close_channel(publisher.channel(), "marked").await;
+    let marked = publisher
+        .publish(&topology.ledger_exchange(), "", body, json_properties(&marker, FieldTable::default()))
+        .await;
+    close_channel(publisher.channel(), "marked").await;
+    marked.map_err(|e| anyhow::anyhow!("the ledger {stream} cannot be read: {e} (is LEDGER on, and the stream declared?)"))?;
 
-    let channel = connection.create_channel().await?;
+    let channel: Channel = connection.create_channel().await?;
     // A stream consumer must have a prefetch, and acks move its credit along.
-    channel.basic_qos(500, BasicQosOptions::default()).await?;
+    channel.basic_qos(READ_PREFETCH, BasicQosOptions::default()).await?;
     let mut arguments = FieldTable::default();
     // Never past now: a read from the future would start after its own marker.
     let since = since.clamp(0, crate::messages::now_ms() / 1000);
     arguments.insert(ShortString::from("x-stream-offset"), AMQPValue::Timestamp(since as u64));
     let mut consumer =
-        channel.basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments).await?;
+        channel.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), arguments).await?;
     let mut summary = ReadSummary::default();
     loop {
         let delivery = match tokio::time::timeout(IDLE_LIMIT, consumer.next()).await {
             Err(_) | Ok(None) => break,
             Ok(Some(delivery)) => delivery?,
         };
+        summary.bytes += delivery.data.len() as u64;
         // One ack for everything up to here, every few hundred messages and at the end.
         let ours = super::headers::message_id(&delivery.properties) == marker;
-        if ours || delivery.delivery_tag % 200 == 0 {
+        if ours || delivery.delivery_tag % u64::from(READ_PREFETCH / 2) == 0 {
             channel.basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true }).await?;
         }
         if ours {
             summary.complete = true;
             break;
         }
-        match serde_json::from_slice::<Batch>(&delivery.data) {
-            Ok(batch) if batch.schema == LEDGER_SCHEMA => {
+        summary.messages += 1;
+        if let Some(read) = each(&delivery.data) {
+            if read.schema == LEDGER_SCHEMA {
                 summary.batches += 1;
-                each(batch);
+                batch(read);
+            } else {
+                summary.other += 1;
             }
-            _ => summary.other += 1,
         }
     }
     let _ = super::connect::cancel(&channel, consumer.tag().as_str()).await;
-    super::connect::close_channel(&channel, "read").await;
+    close_channel(&channel, "read").await;
     Ok(summary)
 }
 
+/// Parses a ledger message body; `None` when it is not one (another reader's marker, junk).
+pub fn parse(body: &[u8]) -> Option<ReadBatch> {
+    serde_json::from_slice::<ReadBatch>(body).ok()
+}
+
 /// What a [`read`] went through.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ReadSummary {
+    /// Stream messages read (markers included).
+    pub messages: u64,
+    pub bytes: u64,
+    /// Ledger batches parsed and handed on.
     pub batches: u64,
-    /// Messages that were not ledger batches (skipped).
+    /// Messages parsed that were not ledger batches (skipped).
     pub other: u64,
     /// The read reached its own marker: it saw everything appended before it began. `false` when
     /// the stream went quiet for [`IDLE_LIMIT`] first (a stream the broker cannot serve).

@@ -67,11 +67,13 @@ impl Client {
         Ok(state)
     }
 
-    /// Declares every exchange, queue and binding of `topology` (idempotent).
+    /// Declares every exchange, queue and binding of `topology` (idempotent), the ledger too
+    /// when it is on.
     pub async fn declare(&self, topology: &Topology) -> anyhow::Result<()> {
         let channel = self.connection.create_channel().await?;
         topology.declare(&channel).await?;
         close_channel(&channel, "done").await;
+        super::ledger::declare(&self.connection, topology).await?;
         Ok(())
     }
 
@@ -81,6 +83,8 @@ impl Client {
     pub async fn delete_namespace(&self, topology: &Topology, accounts: &[String]) -> anyhow::Result<()> {
         let mut queues = topology.queue_names();
         queues.push(topology.fetch_replicas_queue());
+        // Whether the ledger is on now or not: a namespace's stream stays on disk until deleted.
+        queues.push(topology.ledger_stream());
         for account in accounts {
             queues.push(topology.fetch_queue(account));
             queues.push(topology.legacy_fetch_queue(account));
@@ -90,9 +94,10 @@ impl Client {
             channel = self.usable(channel).await?;
             let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        for exchange in topology.exchanges() {
+        let exchanges = topology.exchanges().into_iter().map(|e| e.name).chain([topology.ledger_exchange()]);
+        for exchange in exchanges {
             channel = self.usable(channel).await?;
-            let _ = channel.exchange_delete(exchange.name.as_str().into(), ExchangeDeleteOptions::default()).await;
+            let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
         close_channel(&channel, "done").await;
         Ok(())

@@ -83,11 +83,20 @@ pub struct BindingSpec {
     pub queue: String,
 }
 
-/// Every name under one namespace, plus the writer's retry tiers.
+/// Every name under one namespace, plus the writer's retry tiers and the ledger's retention.
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub ns: String,
     pub retry_tiers: Vec<Duration>,
+    /// The ledger stream's retention when the ledger is on (`LEDGER`); `None`: no ledger.
+    pub ledger: Option<Retention>,
+}
+
+/// How long and how much of the ledger the broker keeps (`LEDGER_MAX_AGE`, `LEDGER_MAX_BYTES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_bytes: u64,
 }
 
 /// The writer's default retry tiers (`RETRY_TIERS`): a gentle ladder capped at 5 minutes. A flaky
@@ -117,7 +126,19 @@ pub fn tier_label(delay: Duration) -> String {
 
 impl Topology {
     pub fn new(ns: impl Into<String>) -> Self {
-        Self { ns: ns.into(), retry_tiers: default_retry_tiers() }
+        let retention = crate::settings::LedgerArgs::default();
+        Self {
+            ns: ns.into(),
+            retry_tiers: default_retry_tiers(),
+            ledger: Some(Retention { max_age: retention.ledger_max_age, max_bytes: retention.ledger_max_bytes }),
+        }
+    }
+
+    /// The same topology with the ledger as `args` say (off: no ledger stream).
+    pub fn with_ledger(mut self, args: &crate::settings::LedgerArgs) -> Self {
+        self.ledger =
+            args.ledger.then_some(Retention { max_age: args.ledger_max_age, max_bytes: args.ledger_max_bytes });
+        self
     }
 
     pub fn with_retry_tiers(mut self, tiers: Vec<Duration>) -> Self {
@@ -184,6 +205,18 @@ impl Topology {
     /// The ledger: a stream every stage appends order events to (see `crate::ledger`).
     pub fn ledger_stream(&self) -> String {
         format!("{}.ledger", self.ns)
+    }
+
+    /// Where stages publish ledger batches (fanout to the stream): a stage's broker user needs
+    /// write on this exchange only, not on the default exchange.
+    pub fn ledger_exchange(&self) -> String {
+        format!("{}.ledger", self.ns)
+    }
+
+    /// The ledger stream's declaration, when the ledger is on (declared apart from the rest:
+    /// see `amqp::ledger::declare`).
+    pub fn ledger_spec(&self) -> Option<QueueSpec> {
+        self.ledger.map(|r| ledger_stream(self.ledger_stream(), r.max_age, r.max_bytes))
     }
 
     pub fn exchanges(&self) -> Vec<ExchangeSpec> {
