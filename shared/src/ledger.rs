@@ -62,7 +62,10 @@ pub enum What {
     /// Dead-lettered (confirmed).
     DeadLettered { class: String, reason: String },
     /// `orderflow dlq replay` sent it back to its stage (confirmed).
-    Replayed { stage: String },
+    Replayed {
+        /// The stage it went back to (`writer`, `transformer`).
+        to: String,
+    },
     /// The target holds it: its answer to the write that did it.
     Written {
         attempt: u32,
@@ -119,9 +122,11 @@ impl OrderIds {
     /// Sets the headers [`from_headers`](Self::from_headers) reads.
     pub fn set_headers(&self, mut set: impl FnMut(&str, &str)) {
         use crate::messages::header;
-        for (key, value) in
-            [(header::SOURCE_O_ID, &self.o_id), (header::SOURCE_SO_ID, &self.so_id), (header::SOURCE_IO_ID, &self.io_id)]
-        {
+        for (key, value) in [
+            (header::SOURCE_O_ID, &self.o_id),
+            (header::SOURCE_SO_ID, &self.so_id),
+            (header::SOURCE_IO_ID, &self.io_id),
+        ] {
             if let Some(value) = value {
                 set(key, value);
             }
@@ -222,6 +227,22 @@ impl<S: Sink + Send> Sink for &mut S {
     async fn append(&mut self, body: &[u8]) -> anyhow::Result<()> {
         (**self).append(body).await
     }
+}
+
+/// Appends `events` at once (batches of at most 500), for a command that records a few events
+/// and ends (`orderflow dlq replay`): no background task, and the caller sees a failure.
+pub async fn append_events(sink: &mut impl Sink, stage: &str, events: Vec<Event>) -> anyhow::Result<()> {
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let batch = Batch {
+            schema: LEDGER_SCHEMA.into(),
+            stage: stage.into(),
+            replica: crate::replica::name().into(),
+            events: events.by_ref().take(500).collect(),
+        };
+        sink.append(&serde_json::to_vec(&batch)?).await?;
+    }
+    Ok(())
 }
 
 /// What the stage's handles send the ledger task.
@@ -351,9 +372,8 @@ impl Ledger {
     pub async fn flush(&self, timeout: Duration) -> bool {
         let Some(tx) = &self.tx else { return true };
         let (done, wait) = oneshot::channel();
-        let sent = tokio::time::timeout(timeout, async {
-            tx.send(Entry::Flush(done)).await.is_ok() && wait.await.is_ok()
-        });
+        let sent =
+            tokio::time::timeout(timeout, async { tx.send(Entry::Flush(done)).await.is_ok() && wait.await.is_ok() });
         matches!(sent.await, Ok(true))
     }
 
@@ -500,7 +520,13 @@ async fn flush_until(
 /// Appends `events` as batches of at most `max_events`, removing each once stored. Stops at the
 /// first refusal (`true`), leaving it and the rest in `events`. `in_flight` counts the events of
 /// the append under way (taken out of `events`).
-async fn flush(stats: &Stats, sink: &mut impl Sink, options: &Options, events: &mut Vec<Event>, in_flight: &mut u64) -> bool {
+async fn flush(
+    stats: &Stats,
+    sink: &mut impl Sink,
+    options: &Options,
+    events: &mut Vec<Event>,
+    in_flight: &mut u64,
+) -> bool {
     while !events.is_empty() {
         let take = events.len().min(options.max_events);
         let batch = Batch {
@@ -568,7 +594,11 @@ mod tests {
     }
 
     fn written(n: u32) -> Event {
-        Event::new(What::Written { attempt: 1, status: 200, duplicate: false }, "m1", format!("rec-{n}")).order(Some(n.to_string()), None, None)
+        Event::new(What::Written { attempt: 1, status: 200, duplicate: false }, "m1", format!("rec-{n}")).order(
+            Some(n.to_string()),
+            None,
+            None,
+        )
     }
 
     fn options(buffer: usize, max_events: usize) -> Options {
@@ -653,9 +683,15 @@ mod tests {
     fn a_rows_ids_and_version_are_read_as_text() {
         let row = serde_json::json!({"o_id": 12, "so_id": "SO-1", "io_id": 99, "ts": 1700, "modified": "2026-01-01 00:00:00"});
         let ids = OrderIds::of_row(&row);
-        assert_eq!((ids.o_id.as_deref(), ids.so_id.as_deref(), ids.io_id.as_deref()), (Some("12"), Some("SO-1"), Some("99")));
+        assert_eq!(
+            (ids.o_id.as_deref(), ids.so_id.as_deref(), ids.io_id.as_deref()),
+            (Some("12"), Some("SO-1"), Some("99"))
+        );
         assert_eq!(OrderIds::row_version(&row).as_deref(), Some("1700"));
-        assert_eq!(OrderIds::row_version(&serde_json::json!({"modified": "2026-01-01"})).as_deref(), Some("2026-01-01"));
+        assert_eq!(
+            OrderIds::row_version(&serde_json::json!({"modified": "2026-01-01"})).as_deref(),
+            Some("2026-01-01")
+        );
     }
 
     #[tokio::test]
@@ -730,8 +766,13 @@ mod tests {
         sink.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
         settle_until("appended after the recovery", || sink.count() == 40).await;
         assert!(ledger.failure().is_none());
-        let order: Vec<String> =
-            sink.batches.lock().expect("lock").iter().flat_map(|b| b.events.iter().map(|e| e.message_id.clone())).collect();
+        let order: Vec<String> = sink
+            .batches
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|b| b.events.iter().map(|e| e.message_id.clone()))
+            .collect();
         assert_eq!(order, (0..40).map(|n| format!("rec-{n}")).collect::<Vec<_>>(), "in order, once each");
         shutdown.cancel();
         task.await.expect("test value");

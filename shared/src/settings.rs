@@ -63,7 +63,11 @@ pub struct LedgerArgs {
 
 impl Default for LedgerArgs {
     fn default() -> Self {
-        LedgerArgs { ledger: true, ledger_max_age: std::time::Duration::from_secs(7 * 86_400), ledger_max_bytes: 4 << 30 }
+        LedgerArgs {
+            ledger: true,
+            ledger_max_age: std::time::Duration::from_secs(7 * 86_400),
+            ledger_max_bytes: 4 << 30,
+        }
     }
 }
 

@@ -89,11 +89,9 @@ async fn batches_are_appended_to_the_stream_and_read_back_in_order_from_a_time()
     assert_eq!(again.other, 0, "markers and junk are not batches: {again:?}");
     assert_eq!(again.messages, batches + 2, "the junk and the first read's marker were read past: {again:?}");
     let future = orderflow_shared::messages::now_ms() / 1000 + 3600;
-    let later = tokio::time::timeout(
-        Duration::from_secs(60),
-        read(client.connection(), &topology, future, parse, |_| {}),
-    )
-    .await??;
+    let later =
+        tokio::time::timeout(Duration::from_secs(60), read(client.connection(), &topology, future, parse, |_| {}))
+            .await??;
     assert!(later.complete, "{later:?}");
 
     // Declared again with another retention (LEDGER_MAX_AGE changed): the stream is kept as it
@@ -103,12 +101,18 @@ async fn batches_are_appended_to_the_stream_and_read_back_in_order_from_a_time()
     let (kept, _) = read_all(&client, &topology, since).await?;
     assert_eq!(kept.len(), 2400, "the stream and its entries are still there");
     client.delete_namespace(&topology, &[]).await?;
-    assert!(queue_state_of(&client, &topology.ledger_stream()).await?.is_none(), "the namespace's stream is deleted with it");
+    assert!(
+        queue_state_of(&client, &topology.ledger_stream()).await?.is_none(),
+        "the namespace's stream is deleted with it"
+    );
     client.close().await;
     Ok(())
 }
 
-async fn queue_state_of(client: &Client, name: &str) -> anyhow::Result<Option<orderflow_shared::amqp::ops::QueueState>> {
+async fn queue_state_of(
+    client: &Client,
+    name: &str,
+) -> anyhow::Result<Option<orderflow_shared::amqp::ops::QueueState>> {
     client.queue_state(name).await
 }
 
@@ -133,16 +137,17 @@ async fn a_stage_ledger_keeps_what_it_recorded_through_a_lost_connection() -> an
         ledger.record(event(n));
     }
     assert!(ledger.flush(Duration::from_secs(30)).await, "the first thousand appended");
-    let closed = wait_for("the ledger's connection closed", Duration::from_secs(30), Duration::from_millis(500), || {
-        let needle = format!("{name}/ledger");
-        async move {
-            Ok(match close_connections(&needle)? {
-                0 => Err("no such connection yet".to_string()),
-                n => Ok(n),
-            })
-        }
-    })
-    .await?;
+    let closed =
+        wait_for("the ledger's connection closed", Duration::from_secs(30), Duration::from_millis(500), || {
+            let needle = format!("{name}/ledger");
+            async move {
+                Ok(match close_connections(&needle)? {
+                    0 => Err("no such connection yet".to_string()),
+                    n => Ok(n),
+                })
+            }
+        })
+        .await?;
     assert_eq!(closed, 1);
     for n in 1000..2000 {
         ledger.record(event(n));

@@ -27,7 +27,9 @@ use std::{
 use jiff::Timestamp;
 use orderflow_shared::{
     admin::{self, Readiness},
-    amqp::{Connection, Connections, Fatal, Headers, Owner, Presence, Publisher, Topology, ledger::StageLedger, supervise},
+    amqp::{
+        Connection, Connections, Fatal, Headers, Owner, Presence, Publisher, Topology, ledger::StageLedger, supervise,
+    },
     ledger::Ledger,
     rng::Rng,
 };

@@ -133,6 +133,26 @@ impl DeadLetterView {
         ids
     }
 
+    /// The ledger's `replayed` event of this dead letter: the order's ids from its headers (the
+    /// record id, or a rejected order's o_id, when they are missing), its account and version
+    /// from its body (a record, or a one-order page).
+    pub fn replayed_event(&self, stage: Stage) -> orderflow_shared::ledger::Event {
+        use orderflow_shared::ledger::{Event, OrderIds, What};
+        let mut ids = OrderIds::from_headers(|key| self.h(key));
+        let body = serde_json::from_slice::<Value>(&self.message.body).unwrap_or(Value::Null);
+        let row = body.get("orders").and_then(|o| o.get(0));
+        if ids.o_id.is_none() {
+            ids = row.map(OrderIds::of_row).filter(|i| i.o_id.is_some()).unwrap_or(ids);
+        }
+        if ids.o_id.is_none() {
+            ids.o_id = self.h(header::ORDER_ID);
+        }
+        let text = |v: Option<&Value>| v.and_then(orderflow_shared::json::scalar_text);
+        let account = text(body.get("account")).unwrap_or_default();
+        let version = text(body.get("version")).or_else(|| row.and_then(OrderIds::row_version));
+        Event::new(What::Replayed { to: stage.as_str().into() }, account, self.message_id()).ids(&ids).version(version)
+    }
+
     pub fn describe(&self, now_ms: i64) -> Value {
         json!({
             "message_id": self.message_id(),
@@ -328,6 +348,15 @@ pub async fn replay(client: &Client, topology: &Topology, options: &ReplayOption
     if let Some(p) = &publisher {
         close_publisher(p).await;
     }
+    if !pass.events.is_empty() && topology.ledger.is_some() {
+        let recorded = async {
+            let mut sink = orderflow_shared::amqp::ledger::StreamSink::new(client.publisher().await?, topology);
+            orderflow_shared::ledger::append_events(&mut sink, "orderflow", std::mem::take(&mut pass.events)).await
+        };
+        if let Err(e) = recorded.await {
+            tracing::warn!(message = "The replays are done, but the ledger could not record them (orderflow trace will not show them).", error = %format!("{e:#}"));
+        }
+    }
     let mut summary = pass.summary;
     summary.seconds = (started.elapsed().as_secs_f64() * 100.0).round() / 100.0;
     summary.left = match client.queue_state(&queue).await {
@@ -349,6 +378,8 @@ struct Pass<'a> {
     summary: ReplaySummary,
     ticker: Option<tokio::time::Interval>,
     progress: ProgressLine,
+    /// The ledger's `replayed` events, appended when the pass ends.
+    events: Vec<orderflow_shared::ledger::Event>,
 }
 
 impl<'a> Pass<'a> {
@@ -365,6 +396,7 @@ impl<'a> Pass<'a> {
             summary: ReplaySummary { dry_run: options.dry_run, ..ReplaySummary::default() },
             ticker,
             progress: ProgressLine::new(options.progress),
+            events: Vec::new(),
         }
     }
 
@@ -433,6 +465,9 @@ impl<'a> Pass<'a> {
             return Err(e);
         }
         self.summary.replayed += 1;
+        if self.topology.ledger.is_some() {
+            self.events.push(m.replayed_event(self.options.stage));
+        }
         Ok(())
     }
 }

@@ -6,3 +6,4 @@ pub mod dlq_cmd;
 pub mod lab;
 pub mod status;
 pub mod topology_cmd;
+pub mod trace;

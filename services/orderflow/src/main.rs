@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use orderflow_cli::{dlq, dlq_cmd, lab, status, topology_cmd};
+use orderflow_cli::{dlq, dlq_cmd, lab, status, topology_cmd, trace};
 use orderflow_shared::{
     amqp::{
         Topology,
         ops::{Client, parse_retry_tiers},
     },
-    settings::{BrokerArgs, LogArgs},
+    settings::{BrokerArgs, LedgerArgs, LogArgs},
 };
 
 /// Operator CLI for orderflow: the broker topology, dead letters, status; and the lab commands
@@ -25,6 +25,8 @@ struct Cli {
     broker: BrokerArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    ledger: LedgerArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +71,20 @@ enum Operation {
         #[arg(long, env = "RETRY_TIERS", default_value = orderflow_shared::amqp::topology::DEFAULT_RETRY_TIERS)]
         retry_tiers: String,
     },
+    /// One order's timeline from the ledger: fetched, transformed, each write and the target's
+    /// answer, retries, dead letters, replays, written. Exits 1 when the ledger has no trace of it.
+    Trace {
+        /// The order's o_id, so_id or io_id.
+        id: String,
+        /// Only this account's order (an so_id can name orders of several merchants).
+        #[arg(long)]
+        account: Option<String>,
+        /// How far back to read the ledger (e.g. 2h, 3d).
+        #[arg(long, default_value = "24h", value_parser = orderflow_shared::settings::parse_duration)]
+        since: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 when an HTTP URL answers 2xx (container healthchecks; no curl in the image).
     #[command(hide = true)]
     Probe { url: String },
@@ -111,19 +127,22 @@ fn main() -> ExitCode {
         Command::Lab(command) => lab::run(command.name()),
         Command::Operate(operation) => {
             cli.broker.exit_on_secret_flags("orderflow");
-            operate(cli.broker, cli.log, operation)
+            operate(cli.broker, cli.log, cli.ledger, operation)
         }
     }
 }
 
 #[tokio::main]
-async fn operate(broker: BrokerArgs, log: LogArgs, operation: Operation) -> ExitCode {
+async fn operate(broker: BrokerArgs, log: LogArgs, ledger: LedgerArgs, operation: Operation) -> ExitCode {
     orderflow_shared::init_process();
     orderflow_shared::telemetry::init(log.log_format);
     let result = match operation {
-        Operation::Topology { declare, json, retry_tiers } => topology(&broker, declare, json, &retry_tiers).await,
+        Operation::Topology { declare, json, retry_tiers } => {
+            topology(&broker, &ledger, declare, json, &retry_tiers).await
+        }
         Operation::Probe { url } => probe(&url).await,
-        Operation::Dlq(command) => run_dlq(&broker, command).await,
+        Operation::Dlq(command) => run_dlq(&broker, &ledger, command).await,
+        Operation::Trace { id, account, since, json } => run_trace(&broker, &id, account.as_deref(), since, json).await,
         Operation::Status { json, max_lag, sample, retry_tiers } => {
             run_status(&broker, json, max_lag, sample, &retry_tiers).await
         }
@@ -157,16 +176,42 @@ async fn run_status(
     Ok(if report.healthy { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-async fn run_dlq(broker: &BrokerArgs, command: dlq::DlqCommand) -> anyhow::Result<ExitCode> {
+async fn run_trace(
+    broker: &BrokerArgs,
+    id: &str,
+    account: Option<&str>,
+    since: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let topology = Topology::new(broker.ns.clone());
+    let client = Client::connect(broker, "orderflow-trace").await?;
+    let found = trace::trace(&client, &topology, id, account, since).await;
+    client.close().await;
+    let found = found?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+    } else {
+        print!("{}", trace::render(&found));
+    }
+    Ok(if found.orders.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+async fn run_dlq(broker: &BrokerArgs, ledger: &LedgerArgs, command: dlq::DlqCommand) -> anyhow::Result<ExitCode> {
+    let topology = Topology::new(broker.ns.clone()).with_ledger(ledger);
     let client = Client::connect(broker, "orderflow-dlq").await?;
     let code = dlq_cmd::run(&client, &topology, command).await;
     client.close().await;
     code
 }
 
-async fn topology(broker: &BrokerArgs, declare: bool, json: bool, tiers: &str) -> anyhow::Result<ExitCode> {
-    let topology = Topology::new(broker.ns.clone()).with_retry_tiers(parse_retry_tiers(tiers)?);
+async fn topology(
+    broker: &BrokerArgs,
+    ledger: &LedgerArgs,
+    declare: bool,
+    json: bool,
+    tiers: &str,
+) -> anyhow::Result<ExitCode> {
+    let topology = Topology::new(broker.ns.clone()).with_retry_tiers(parse_retry_tiers(tiers)?).with_ledger(ledger);
     if json {
         println!("{}", serde_json::to_string_pretty(&topology_cmd::render_json(&topology))?);
     } else {

@@ -30,7 +30,29 @@ pub fn render_text(topology: &Topology) -> String {
     for b in topology.bindings() {
         out.push_str(&format!("  {} --{}--> {}\n", b.exchange, b.routing_key, b.queue));
     }
+    match topology.ledger_spec() {
+        Some(spec) => {
+            out.push_str(&format!(
+                "\nledger:\n  {:<40} fanout (every stage publishes here)\n  {:<40} {}\n",
+                topology.ledger_exchange(),
+                spec.name,
+                spec.role
+            ));
+            for (k, v) in &spec.arguments {
+                out.push_str(&format!("      {k} = {}\n", arg_text(v)));
+            }
+        }
+        None => out.push_str("\nledger: off (LEDGER=off)\n"),
+    }
     out
+}
+
+fn arg_text(v: &ArgValue) -> String {
+    match v {
+        ArgValue::Text(s) => s.clone(),
+        ArgValue::Int(n) => n.to_string(),
+        ArgValue::Bool(b) => b.to_string(),
+    }
 }
 
 pub fn render_json(topology: &Topology) -> serde_json::Value {
@@ -39,5 +61,6 @@ pub fn render_json(topology: &Topology) -> serde_json::Value {
         "exchanges": topology.exchanges(),
         "queues": topology.queues(),
         "bindings": topology.bindings(),
+        "ledger": topology.ledger_spec().map(|spec| json!({"exchange": topology.ledger_exchange(), "stream": spec})),
     })
 }

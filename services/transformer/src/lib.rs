@@ -386,10 +386,14 @@ fn ledger_events(message: &Message, t: &page::Transformed) -> Vec<Event> {
     let account = t.account.as_str();
     let mut events = Vec::with_capacity(t.records.len() + t.drops.len() + t.rejects.len());
     for (record, ids) in t.records.iter().zip(&t.sources) {
-        events.push(Event::new(What::Transformed, account, record.message_id()).ids(ids).version(Some(record.version.clone())));
+        events.push(
+            Event::new(What::Transformed, account, record.message_id()).ids(ids).version(Some(record.version.clone())),
+        );
     }
     for (ids, version, rule) in &t.drops {
-        events.push(Event::new(What::Dropped { rule: rule.clone() }, account, &page_id).ids(ids).version(version.clone()));
+        events.push(
+            Event::new(What::Dropped { rule: rule.clone() }, account, &page_id).ids(ids).version(version.clone()),
+        );
     }
     for reject in &t.rejects {
         let what = What::Rejected { reason: format!("{}: {}", reject.reason.as_str(), reject.detail) };

@@ -223,11 +223,12 @@ pub async fn read(
     let marker = format!("ledger-read:{}:{}", crate::messages::now_ms(), fastrand::u64(..));
     let publisher = Publisher::open(connection).await?;
     let body = br#"{"schema":"orderflow.ledger.read-marker.v1"}"#;
-    let marked = publisher
-        .publish(&topology.ledger_exchange(), "", body, json_properties(&marker, FieldTable::default()))
-        .await;
+    let marked =
+        publisher.publish(&topology.ledger_exchange(), "", body, json_properties(&marker, FieldTable::default())).await;
     close_channel(publisher.channel(), "marked").await;
-    marked.map_err(|e| anyhow::anyhow!("the ledger {stream} cannot be read: {e} (is LEDGER on, and the stream declared?)"))?;
+    marked.map_err(|e| {
+        anyhow::anyhow!("the ledger {stream} cannot be read: {e} (is LEDGER on, and the stream declared?)")
+    })?;
 
     let channel: Channel = connection.create_channel().await?;
     // A stream consumer must have a prefetch, and acks move its credit along.
@@ -287,4 +288,33 @@ pub struct ReadSummary {
     /// The read reached its own marker: it saw everything appended before it began. `false` when
     /// the stream went quiet for [`IDLE_LIMIT`] first (a stream the broker cannot serve).
     pub complete: bool,
+}
+
+/// Reads every event since `since` (seconds since the epoch) from batches that contain one of
+/// `needles` (raw bytes, e.g. `"12345"` for an id as JSON writes it; none: every batch), handing
+/// each event with its batch's stage and replica to `each`. Batches without a needle are skipped
+/// unparsed: a reader looking for one order parses next to nothing.
+pub async fn read_events(
+    connection: &Connection,
+    topology: &Topology,
+    since: i64,
+    needles: &[Vec<u8>],
+    mut each: impl FnMut(&str, &str, crate::ledger::Event),
+) -> anyhow::Result<ReadSummary> {
+    let finders: Vec<memchr::memmem::Finder<'_>> = needles.iter().map(memchr::memmem::Finder::new).collect();
+    let wanted = |body: &[u8]| {
+        if finders.is_empty() || finders.iter().any(|f| f.find(body).is_some()) { parse(body) } else { None }
+    };
+    read(connection, topology, since, wanted, |batch| {
+        let (stage, replica, events) = batch.known();
+        for event in events {
+            each(&stage, &replica, event);
+        }
+    })
+    .await
+}
+
+/// How an id is written inside a ledger batch (a JSON string), for [`read_events`]'s needles.
+pub fn needle(id: &str) -> Vec<u8> {
+    serde_json::to_vec(id).unwrap_or_default()
 }
