@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod amqp;
+pub mod audit;
 pub mod backoff;
 pub mod body;
 pub mod json;

@@ -111,6 +111,17 @@ pub struct Config {
     /// The largest share of the merchant's calls the sweep may use, e.g. 10% or 0.1.
     #[arg(long, env = "FETCH_SWEEP_BUDGET", default_value = "10%", value_parser = parse_share)]
     pub sweep_budget: f64,
+    /// The largest share of the merchant's calls an audit (`orderflow audit`, the scheduled
+    /// audit) may use, beside live fetching, e.g. 20% or 0.2.
+    #[arg(long, env = "FETCH_AUDIT_BUDGET", default_value = "20%", value_parser = parse_share)]
+    pub audit_budget: f64,
+    /// Audit every held account this often (the previous period, up to FETCH_AUDIT_LAG ago) and
+    /// export orderflow_audit_missing; 0 (the default) turns it off. E.g. 1d.
+    #[arg(long, env = "FETCH_AUDIT_EVERY", default_value = "0", value_parser = parse_duration)]
+    pub audit_every: Duration,
+    /// The scheduled audit's window ends this long before it runs (orders need time to flow).
+    #[arg(long, env = "FETCH_AUDIT_LAG", default_value = "1h", value_parser = parse_duration)]
+    pub audit_lag: Duration,
 }
 
 /// A share of a budget: `10%` or `0.1`, above 0 and at most 1.

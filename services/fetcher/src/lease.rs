@@ -110,6 +110,20 @@ impl Lease {
         Ok(self.inner.release().await?)
     }
 
+    /// Waits for a request for the account's owner (cancel-safe).
+    pub async fn wait_request(&mut self) -> anyhow::Result<()> {
+        self.inner.wait_request().await
+    }
+
+    /// The requests received so far; each must be acked once taken on.
+    pub fn take_requests(&mut self) -> Vec<lease::Request> {
+        self.inner.take_requests()
+    }
+
+    pub async fn ack_request(&self, tag: u64) -> anyhow::Result<()> {
+        Ok(self.inner.ack_request(tag).await?)
+    }
+
     /// Joins the line again (after a release).
     pub async fn subscribe(&mut self) -> anyhow::Result<()> {
         Ok(self.inner.subscribe().await?)

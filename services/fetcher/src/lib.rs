@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod accounts_file;
+mod audit;
 pub mod budget;
 pub mod client;
 pub mod config;
@@ -60,6 +61,10 @@ struct AccountRuntime {
     sweep_share: Budget,
     /// The account as the sweep reads it: its request by modified window.
     sweep_account: Account,
+    /// The audit's share of `budget` (`FETCH_AUDIT_BUDGET`; taken first, then `budget`).
+    audit_share: Budget,
+    /// The account as the audit reads it: Confirmed orders by modified window.
+    audit_account: Account,
     /// Row versions this replica's start_ts passes published, for the sweep.
     seen: sweep::Seen,
     /// The configured and the newest token pair (see `tokens.rs`).
@@ -154,6 +159,8 @@ fn account_runtime(
     let budget = Budget::new(account.rate_per_sec, account.rate_per_min);
     let share = |limit: u32| ((f64::from(limit) * config.sweep_budget).floor() as u32).max(1);
     let sweep_share = Budget::new(share(account.rate_per_sec), share(account.rate_per_min));
+    let audit = |limit: u32| ((f64::from(limit) * config.audit_budget).floor() as u32).max(1);
+    let audit_share = Budget::new(audit(account.rate_per_sec), audit(account.rate_per_min));
     tracing::info!(
         message = "Account configured.", account = %account.name, api = ?account.api,
         cursor = ?account.request.cursor, call_spacing_ms = budget.spacing.as_millis() as u64
@@ -161,7 +168,10 @@ fn account_runtime(
     metrics.track_account(&account.name);
     readiness.set_ok(&format!("account:{}", account.name));
     let sweep_account = Account { request: account.request.for_windows(), ..account.clone() };
+    let audit_account = Account { request: account.request.for_audit(), ..account.clone() };
     Ok(AccountRuntime {
+        audit_share,
+        audit_account,
         book: tokens::TokenBook::new(account.credentials.clone()),
         sweep_account,
         credentials: Mutex::new(account.credentials.clone()),
@@ -379,10 +389,12 @@ impl AccountWorker {
         let mode = job.cursor.mode;
         let sweeping = mode == CursorMode::StartTs && !self.shared.config.sweep_every.is_zero();
         let mut sweeper = Sweeper::new(self, sweeping);
+        let requests = audit::Requests::new(rt.clone(), self.shared.clone(), self.publisher.clone(), &self.token);
         let mut fresh_until: Option<std::time::Instant> = None;
         loop {
+            requests.take(lease).await?;
             if rt.stopped.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-                if !self.wait_while_stopped().await {
+                if !self.wait_while_stopped(lease).await? {
                     return Ok(Holding::Shutdown);
                 }
                 self.keep(lease, &mut job).await?;
@@ -441,24 +453,27 @@ impl AccountWorker {
             if let Some(holding) = self.let_go() {
                 return Ok(holding);
             }
-            if result.caught_up && !self.idle(lease, &mut job).await? {
+            if result.caught_up && !self.idle(lease, &mut job, &requests).await? {
                 return Ok(Holding::Shutdown);
             }
         }
     }
 
-    /// Waits `FETCH_INTERVAL` between caught-up passes, keeping the held job fresh. `false` on
-    /// shutdown.
-    async fn idle(&self, lease: &mut Lease, job: &mut Job) -> anyhow::Result<bool> {
+    /// Waits `FETCH_INTERVAL` between caught-up passes, keeping the held job fresh and taking
+    /// requests for the owner as they come. `false` on shutdown.
+    async fn idle(&self, lease: &mut Lease, job: &mut Job, requests: &audit::Requests) -> anyhow::Result<bool> {
         let until = tokio::time::Instant::now() + self.runtime.account.interval;
         loop {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 return Ok(true);
             }
-            if !self.sleep(left.min(self.shared.config.keep_after)).await {
-                return Ok(false);
+            tokio::select! {
+                _ = self.token.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(left.min(self.shared.config.keep_after)) => {}
+                waited = lease.wait_request() => waited?,
             }
+            requests.take(lease).await?;
             self.keep(lease, job).await?;
         }
     }
@@ -644,15 +659,32 @@ impl AccountWorker {
         self.stop_account(job, format!("{reason}; {advice}")).await;
     }
 
-    /// A stopped account waits; with an accounts file, new credentials there restart it.
-    async fn wait_while_stopped(&self) -> bool {
+    /// A stopped account waits (a request for its owner is answered that it is stopped); with
+    /// an accounts file, new credentials there restart it.
+    async fn wait_while_stopped(&self, lease: &mut Lease) -> anyhow::Result<bool> {
         let rt = &self.runtime;
         let name = rt.account.name.as_str();
         let reason = rt.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
         tracing::error!(message = "Account stopped; fix the configuration (see reason).", account = name, %reason);
-        if !self.sleep(STOPPED_RECHECK).await {
-            return false;
+        let recheck = tokio::time::Instant::now() + STOPPED_RECHECK;
+        loop {
+            tokio::select! {
+                _ = self.token.cancelled() => return Ok(false),
+                _ = tokio::time::sleep_until(recheck) => break,
+                waited = lease.wait_request() => {
+                    waited?;
+                    let requests = audit::Requests::new(rt.clone(), self.shared.clone(), self.publisher.clone(), &self.token);
+                    requests.take(lease).await?;
+                }
+            }
         }
+        Ok(self.restart_if_new_credentials())
+    }
+
+    /// With an accounts file holding new credentials for a stopped account, restarts it.
+    fn restart_if_new_credentials(&self) -> bool {
+        let rt = &self.runtime;
+        let name = rt.account.name.as_str();
         let Some(fresh) = self.reread_credentials() else { return true };
         if fresh.access_token == rt.book.configured().access_token
             && fresh.refresh_token == rt.book.configured().refresh_token

@@ -482,6 +482,32 @@ pub async fn start_ts_pass(ctx: &mut PassContext<'_>, start_ts: i64) -> Result<P
     Ok(PassResult { cursor: next, pages, orders, caught_up, needs_refresh })
 }
 
+/// One repair call: the orders `ctx.account`'s request names by id (see
+/// `RequestConfig::for_ids`), published as one page under `key` (confirmed, recorded as fetched).
+/// Returns the rows the source returned.
+pub async fn fetch_by_ids(ctx: &mut PassContext<'_>, key: &str, cursor: Value) -> Result<Vec<Value>, PassError> {
+    let page_size = ctx.account.request.page_size;
+    let render = RenderContext { page_index: 1, page_size, ..RenderContext::default() };
+    let rows = match ctx.call(&render).await {
+        Ok(page) => page.datas,
+        Err(CallFailure::Interrupted) => return Err(PassError::Interrupted),
+        Err(CallFailure::NeedsRefresh) => {
+            return Err(PassError::Credentials(
+                "the access token expired; the account's passes refresh it: ask again in a minute".into(),
+            ));
+        }
+        Err(CallFailure::Stop(error)) => return Err(error),
+    };
+    if !rows.is_empty() {
+        let name = ctx.account.name.clone();
+        let mut inflight = Inflight::new(ctx.publisher, ctx.topology, ctx.ledger);
+        let message = ctx.page_message(cursor, key, 1, rows.clone())?;
+        inflight.push(message, rows.len() as u64, ctx.metrics, &name).await?;
+        inflight.drain(ctx.metrics, &name).await?;
+    }
+    Ok(rows)
+}
+
 /// The next modified window after `synced_until`: `[synced_until − overlap, min(+7 days, now − delay)]`.
 /// `None` when the source is caught up (nothing closed yet beyond `synced_until`).
 pub fn next_window(
@@ -520,6 +546,8 @@ pub struct Walk<'f> {
     /// page being read shifts one row onto a page already read). A sweep does not: the next
     /// sweep reads the window again anyway, and under steady late commits a re-walk never ends.
     pub rewalk_on_growth: bool,
+    /// Read no further than this (the audit's window end); `None`: up to `now − delay`.
+    pub until: Option<Timestamp>,
 }
 
 /// A modified-window pass from `synced_until`.
@@ -532,6 +560,7 @@ pub async fn modified_pass(ctx: &mut PassContext<'_>, synced_until: Timestamp) -
         max_pages: ctx.settings.max_pages,
         max_time: ctx.settings.max_time,
         rewalk_on_growth: true,
+        until: None,
     };
     walk_windows(ctx, synced_until, walk).await
 }
@@ -550,7 +579,15 @@ pub async fn walk_windows(
     let (mut caught_up, mut needs_refresh) = (false, false);
     let mut overlap = walk.overlap;
     while published.pages < walk.max_pages && started.elapsed() < walk.max_time {
-        let Some((begin, closed)) = next_window(synced, Timestamp::now(), ctx.settings.window_delay, overlap) else {
+        // A walk that must stop at `until` sees "now" no later than `until + delay`.
+        let mut now = Timestamp::now();
+        if let Some(until) = walk.until
+            && let Ok(horizon) =
+                until.checked_add(SignedDuration::try_from(ctx.settings.window_delay).unwrap_or_default())
+        {
+            now = now.min(horizon);
+        }
+        let Some((begin, closed)) = next_window(synced, now, ctx.settings.window_delay, overlap) else {
             caught_up = true;
             break;
         };

@@ -161,6 +161,44 @@ impl RequestConfig {
         RequestConfig { fields, cursor: CursorKind::Modified, ..self.clone() }
     }
 
+    /// The same request as the audit reads the source: modified windows (as [`for_windows`]),
+    /// Confirmed orders only.
+    ///
+    /// [`for_windows`]: Self::for_windows
+    pub fn for_audit(&self) -> RequestConfig {
+        let mut audit = self.for_windows();
+        audit.fields.retain(|f| f.name != "status");
+        audit.fields.push(Field {
+            name: "status".into(),
+            label: None,
+            kind: FieldKind::String,
+            value: vec![Piece::Text("Confirmed".into())],
+            parser: None,
+        });
+        audit
+    }
+
+    /// The same request asking for these orders by id (`o_ids`, at most 50), whatever their
+    /// time or status: the cursor, window and status fields are left out.
+    pub fn for_ids(&self, o_ids: &[String]) -> RequestConfig {
+        let left_out = ["modified_begin", "modified_end", "is_get_total", "date_type", "status", "start_ts", "o_ids"];
+        let time = |p: &Piece| matches!(p, Piece::StartTs | Piece::LastSyncTime(_) | Piece::CurrentTime(_));
+        let mut fields: Vec<Field> = self
+            .fields
+            .iter()
+            .filter(|f| !left_out.contains(&f.name.as_str()) && !f.value.iter().any(time))
+            .cloned()
+            .collect();
+        fields.push(Field {
+            name: "o_ids".into(),
+            label: None,
+            kind: FieldKind::String,
+            value: vec![Piece::Text(o_ids.join(","))],
+            parser: Some(Parser::StringToArray(",".into())),
+        });
+        RequestConfig { fields, ..self.clone() }
+    }
+
     pub fn was_clamped(&self) -> bool {
         self.requested_page_size > self.page_size
     }
@@ -419,6 +457,30 @@ mod tests {
         assert_eq!(biz.get("is_get_total"), Some(&Value::Bool(true)), "a window walk needs the totals");
         assert_eq!(biz.get("status"), Some(&Value::String("Confirmed".into())), "the account's own filters stay");
         assert!(biz.get("start_ts").is_none());
+    }
+
+    #[test]
+    fn the_audit_reads_confirmed_orders_by_window_and_a_repair_asks_by_id() {
+        let seed = RequestConfig::parse_str(SEED).expect("parses");
+        let window = RenderContext {
+            last_sync: Some(ts("2023-10-01 00:00:00")),
+            current: Some(ts("2023-10-02 00:00:00")),
+            page_index: 2,
+            page_size: 50,
+            start_ts: None,
+        };
+        let biz = seed.for_audit().render(&window);
+        assert_eq!(biz.get("status"), Some(&Value::String("Confirmed".into())), "Confirmed, whatever the config asks");
+        assert_eq!(biz.get("modified_end"), Some(&Value::String("2023-10-02 00:00:00".into())));
+        let ids = ["11".to_string(), "12".to_string()];
+        for config in [seed, RequestConfig::parse_str(DEFAULT).expect("parses")] {
+            let biz = config.for_ids(&ids).render(&RenderContext { page_index: 1, page_size: 50, ..window.clone() });
+            assert_eq!(biz.get("o_ids"), Some(&serde_json::json!(["11", "12"])), "{biz:?}");
+            for absent in ["modified_begin", "modified_end", "start_ts", "status"] {
+                assert!(biz.get(absent).is_none(), "{absent} in {biz:?}");
+            }
+            assert_eq!(biz.get("page_index"), Some(&Value::String("1".into())));
+        }
     }
 
     #[test]

@@ -174,6 +174,7 @@ pub async fn sweep(ctx: &mut PassContext<'_>, seen: &Seen, span: Duration) -> Re
         max_pages: u32::MAX,
         max_time: span,
         rewalk_on_growth: false,
+        until: None,
     };
     let pass = walk_windows(ctx, from, walk).await?;
     seen.record(published);

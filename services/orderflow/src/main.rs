@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use orderflow_cli::{dlq, dlq_cmd, lab, status, topology_cmd, trace};
+use orderflow_cli::{audit, dlq, dlq_cmd, lab, status, topology_cmd, trace};
 use orderflow_shared::{
     amqp::{
         Topology,
@@ -85,6 +85,38 @@ enum Operation {
         #[arg(long)]
         json: bool,
     },
+    /// Did every order arrive? Asks the fetcher holding the account which orders the source has
+    /// Confirmed in the window (within FETCH_AUDIT_BUDGET of its rate budget) and classifies each
+    /// from the ledger: written, dead-lettered, dropped, in flight, or missing. Exits 0 when
+    /// complete, 1 when something is missing or still in flight.
+    Audit {
+        /// The account (merchant) to audit.
+        #[arg(long)]
+        account: String,
+        /// Window start (orders by `modified`): RFC 3339, China time `2026-12-06 00:00:00`, or a
+        /// duration back from now (`24h`).
+        #[arg(long, value_parser = audit::parse_time)]
+        from: jiff::Timestamp,
+        /// Window end (same forms, or `now`).
+        #[arg(long, default_value = "now", value_parser = audit::parse_time)]
+        to: jiff::Timestamp,
+        /// Fetch the missing orders again by id and push them through the pipeline.
+        #[arg(long)]
+        repair: bool,
+        /// An order without an outcome counts as in flight while its last event is younger
+        /// than this (or the queues hold messages); past it, with the queues empty, missing.
+        #[arg(long, default_value = "10m", value_parser = orderflow_shared::settings::parse_duration)]
+        in_flight_grace: std::time::Duration,
+        /// How long to wait for the fetcher holding the account to take the request (it does
+        /// between passes).
+        #[arg(long, default_value = "3m", value_parser = orderflow_shared::settings::parse_duration)]
+        wait: std::time::Duration,
+        /// The writer's retry tiers (as the writer's RETRY_TIERS): their queues count as in flight.
+        #[arg(long, env = "RETRY_TIERS", default_value = orderflow_shared::amqp::topology::DEFAULT_RETRY_TIERS)]
+        retry_tiers: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 when an HTTP URL answers 2xx (container healthchecks; no curl in the image).
     #[command(hide = true)]
     Probe { url: String },
@@ -143,6 +175,18 @@ async fn operate(broker: BrokerArgs, log: LogArgs, ledger: LedgerArgs, operation
         Operation::Probe { url } => probe(&url).await,
         Operation::Dlq(command) => run_dlq(&broker, &ledger, command).await,
         Operation::Trace { id, account, since, json } => run_trace(&broker, &id, account.as_deref(), since, json).await,
+        Operation::Audit { account, from, to, repair, in_flight_grace, wait, retry_tiers, json } => {
+            let options = audit::AuditOptions {
+                account,
+                from,
+                to,
+                grace: in_flight_grace,
+                repair,
+                patience: audit::Patience { start: wait, ..audit::Patience::default() },
+                progress: !json,
+            };
+            run_audit(&broker, &options, &retry_tiers, json).await
+        }
         Operation::Status { json, max_lag, sample, retry_tiers } => {
             run_status(&broker, json, max_lag, sample, &retry_tiers).await
         }
@@ -194,6 +238,25 @@ async fn run_trace(
         print!("{}", trace::render(&found));
     }
     Ok(if found.orders.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+async fn run_audit(
+    broker: &BrokerArgs,
+    options: &audit::AuditOptions,
+    tiers: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let topology = Topology::new(broker.ns.clone()).with_retry_tiers(parse_retry_tiers(tiers)?);
+    let client = Client::connect(broker, "orderflow-audit").await?;
+    let outcome = audit::audit(&client, &topology, options).await;
+    client.close().await;
+    let outcome = outcome?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        print!("{}", audit::render(&outcome));
+    }
+    Ok(if outcome.report.complete { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn run_dlq(broker: &BrokerArgs, ledger: &LedgerArgs, command: dlq::DlqCommand) -> anyhow::Result<ExitCode> {

@@ -32,6 +32,12 @@
 //!
 //! The job itself is the caller's: this module moves bytes ranked by the caller (the fetcher's
 //! `lease.rs` reads and writes its `Job`, ranked by `seq`).
+//!
+//! **Requests for the owner** (an audit, a repair: `orderflow audit`) travel the same way: a
+//! message of type [`REQUEST_TYPE`] published into the account's job queue reaches whichever
+//! replica holds the account, because the broker delivers the queue to its active consumer only.
+//! It is set aside for the caller ([`Lease::take_requests`]), never taken for a job; a request
+//! not yet taken when the account is handed over goes back to the queue with the job.
 
 use std::{
     sync::Arc,
@@ -69,6 +75,19 @@ const MAX_LEGACY: usize = 1000;
 /// How long a commit waits for its job to come back; past it, this replica is no longer the
 /// queue's active consumer (or the broker is too slow to tell): ownership is given up.
 pub const ECHO_WAIT: Duration = Duration::from_secs(10);
+
+/// The AMQP `type` of a request for the account's owner (see the module docs).
+pub const REQUEST_TYPE: &str = "orderflow.fetch-request";
+
+/// A request for the account's owner, delivered through its job queue.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub tag: u64,
+    pub body: Vec<u8>,
+    /// Where the answers go (a queue of the requester's).
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+}
 
 /// A job's rank, `(epoch, seq)`: higher is newer. The epoch rises when an owner takes over (see
 /// [`Lease::fence`]), the seq with every commit.
@@ -177,6 +196,11 @@ pub struct Lease {
     rank: Rank,
     consumer: Option<Consumer>,
     held: Vec<Held>,
+    /// Requests for the owner, received and not yet taken by the caller.
+    requests: Vec<Request>,
+    /// Deliveries that are neither a job of this account nor a request: acked away at the next
+    /// settle.
+    junk: Vec<u64>,
 }
 
 impl Lease {
@@ -195,7 +219,15 @@ impl Lease {
     ) -> anyhow::Result<Lease> {
         let queue = topology.fetch_queue(account);
         let declared = declare_queue(&owner.channel, &fetch_job_queue(queue.clone())).await?;
-        let lease = Lease { channel: owner.channel.clone(), queue, rank, consumer: None, held: Vec::new() };
+        let lease = Lease {
+            channel: owner.channel.clone(),
+            queue,
+            rank,
+            consumer: None,
+            held: Vec::new(),
+            requests: Vec::new(),
+            junk: Vec::new(),
+        };
         if declared.message_count() == 0 && declared.consumer_count() == 0 {
             let legacy = topology.legacy_fetch_queue(account);
             if lease.migrate(owner, connection, publisher, &legacy).await? == Migration::NoOldQueue {
@@ -339,8 +371,29 @@ impl Lease {
                 return Ok(newest);
             }
             let delivery = self.next_delivery().await?;
-            self.take(delivery).await?;
+            self.take(delivery);
         }
+    }
+
+    /// Waits until a request for the owner arrives (jobs delivered meanwhile are kept as
+    /// usual). Cancel-safe: it only waits for deliveries.
+    pub async fn wait_request(&mut self) -> anyhow::Result<()> {
+        while self.requests.is_empty() {
+            let delivery = self.next_delivery().await?;
+            self.take(delivery);
+        }
+        Ok(())
+    }
+
+    /// The requests received so far (each to be acked with [`ack_request`](Self::ack_request)
+    /// once taken on).
+    pub fn take_requests(&mut self) -> Vec<Request> {
+        std::mem::take(&mut self.requests)
+    }
+
+    /// Removes a request from the queue (the owner took it on).
+    pub async fn ack_request(&self, tag: u64) -> Result<(), Error> {
+        self.channel.basic_ack(tag, BasicAckOptions::default()).await
     }
 
     /// Takes over the account for good: commits `fence(newest)` — the newest job with a higher
@@ -422,7 +475,7 @@ impl Lease {
                 return Ok((Ownership::Held, earlier));
             }
             match tokio::time::timeout_at(deadline, self.next_delivery()).await {
-                Ok(delivery) => self.take(delivery?).await?,
+                Ok(delivery) => self.take(delivery?),
                 Err(_) => {
                     tracing::warn!(
                         message = "A commit did not come back: another replica receives this job queue now.",
@@ -448,9 +501,10 @@ impl Lease {
     /// whoever is the active consumer receives them — this replica again, if the loss was only a
     /// slow broker, and it takes the account over from the newest job.
     pub async fn give_back(&mut self) -> Result<(), Error> {
-        for held in std::mem::take(&mut self.held) {
+        let requests = std::mem::take(&mut self.requests).into_iter().map(|r| r.tag);
+        for tag in std::mem::take(&mut self.held).into_iter().map(|h| h.tag).chain(requests) {
             let options = BasicNackOptions { multiple: false, requeue: true };
-            self.channel.basic_nack(held.tag, options).await?;
+            self.channel.basic_nack(tag, options).await?;
         }
         Ok(())
     }
@@ -487,20 +541,30 @@ impl Lease {
         }
     }
 
-    /// Keeps a delivery (with any others already waiting); a message that is not a job of this
-    /// account is acked away.
-    async fn take(&mut self, first: Delivery) -> Result<(), Error> {
+    /// Keeps a delivery (with any others already waiting): a job, a request for the owner, or
+    /// junk to ack away at the next settle. Never waits, so no delivery is lost to a cancel.
+    fn take(&mut self, first: Delivery) {
         let mut next = Some(first);
         while let Some(delivery) = next {
-            match (self.rank)(&delivery.data) {
-                Some(rank) => {
-                    let at = Instant::now();
-                    let id = message_id(&delivery.properties);
-                    self.held.push(Held { tag: delivery.delivery_tag, rank, id, data: delivery.data, at });
-                }
-                None => {
-                    tracing::warn!(message = "Dropping a message that is not a job of this account.", queue = %self.queue);
-                    self.channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()).await?;
+            let props = &delivery.properties;
+            if props.kind().as_ref().is_some_and(|k| k.as_str() == REQUEST_TYPE) {
+                self.requests.push(Request {
+                    tag: delivery.delivery_tag,
+                    reply_to: props.reply_to().as_ref().map(|r| r.as_str().to_string()),
+                    correlation_id: props.correlation_id().as_ref().map(|c| c.as_str().to_string()),
+                    body: delivery.data,
+                });
+            } else {
+                match (self.rank)(&delivery.data) {
+                    Some(rank) => {
+                        let at = Instant::now();
+                        let id = message_id(props);
+                        self.held.push(Held { tag: delivery.delivery_tag, rank, id, data: delivery.data, at });
+                    }
+                    None => {
+                        tracing::warn!(message = "Dropping a message that is not a job of this account.", queue = %self.queue);
+                        self.junk.push(delivery.delivery_tag);
+                    }
                 }
             }
             next = match self.consumer.as_mut().and_then(|c| c.next().now_or_never()) {
@@ -508,12 +572,14 @@ impl Lease {
                 _ => None,
             };
         }
-        Ok(())
     }
 
     /// Keeps only the newest held job (highest rank, then the latest delivered) and acks the rest:
     /// safe, since the one kept is still in the queue. Returns the newest job's bytes.
     async fn settle(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        for tag in std::mem::take(&mut self.junk) {
+            self.channel.basic_ack(tag, BasicAckOptions::default()).await?;
+        }
         let Some(best) = self.held.iter().map(|h| (h.rank, h.tag)).max() else {
             return Ok(None);
         };

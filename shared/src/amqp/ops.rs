@@ -119,6 +119,63 @@ impl Client {
     }
 }
 
+/// A queue of this connection's own (exclusive, server-named, gone with the connection) where
+/// answers to a request come: `orderflow audit` asks the fetcher that holds an account.
+pub struct Replies {
+    channel: Channel,
+    consumer: lapin::Consumer,
+    queue: String,
+}
+
+impl Client {
+    /// Declares a reply queue and starts consuming it.
+    pub async fn replies(&self) -> anyhow::Result<Replies> {
+        let channel = self.connection.create_channel().await?;
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+        let queue = channel.queue_declare("".into(), options, FieldTable::default()).await?.name().to_string();
+        let consume = lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let consumer = channel.basic_consume(queue.as_str().into(), "".into(), consume, FieldTable::default()).await?;
+        Ok(Replies { channel, consumer, queue })
+    }
+
+    /// Publishes a request of AMQP type `kind` into `queue` (through the default exchange,
+    /// confirmed, mandatory: a queue that does not exist is an error) with its answers going to
+    /// `reply_to`.
+    pub async fn request(&self, queue: &str, kind: &str, id: &str, body: &[u8], reply_to: &str) -> anyhow::Result<()> {
+        let publisher = self.publisher().await?;
+        let props = super::headers::json_properties(id, FieldTable::default())
+            .with_type(kind.into())
+            .with_reply_to(reply_to.into())
+            .with_correlation_id(id.into());
+        let sent = publisher.publish("", queue, body, props).await;
+        close_publisher(&publisher).await;
+        match sent {
+            Err(super::PublishError::Returned(why)) => anyhow::bail!("no queue {queue} ({why})"),
+            other => Ok(other?),
+        }
+    }
+}
+
+impl Replies {
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next answer's body, or `None` after `timeout` without one.
+    pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<Option<Vec<u8>>> {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(timeout, self.consumer.next()).await {
+            Err(_) => Ok(None),
+            Ok(Some(delivery)) => Ok(Some(delivery?.data)),
+            Ok(None) => anyhow::bail!("the broker cancelled the reply queue's consumer"),
+        }
+    }
+
+    pub async fn close(self) {
+        close_channel(&self.channel, "done").await;
+    }
+}
+
 /// Closes a publisher's channel (its connection stays open).
 pub async fn close_publisher(publisher: &Publisher) {
     close_channel(publisher.channel(), "done").await;
