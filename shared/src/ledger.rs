@@ -311,7 +311,7 @@ impl Options {
             replica: replica.into(),
             buffer: 20_000,
             max_events: 500,
-            linger: Duration::from_millis(200),
+            linger: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
             readiness: None,
         }

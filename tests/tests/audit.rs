@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use orderflow_lab::stack::Role;
 use orderflow_shared::{amqp::Topology, messages::header};
 use orderflow_tests::*;
 use serde_json::{Value, json};
@@ -244,6 +245,71 @@ async fn an_audit_finds_exactly_the_orders_lost_downstream_and_a_repair_gets_the
             }
             assert!(s["stats"]["max_concurrent_callers"].as_u64().unwrap_or(0) <= 1, "one caller per merchant: {s}");
         }
+        Ok(())
+    }
+    .await;
+    teardown(stack).await;
+    outcome
+}
+
+/// The scheduled audit (FETCH_AUDIT_EVERY): the fetcher audits the accounts it holds by itself
+/// and exports what it found — `orderflow_audit_missing` counts the orders lost downstream, and
+/// `orderflow status` shows them as a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_audit_exports_the_missing_orders_and_status_shows_them() -> anyhow::Result<()> {
+    let _heavy = heavy().await;
+    let ns = unique_ns("audit-scheduled");
+    let url = broker_url().await;
+    let mut options = StackOptions::new(&url, &ns, &log_dir(&ns));
+    options.orders = 120;
+    options.writers = 0;
+    // Seeded orders modified in the last minute: inside the audit's one-hour window.
+    options.jst_args = ["--history", "1m"].map(String::from).to_vec();
+    options.env = [
+        ("FETCH_INTERVAL", "2s"),
+        ("FETCH_WINDOW_DELAY", "1s"),
+        ("FETCH_SWEEP_EVERY", "0"),
+        ("FETCH_AUDIT_EVERY", "1h"),
+        ("FETCH_AUDIT_LAG", "0s"),
+        ("FETCH_AUDIT_GRACE", "2s"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let mut stack = Stack::start(options).await?;
+    let outcome = async {
+        let records = Topology::new(ns.clone()).records_queue();
+        let seeded: usize = truth(&stack).await?.values().map(BTreeSet::len).sum();
+        wait_for("the backfill in the records queue", Duration::from_secs(60), Duration::from_millis(300), || async {
+            let n = queue_state(&stack, &records).await?.map_or(0, |q| q.messages) as usize;
+            Ok(if n >= seeded { Ok(()) } else { Err(format!("{n} of {seeded} records")) })
+        })
+        .await?;
+        let lost = take(&stack.broker_args(), &records, 3, Duration::from_secs(30)).await?;
+        let lost: BTreeSet<String> = lost.iter().filter_map(|g| g.header(header::SOURCE_O_ID)).collect();
+        stack.spawn_stage(Role::Writer, 0).await?;
+        let fetcher = stack.replicas(Role::Fetcher)[0].admin.expect("admin address");
+        let missing = wait_for("the scheduled audit", Duration::from_secs(120), Duration::from_secs(1), || async {
+            let runs = metric(fetcher, "orderflow_audit_runs_total", Some("account=\"m1\"")).await?;
+            let missing = metric(fetcher, "orderflow_audit_missing", Some("account=\"m1\"")).await?;
+            Ok(if runs >= 1.0 { Ok(missing) } else { Err("no audit yet".to_string()) })
+        })
+        .await?;
+        assert_eq!(missing, 3.0, "the three lost orders");
+        let (_, status, text) =
+            wait_for("the audit in the status", Duration::from_secs(60), Duration::from_secs(1), || async {
+                let (code, status, text) = orderflow(&ns, &url, &["status", "--json", "--sample", "100ms"]);
+                let audited = status["accounts"][0]["audit"]["missing"].as_u64() == Some(3);
+                Ok(if audited { Ok((code, status, text)) } else { Err(text) })
+            })
+            .await?;
+        let ids: BTreeSet<String> = status["accounts"][0]["audit"]["missing_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        assert_eq!(ids, lost, "{text}");
+        assert!(status["problems"].to_string().contains("found 3 Confirmed orders nowhere in the pipeline"), "{text}");
         Ok(())
     }
     .await;

@@ -33,6 +33,7 @@ async fn scenario(n: u8) {
         result.injected_bad,
         result.dead_lettered
     );
+    assert!(result.audit.agrees(), "scenario {n}: the audit disagrees with the oracle: {:#?}", result.audit);
     assert!(result.passed, "scenario {n} failed: {result:#?}");
 }
 

@@ -7,6 +7,7 @@
 //! (`orderflow_shared::audit` has the messages).
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -170,8 +171,56 @@ fn pass_error(error: PassError) -> anyhow::Error {
     }
 }
 
-/// Reads the orders Confirmed with `modified` in [from, to] (walking modified windows from the
-/// last page to the first, as the passes do) and sends them in chunks, with progress.
+/// What a listing has found so far: orders not yet handed on, pages read, orders in all.
+#[derive(Default)]
+pub(crate) struct Found {
+    pub orders: Vec<SourceOrder>,
+    pub read: u64,
+    pub total: u64,
+}
+
+/// Lists the orders Confirmed with `modified` in [from, to] (walking modified windows from the
+/// last page to the first, as the passes do) into `found` as pages are read, within the audit's
+/// share of the budget. Returns where the listing ended (windows close `FETCH_WINDOW_DELAY`
+/// before now).
+pub(crate) async fn walk_confirmed(
+    rt: &AccountRuntime,
+    shared: &Shared,
+    publisher: &Publisher,
+    token: &CancellationToken,
+    (from, to): (Timestamp, Timestamp),
+    found: Arc<Mutex<Found>>,
+) -> Result<Option<Timestamp>, PassError> {
+    let mut filter = move |rows: Vec<Value>| {
+        let mut found = found.lock().unwrap_or_else(|e| e.into_inner());
+        found.read += 1;
+        for row in &rows {
+            // The request asks for Confirmed orders; a row that says otherwise is not one.
+            let confirmed = row.get("status").and_then(Value::as_str).is_none_or(|s| s == "Confirmed");
+            if confirmed && let Some(order) = SourceOrder::of_row(row) {
+                found.orders.push(order);
+                found.total += 1;
+            }
+        }
+        Vec::new()
+    };
+    let mut credentials = rt.credentials.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let off = Ledger::off(prometheus::IntCounter::new("unused", "unused").map_err(|e| PassError::Broker(e.into()))?);
+    let mut ctx = context(&rt.audit_account, rt, shared, publisher, token, &mut credentials, &off);
+    let walk = Walk {
+        overlap: Duration::ZERO,
+        mode: "audit",
+        filter: &mut filter,
+        max_pages: u32::MAX,
+        max_time: MAX_WALK,
+        rewalk_on_growth: true,
+        until: Some(to),
+    };
+    let walked = pass::walk_windows(&mut ctx, from, walk).await?;
+    Ok(walked.cursor.synced_until())
+}
+
+/// Answers an audit request: the orders Confirmed in [from, to], sent in chunks with progress.
 async fn list_confirmed(
     rt: &AccountRuntime,
     shared: &Shared,
@@ -186,36 +235,8 @@ async fn list_confirmed(
     };
     let (from, to) = (parse("from", from)?, parse("to", to)?);
     anyhow::ensure!(from < to, "the window is empty: from is not before to");
-    let found = Arc::new(Mutex::new((Vec::<SourceOrder>::new(), 0u64, 0u64)));
-    let mut filter = {
-        let found = found.clone();
-        move |rows: Vec<Value>| {
-            let mut found = found.lock().unwrap_or_else(|e| e.into_inner());
-            found.1 += 1;
-            for row in &rows {
-                // The request asks for Confirmed orders; a row that says otherwise is not one.
-                let confirmed = row.get("status").and_then(Value::as_str).is_none_or(|s| s == "Confirmed");
-                if confirmed && let Some(order) = SourceOrder::of_row(row) {
-                    found.0.push(order);
-                    found.2 += 1;
-                }
-            }
-            Vec::new()
-        }
-    };
-    let mut credentials = rt.credentials.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let off = Ledger::off(prometheus::IntCounter::new("unused", "unused")?);
-    let mut ctx = context(&rt.audit_account, rt, shared, publisher, token, &mut credentials, &off);
-    let walk = Walk {
-        overlap: Duration::ZERO,
-        mode: "audit",
-        filter: &mut filter,
-        max_pages: u32::MAX,
-        max_time: MAX_WALK,
-        rewalk_on_growth: true,
-        until: Some(to),
-    };
-    let walking = pass::walk_windows(&mut ctx, from, walk);
+    let found = Arc::new(Mutex::new(Found::default()));
+    let walking = walk_confirmed(rt, shared, publisher, token, (from, to), found.clone());
     tokio::pin!(walking);
     let mut heartbeat = tokio::time::interval(orderflow_shared::audit::HEARTBEAT);
     heartbeat.tick().await;
@@ -225,21 +246,16 @@ async fn list_confirmed(
             _ = heartbeat.tick() => send_found(replier, &found, None).await?,
         }
     };
-    let walked = result.map_err(pass_error)?;
-    let until = walked.cursor.synced_until().map(orderflow_shared::time::rfc3339_china).unwrap_or_default();
+    let until = result.map_err(pass_error)?.map(orderflow_shared::time::rfc3339_china).unwrap_or_default();
     send_found(replier, &found, Some(until)).await
 }
 
 /// Sends the orders found since the last answer (in chunks), then progress or, at the end
 /// (`until`: where the listing ended), done.
-async fn send_found(
-    replier: &Replier,
-    found: &Mutex<(Vec<SourceOrder>, u64, u64)>,
-    until: Option<String>,
-) -> anyhow::Result<()> {
+async fn send_found(replier: &Replier, found: &Mutex<Found>, until: Option<String>) -> anyhow::Result<()> {
     let (orders, read, total) = {
         let mut found = found.lock().unwrap_or_else(|e| e.into_inner());
-        (std::mem::take(&mut found.0), found.1, found.2)
+        (std::mem::take(&mut found.orders), found.read, found.total)
     };
     for chunk in orders.chunks(CHUNK) {
         replier.send(Reply::Orders { orders: chunk.to_vec() }).await?;
@@ -285,4 +301,120 @@ async fn repair(
     }
     tracing::info!(message = "Repair published the orders asked for.", account = %rt.account.name, orders, pages = published, not_found = not_found.len());
     replier.send(Reply::Done { read, orders, published, not_found, until: None }).await
+}
+
+/// The ledger is read from this long before an audit window: an order's events come after its
+/// `modified`, give or take the machines' clocks.
+const LEDGER_MARGIN: Duration = Duration::from_secs(600);
+
+/// The scheduled audit (`FETCH_AUDIT_EVERY`): every period, each account this replica holds is
+/// listed for the previous period ending `FETCH_AUDIT_LAG` ago (within its audit share), the
+/// ledger is read once for all of them, and each account's findings go to
+/// `orderflow_audit_missing`, `orderflow_audit_last_complete_timestamp_seconds`, the log and the
+/// account's status report (`orderflow status`).
+pub(crate) async fn scheduled(
+    shared: Arc<Shared>,
+    connection: Arc<orderflow_shared::amqp::Connection>,
+    publisher: Publisher,
+    token: CancellationToken,
+) {
+    let every = shared.config.audit_every;
+    // The first soon after the session starts (once the accounts are held), then every period.
+    let mut next = tokio::time::Instant::now() + every.min(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        next = tokio::time::Instant::now() + every;
+        if let Err(error) = audit_held(&shared, &connection, &publisher).await {
+            tracing::warn!(message = "The scheduled audit failed; the next one runs on schedule.", error = %format!("{error:#}"));
+        }
+    }
+}
+
+async fn audit_held(
+    shared: &Shared,
+    connection: &orderflow_shared::amqp::Connection,
+    publisher: &Publisher,
+) -> anyhow::Result<()> {
+    let held: Vec<(Arc<AccountRuntime>, CancellationToken)> =
+        shared.holding.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    let lag = jiff::SignedDuration::try_from(shared.config.audit_lag)?;
+    let every = jiff::SignedDuration::try_from(shared.config.audit_every)?;
+    let to = Timestamp::now().checked_sub(lag)?;
+    let to = Timestamp::from_second(to.as_second())?;
+    let from = to.checked_sub(every)?;
+    let listings = held.iter().map(|(rt, hold)| async move {
+        let found = Arc::new(Mutex::new(Found::default()));
+        let walked = walk_confirmed(rt, shared, publisher, hold, (from, to), found.clone()).await;
+        let orders = std::mem::take(&mut found.lock().unwrap_or_else(|e| e.into_inner()).orders);
+        (rt.clone(), walked, orders)
+    });
+    let listed = futures_util::future::join_all(listings).await;
+    let needles: Vec<Vec<u8>> = listed
+        .iter()
+        .map(|(rt, _, _)| {
+            format!("\"account\":{}", serde_json::to_string(&rt.account.name).unwrap_or_default()).into_bytes()
+        })
+        .collect();
+    let topology = shared.topology.clone().with_ledger(&shared.config.ledger);
+    let mut events: HashMap<String, Vec<orderflow_shared::ledger::Event>> = HashMap::new();
+    let since = from.as_second() - LEDGER_MARGIN.as_secs() as i64;
+    let read = orderflow_shared::amqp::ledger::read_events(connection, &topology, since, &needles, |_, _, event| {
+        if event.o_id.is_some() {
+            events.entry(event.account.clone()).or_default().push(event);
+        }
+    })
+    .await?;
+    // Queues this user may not look at count as busy: nothing is called missing for lack of sight.
+    let busy = orderflow_shared::amqp::ops::pipeline_busy(connection, &shared.topology).await.unwrap_or(true);
+    let settle = orderflow_shared::audit::Settle {
+        now: Timestamp::now(),
+        grace: shared.config.audit_grace,
+        pipeline_busy: busy,
+    };
+    let window = (orderflow_shared::time::rfc3339_china(from), orderflow_shared::time::rfc3339_china(to));
+    for (rt, walked, orders) in listed {
+        let name = rt.account.name.as_str();
+        let metrics = &shared.metrics;
+        let until = match walked {
+            Ok(until) => until,
+            Err(error) => {
+                metrics.audit_runs.with_label_values(&[name, "failed"]).inc();
+                tracing::warn!(message = "The scheduled audit could not list the source.", account = name, %error);
+                continue;
+            }
+        };
+        let seen = events.remove(name).unwrap_or_default();
+        let report =
+            orderflow_shared::audit::classify(name, (&window.0, &window.1), &orders, &seen, settle, read.complete);
+        metrics.audit_missing.with_label_values(&[name]).set(report.missing as i64);
+        let result = if report.complete { "complete" } else { "incomplete" };
+        metrics.audit_runs.with_label_values(&[name, result]).inc();
+        if report.complete && until.is_some_and(|u| u >= to) {
+            metrics.audit_last_complete.with_label_values(&[name]).set(to.as_second() as f64);
+        }
+        let missing = report.missing_ids();
+        if missing.is_empty() {
+            tracing::info!(message = "Scheduled audit done.", account = name, from = %window.0, to = %window.1, source = report.source, written = report.written, dead_lettered = report.dead_lettered, in_flight = report.in_flight);
+        } else {
+            tracing::warn!(
+                message = "The scheduled audit found Confirmed orders nowhere in the pipeline; `orderflow audit --repair` fetches them again.",
+                account = name, from = %window.0, to = %window.1, missing = report.missing,
+                o_ids = %missing.iter().take(20).cloned().collect::<Vec<_>>().join(",")
+            );
+        }
+        *rt.last_audit.lock().unwrap_or_else(|e| e.into_inner()) = Some(json!({
+            "at": orderflow_shared::time::rfc3339_china(Timestamp::now()),
+            "from": window.0, "to": window.1, "source": report.source, "written": report.written,
+            "dead_lettered": report.dead_lettered, "dropped": report.dropped, "in_flight": report.in_flight,
+            "missing": report.missing, "complete": report.complete,
+            "missing_ids": missing.into_iter().take(20).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(())
 }

@@ -122,6 +122,10 @@ pub struct Config {
     /// The scheduled audit's window ends this long before it runs (orders need time to flow).
     #[arg(long, env = "FETCH_AUDIT_LAG", default_value = "1h", value_parser = parse_duration)]
     pub audit_lag: Duration,
+    /// The scheduled audit counts an order without an outcome as in flight while its last
+    /// event is younger than this (or the pipeline's queues hold messages); past it, missing.
+    #[arg(long, env = "FETCH_AUDIT_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub audit_grace: Duration,
 }
 
 /// A share of a budget: `10%` or `0.1`, above 0 and at most 1.

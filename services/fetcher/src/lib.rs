@@ -71,6 +71,8 @@ struct AccountRuntime {
     book: tokens::TokenBook,
     credentials: Mutex<Credentials>,
     stopped: Mutex<Option<String>>,
+    /// The last scheduled audit's findings, for the status report.
+    last_audit: Mutex<Option<serde_json::Value>>,
 }
 
 struct Shared {
@@ -89,6 +91,9 @@ struct Shared {
     tracer: orderflow_shared::otel::Tracer,
     /// Where every published order is recorded (`fetched`).
     ledger: Ledger,
+    /// The accounts this replica holds now, with the token that stops work on each when it is
+    /// let go (the scheduled audit lists these).
+    holding: Mutex<std::collections::HashMap<String, (Arc<AccountRuntime>, CancellationToken)>>,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -118,6 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         StageLedger::start("fetcher", &config.ledger, &config.broker, &name, &metrics.registry, &readiness);
     let shared = Arc::new(Shared {
         ledger: stage_ledger.ledger.clone(),
+        holding: Mutex::default(),
         topology: Topology::new(config.broker.ns.clone()),
         accounts: runtimes,
         metrics,
@@ -181,6 +187,7 @@ fn account_runtime(
         sweep_share,
         seen: sweep::Seen::new(config.sweep_span + Duration::from_secs(600)),
         stopped: Mutex::new(None),
+        last_audit: Mutex::new(None),
     })
 }
 
@@ -201,6 +208,13 @@ async fn session(connections: Connections, shared: Arc<Shared>, shutdown: Cancel
     let session_token = shutdown.child_token();
     let mut workers = JoinSet::new();
     workers.spawn(watch_replicas(presence, shared.clone(), session_token.clone()));
+    if !shared.config.audit_every.is_zero() {
+        let audits = audit::scheduled(shared.clone(), connection.clone(), publisher.clone(), session_token.clone());
+        workers.spawn(async move {
+            audits.await;
+            Ok(())
+        });
+    }
     let mut order: Vec<usize> = (0..shared.accounts.len()).collect();
     Rng::from_entropy().shuffle(&mut order);
     for index in order {
@@ -390,6 +404,7 @@ impl AccountWorker {
         let sweeping = mode == CursorMode::StartTs && !self.shared.config.sweep_every.is_zero();
         let mut sweeper = Sweeper::new(self, sweeping);
         let requests = audit::Requests::new(rt.clone(), self.shared.clone(), self.publisher.clone(), &self.token);
+        let _holding = Registered::new(&self.shared, rt, &self.token);
         let mut fresh_until: Option<std::time::Instant> = None;
         loop {
             requests.take(lease).await?;
@@ -716,9 +731,11 @@ impl AccountWorker {
     async fn committed(&self, next: &Job, result: &pass::PassResult) {
         let name = self.runtime.account.name.as_str();
         let lag = self.observe_lag(&next.cursor);
+        let audit = self.runtime.last_audit.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.report(json!({
             "account": name, "seq": next.seq, "cursor": next.cursor, "caught_up": result.caught_up,
             "lag_seconds": lag, "orders_total": next.orders_total, "pass_orders": result.orders,
+            "audit": audit,
         }))
         .await;
         let label = if result.caught_up { "caught_up" } else { "partial" };
@@ -776,6 +793,30 @@ impl AccountWorker {
 enum Holding {
     Released,
     Shutdown,
+}
+
+/// An account in `Shared::holding` while this replica works it; its token is cancelled and the
+/// entry removed when dropped.
+struct Registered {
+    shared: Arc<Shared>,
+    account: String,
+    token: CancellationToken,
+}
+
+impl Registered {
+    fn new(shared: &Arc<Shared>, rt: &Arc<AccountRuntime>, parent: &CancellationToken) -> Registered {
+        let token = parent.child_token();
+        let account = rt.account.name.clone();
+        shared.holding.lock().unwrap_or_else(|e| e.into_inner()).insert(account.clone(), (rt.clone(), token.clone()));
+        Registered { shared: shared.clone(), account, token }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.token.cancel();
+        self.shared.holding.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.account);
+    }
 }
 
 /// How often a stopped account looks for new credentials in the accounts file.

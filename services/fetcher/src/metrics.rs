@@ -33,6 +33,10 @@ pub struct Metrics {
     pub sweep_republished: IntCounterVec,
     /// Sweeps by account and result (done, partial, failed).
     pub sweeps: IntCounterVec,
+    /// The scheduled audit's findings (FETCH_AUDIT_EVERY), by account.
+    pub audit_missing: IntGaugeVec,
+    pub audit_last_complete: GaugeVec,
+    pub audit_runs: IntCounterVec,
 }
 
 /// The label of the per-account series.
@@ -98,6 +102,21 @@ impl Metrics {
             sweeps: r.counter_vec(
                 "orderflow_fetch_sweeps_total",
                 "Lagging sweeps by account and result.",
+                &["account", "result"],
+            ),
+            audit_missing: r.gauge_vec(
+                "orderflow_audit_missing",
+                "Orders the last scheduled audit found Confirmed at the source and nowhere in the pipeline, by account.",
+                ACCOUNT,
+            ),
+            audit_last_complete: r.float_gauge_vec(
+                "orderflow_audit_last_complete_timestamp_seconds",
+                "End of the newest audit window with every Confirmed order accounted for (unix time), by account.",
+                ACCOUNT,
+            ),
+            audit_runs: r.counter_vec(
+                "orderflow_audit_runs_total",
+                "Scheduled audits by account and result (complete, incomplete, failed).",
                 &["account", "result"],
             ),
             registry,
@@ -173,6 +192,24 @@ mod tests {
             ("orderflow_fetch_sweeps_total", "Lagging sweeps by account and result.", COUNTER),
             ("orderflow_fetch_token_refreshes_total", "Access-token refreshes, by account.", COUNTER),
         ];
+        metrics.audit_missing.with_label_values(&["a"]).set(0);
+        metrics.audit_last_complete.with_label_values(&["a"]).set(0.0);
+        metrics.audit_runs.with_label_values(&["a", "complete"]);
+        let audit: Vec<_> = metrics
+            .registry
+            .gather()
+            .into_iter()
+            .filter(|f| f.name().starts_with("orderflow_audit_"))
+            .map(|f| (f.name().to_string(), f.get_field_type()))
+            .collect();
+        assert_eq!(
+            audit,
+            [
+                ("orderflow_audit_last_complete_timestamp_seconds".to_string(), GAUGE),
+                ("orderflow_audit_missing".to_string(), GAUGE),
+                ("orderflow_audit_runs_total".to_string(), COUNTER),
+            ]
+        );
         let found: Vec<_> = metrics
             .registry
             .gather()

@@ -157,7 +157,32 @@ pub struct ScenarioResult {
     /// Stage exits the suite did not cause (a panic, an unexpected error): each fails the run,
     /// even though the suite restarts the replica to see the rest through.
     pub crashes: Vec<String>,
+    /// `orderflow audit` of every account over the run's window, against the oracle.
+    pub audit: AuditCheck,
     pub notes: Vec<String>,
+}
+
+/// What the audits of a run found, summed over its accounts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuditCheck {
+    pub accounts: usize,
+    /// Orders the source listed to the audits.
+    pub source: u64,
+    pub written: u64,
+    pub dead_lettered: u64,
+    pub in_flight: u64,
+    /// Must be 0.
+    pub missing: u64,
+    /// Accounts where the audit and the oracle disagree (what the audit listed is not what
+    /// jst-sim has Confirmed in the window, or it found an order missing): must be empty.
+    pub disagreements: Vec<String>,
+    pub seconds: f64,
+}
+
+impl AuditCheck {
+    pub fn agrees(&self) -> bool {
+        self.accounts > 0 && self.missing == 0 && self.disagreements.is_empty()
+    }
 }
 
 fn options(n: u8, profile: &Profile, amqp_url: &str, bin_dir: &std::path::Path) -> StackOptions {
@@ -205,6 +230,8 @@ fn stage_env(profile: &Profile) -> Vec<(String, String)> {
         ("WRITER_CONCURRENCY".into(), profile.writer_concurrency.to_string()),
         ("TRANSFORMER_MAX_PAGE_BYTES".into(), (4 * 1024 * 1024).to_string()),
         ("WRITER_MAX_RECORD_BYTES".into(), (256 * 1024).to_string()),
+        // The audit at the end of each run may use the whole budget: the pipeline is idle then.
+        ("FETCH_AUDIT_BUDGET".into(), "100%".into()),
         // The lagging sweep finds rows committed late below the cursor (scenarios 2 and 7).
         ("FETCH_SWEEP_EVERY".into(), "15s".into()),
         ("FETCH_SWEEP_SPAN".into(), "2m".into()),
@@ -519,7 +546,9 @@ pub async fn run_scenario(
         note_crashes(&mut stack, &mut result.crashes).await?;
         result.recovery_seconds = (faults_over.elapsed().as_secs_f64() * 10.0).round() / 10.0;
         count_orders(&stack, &progress, &mut result).await?;
-        check_queues(&stack, &mut result).await
+        check_queues(&stack, &mut result).await?;
+        result.audit = audit_check(&stack).await?;
+        anyhow::Ok(())
     }
     .await;
     if let Err(e) = &outcome {
@@ -623,6 +652,64 @@ async fn count_orders(stack: &Stack, progress: &Progress, result: &mut ScenarioR
     Ok(())
 }
 
+/// Audits every account over the run's window (from before the oldest seeded order to now) with
+/// `orderflow audit`, a few at a time, and checks each against the oracle: nothing missing, and
+/// the orders the source listed are exactly the ones jst-sim has Confirmed up to the audit's end.
+async fn audit_check(stack: &Stack) -> anyhow::Result<AuditCheck> {
+    let started = Instant::now();
+    let mut check = AuditCheck::default();
+    for chunk in stack.options.account_names().chunks(8) {
+        let audits = chunk.iter().map(|account| async move {
+            let report = stack.audit(account, "4d", "10m").await?;
+            let orders = stack.confirmed_orders(account).await?;
+            anyhow::Ok((account.clone(), report, orders))
+        });
+        for outcome in futures_util::future::join_all(audits).await {
+            let (account, report, orders) = outcome?;
+            let count = |key: &str| report[key].as_u64().unwrap_or(0);
+            let to = report["to"].as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            let oracle = orders
+                .iter()
+                .filter(|o| {
+                    let modified = o["modified"].as_str().and_then(|m| orderflow_shared::time::parse_china(m).ok());
+                    modified.zip(to).is_some_and(|(m, to)| m <= to)
+                })
+                .count();
+            check.accounts += 1;
+            check.source += count("source");
+            check.written += count("written");
+            check.dead_lettered += count("dead_lettered");
+            check.in_flight += count("in_flight");
+            check.missing += count("missing");
+            if count("source") != oracle as u64 || count("missing") > 0 {
+                let missing: Vec<String> = report["not_written"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c["status"] == "missing")
+                    .take(5)
+                    .map(|c| {
+                        format!(
+                            "{} ({})",
+                            c["o_id"].as_str().unwrap_or("?"),
+                            c["last"].as_str().unwrap_or("never seen")
+                        )
+                    })
+                    .collect();
+                check.disagreements.push(format!(
+                    "{account}: the source listed {} orders, the oracle has {oracle} Confirmed up to {}; missing {}: {}",
+                    count("source"),
+                    report["to"].as_str().unwrap_or("?"),
+                    count("missing"),
+                    missing.join(", ")
+                ));
+            }
+        }
+    }
+    check.seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+    Ok(check)
+}
+
 /// Whether the work and retry queues drain (within a minute), and the dead letters with and
 /// without a reason.
 async fn check_queues(stack: &Stack, result: &mut ScenarioResult) -> anyhow::Result<()> {
@@ -661,6 +748,7 @@ async fn drained(client: &Client, topology: &Topology) -> anyhow::Result<bool> {
 fn passed(n: u8, r: &ScenarioResult) -> bool {
     r.crashes.is_empty()
         && r.lost == 0
+        && r.audit.agrees()
         && r.queues_drained
         && r.dead_letters_without_reason == 0
         && r.orders > 0
@@ -681,11 +769,11 @@ async fn note_crashes(stack: &mut Stack, crashes: &mut Vec<String>) -> anyhow::R
 
 pub fn table(results: &[ScenarioResult]) -> String {
     let mut out = String::from(
-        "| # | scenario | orders | lost | duplicates suppressed | dead-lettered (all with reason) | recovery | result |\n|---|---|---|---|---|---|---|---|\n",
+        "| # | scenario | orders | lost | duplicates suppressed | dead-lettered (all with reason) | audit: missing / in flight | recovery | result |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {}{} | {:.1} s | {} |\n",
+            "| {} | {} | {} | {} | {} | {}{} | {} / {}{} | {:.1} s | {} |\n",
             r.scenario,
             r.name,
             r.orders,
@@ -697,6 +785,9 @@ pub fn table(results: &[ScenarioResult]) -> String {
             } else {
                 format!(" ({} WITHOUT reason)", r.dead_letters_without_reason)
             },
+            r.audit.missing,
+            r.audit.in_flight,
+            if r.audit.agrees() { "" } else { " (DISAGREES with the oracle)" },
             r.recovery_seconds,
             if r.passed { "pass" } else { "FAIL" }
         ));
@@ -717,13 +808,17 @@ pub async fn run(args: FaultArgs, amqp_url: &str) -> anyhow::Result<bool> {
         eprintln!("scenario {n}: {} …", NAMES[usize::from(n - 1)]);
         let r = run_scenario(n, &profile, amqp_url, &bin_dir, seed).await?;
         eprintln!(
-            "scenario {n}: {} — {} orders, lost {}, {} duplicates suppressed, {} dead-lettered, recovered in {:.1} s{}",
+            "scenario {n}: {} — {} orders, lost {}, {} duplicates suppressed, {} dead-lettered, recovered in {:.1} s; audit: {} listed, {} missing, {} in flight ({}){}",
             if r.passed { "pass" } else { "FAIL" },
             r.orders,
             r.lost,
             r.duplicates_suppressed,
             r.dead_lettered,
             r.recovery_seconds,
+            r.audit.source,
+            r.audit.missing,
+            r.audit.in_flight,
+            if r.audit.agrees() { "agrees with the oracle" } else { "DISAGREES with the oracle" },
             if r.notes.is_empty() { String::new() } else { format!(" ({})", r.notes.join("; ")) }
         );
         if args.json {

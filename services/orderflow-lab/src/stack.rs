@@ -468,6 +468,40 @@ impl Stack {
         Ok(ids)
     }
 
+    /// Runs `orderflow audit` against this stack for `account` over [from, now] (`from` as the
+    /// CLI takes it, e.g. `4d`): its JSON report, or why it failed.
+    pub async fn audit(&self, account: &str, from: &str, grace: &str) -> anyhow::Result<Value> {
+        let mut cmd = Command::new(self.options.bin_dir.join("orderflow"));
+        cmd.args(["audit", "--account", account, "--from", from, "--in-flight-grace", grace, "--json"])
+            .env("AMQP_URL", &self.options.amqp_url)
+            .env("ORDERFLOW_NS", &self.options.ns)
+            .env("LOG_FORMAT", "json")
+            .kill_on_drop(true);
+        if let Some((_, tiers)) = self.options.env.iter().find(|(k, _)| k == "RETRY_TIERS") {
+            cmd.env("RETRY_TIERS", tiers);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+            .await
+            .context("orderflow audit timed out")??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // Exit 1 is a report (something missing or in flight); other failures have no report.
+        match (out.status.code(), serde_json::from_str::<Value>(&stdout)) {
+            (Some(0 | 1), Ok(report)) => Ok(report),
+            _ => bail!(
+                "orderflow audit --account {account} failed ({}): {}{}",
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
+    /// Every order Confirmed now for `account`, as jst-sim lists them (o_id, modified, ts, …).
+    pub async fn confirmed_orders(&self, account: &str) -> anyhow::Result<Vec<Value>> {
+        let truth = self.get_json(&format!("{}/admin/truth?account={account}", self.jst_url)).await?;
+        Ok(truth["confirmed"].as_array().cloned().unwrap_or_default())
+    }
+
     /// The ids of every record target-sim holds.
     pub async fn written_ids(&self) -> anyhow::Result<HashSet<String>> {
         let base = self.target_url.trim_end_matches("/data/write");

@@ -175,18 +175,6 @@ async fn gather(
 /// `modified`, give or take the machines' clocks.
 const LEDGER_MARGIN: Duration = Duration::from_secs(600);
 
-/// Whether the pipeline's queues hold messages now (pages, records, retry tiers).
-pub async fn pipeline_busy(client: &Client, topology: &Topology) -> anyhow::Result<bool> {
-    let mut queues = vec![topology.pages_queue(), topology.records_queue()];
-    queues.extend(topology.retry_tiers.iter().map(|t| topology.retry_queue(*t)));
-    for queue in queues {
-        if client.queue_state(&queue).await?.is_some_and(|q| q.messages > 0) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
 /// Everything an audit found (and what a repair did).
 #[derive(Debug, Serialize)]
 pub struct Outcome {
@@ -239,8 +227,11 @@ pub async fn audit(client: &Client, topology: &Topology, options: &AuditOptions)
         }
     })
     .await?;
-    let settle =
-        Settle { now: Timestamp::now(), grace: options.grace, pipeline_busy: pipeline_busy(client, topology).await? };
+    let settle = Settle {
+        now: Timestamp::now(),
+        grace: options.grace,
+        pipeline_busy: orderflow_shared::amqp::ops::pipeline_busy(client.connection(), topology).await?,
+    };
     let report = audit::classify(&options.account, (&from, &to), &answer.orders, &events, settle, read.complete);
     let mut outcome =
         Outcome { report, source_pages: answer.read, replica: answer.replica, ledger: read, repair: None };

@@ -34,6 +34,8 @@ pub struct AccountRow {
     pub orders_total: u64,
     pub cursor: Value,
     pub stopped: Option<String>,
+    /// The fetcher's last scheduled audit of the account (FETCH_AUDIT_EVERY), when there is one.
+    pub audit: Option<Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -157,6 +159,17 @@ fn account_row(v: &Value, now_ms: i64, max_lag: Duration, problems: &mut Vec<Str
     if let Some(age) = age.filter(|a| *a > max_lag.as_secs_f64()) {
         problems.push(format!("account {account} has not completed a pass for {age:.0} s (is a fetcher running?)"));
     }
+    let audit = v.get("audit").filter(|a| !a.is_null()).cloned();
+    if let Some(missing) = audit.as_ref().and_then(|a| a["missing"].as_u64()).filter(|m| *m > 0) {
+        let window = audit
+            .as_ref()
+            .map(|a| format!("{} to {}", a["from"].as_str().unwrap_or("?"), a["to"].as_str().unwrap_or("?")));
+        problems.push(format!(
+            "account {account}: the last audit ({}) found {missing} Confirmed orders nowhere in the pipeline \
+             (`orderflow audit --account {account} --from … --repair`)",
+            window.unwrap_or_default()
+        ));
+    }
     AccountRow {
         account,
         seq: v["seq"].as_u64().unwrap_or(0),
@@ -166,6 +179,7 @@ fn account_row(v: &Value, now_ms: i64, max_lag: Duration, problems: &mut Vec<Str
         orders_total: v["orders_total"].as_u64().unwrap_or(0),
         cursor: v["cursor"].clone(),
         stopped,
+        audit,
     }
 }
 
@@ -181,16 +195,26 @@ pub fn render(r: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n{:<16} {:>6} {:>10} {:>9} {:>12} {:>10}\n",
-        "account", "passes", "caught up", "lag s", "last pass s", "orders"
+        "\n{:<16} {:>6} {:>10} {:>9} {:>12} {:>10}  {}\n",
+        "account", "passes", "caught up", "lag s", "last pass s", "orders", "last audit"
     ));
     if r.accounts.is_empty() {
         out.push_str("(no fetcher has reported a pass yet)\n");
     }
     for a in &r.accounts {
         let opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+        let audit = match &a.audit {
+            None => "-".to_string(),
+            Some(v) if v["complete"] == true => format!("complete to {}", v["to"].as_str().unwrap_or("?")),
+            Some(v) => format!(
+                "{} missing, {} in flight (to {})",
+                v["missing"].as_u64().unwrap_or(0),
+                v["in_flight"].as_u64().unwrap_or(0),
+                v["to"].as_str().unwrap_or("?")
+            ),
+        };
         out.push_str(&format!(
-            "{:<16} {:>6} {:>10} {:>9} {:>12} {:>10}{}\n",
+            "{:<16} {:>6} {:>10} {:>9} {:>12} {:>10}  {audit}{}\n",
             a.account,
             a.seq,
             a.caught_up,

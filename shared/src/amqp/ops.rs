@@ -176,6 +176,33 @@ impl Replies {
     }
 }
 
+/// Whether the pipeline's queues (pages, records, the topology's retry tiers) hold messages now,
+/// by passive declares on `connection` (a queue that does not exist holds nothing). An audit
+/// counts an order without an outcome as in flight while they do.
+pub async fn pipeline_busy(connection: &Connection, topology: &Topology) -> anyhow::Result<bool> {
+    let mut queues = vec![topology.pages_queue(), topology.records_queue()];
+    queues.extend(topology.retry_tiers.iter().map(|t| topology.retry_queue(*t)));
+    let mut channel = connection.create_channel().await?;
+    let mut busy = false;
+    for queue in queues {
+        if !channel.status().connected() {
+            channel = connection.create_channel().await?;
+        }
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        match channel.queue_declare(queue.as_str().into(), options, FieldTable::default()).await {
+            Ok(q) if q.message_count() > 0 => {
+                busy = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(error) if is_not_found(&error) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    close_channel(&channel, "done").await;
+    Ok(busy)
+}
+
 /// Closes a publisher's channel (its connection stays open).
 pub async fn close_publisher(publisher: &Publisher) {
     close_channel(publisher.channel(), "done").await;
