@@ -13,7 +13,7 @@ async fn the_e2e_bench_measures_the_pipeline_and_the_raw_relay() {
     let _guard = heavy().await;
     let broker = broker_args("unused").await;
     let bin_dir = orderflow_lab::stack::default_bin_dir();
-    let options = E2eOptions { orders: 3000, accounts: 2, replicas: 1, rate: 0, writer_concurrency: 32, relay: true };
+    let options = E2eOptions { writer_concurrency: 32, relay: true, ..E2eOptions::new(3000, 2, 1) };
     let (result, _) = pipeline(&bin_dir, &broker, &options).await.expect("the pipeline run");
     assert!(result.orders > 1000, "{result:?}");
     assert!(result.pages >= result.orders / 50, "{result:?}");

@@ -317,6 +317,17 @@ async fn the_compose_stack_comes_up_syncs_scales_and_keeps_each_stage_to_its_rig
         String::from_utf8_lossy(&cli.stderr)
     );
 
+    // The ledger, written by the three stages as their least-privilege users: one order's trace
+    // from the CLI shows it fetched, transformed and written.
+    let truth = docker::get_json(&format!("http://{jst}/admin/truth?ids_only=true"), None).await?;
+    let id = truth["accounts"][0]["confirmed_ids"][0].to_string();
+    let trace = project.compose(&["run", "--rm", "cli", "orderflow", "trace", &id], Duration::from_secs(120)).await?;
+    let said = format!("{}{}", String::from_utf8_lossy(&trace.stdout), String::from_utf8_lossy(&trace.stderr));
+    assert!(trace.status.success(), "orderflow trace {id}: {said}");
+    for kind in ["fetched", "transformed", "written"] {
+        assert!(said.contains(kind), "orderflow trace {id} shows {kind}: {said}");
+    }
+
     // rabbitmq-setup after the admin password changed in .env: stops at once and says what to do.
     let changed = project.dir.join("changed.env");
     std::fs::write(&changed, env_file("a-new-password"))?;

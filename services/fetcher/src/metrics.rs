@@ -137,6 +137,7 @@ impl Metrics {
         self.cursor_lag.with_label_values(&[account]);
         self.sweep_found.with_label_values(&[account]);
         self.sweep_republished.with_label_values(&[account]);
+        self.audit_runs.with_label_values(&[account, "complete"]);
     }
 }
 

@@ -90,6 +90,16 @@ pub enum Scenario {
         #[arg(long, default_value_t = 20_000)]
         records: u64,
     },
+    /// The ledger's cost: the e2e pipeline with LEDGER=off, then on (throughput ratio, memory),
+    /// then the ledger read back in full and one order traced.
+    Ledger {
+        /// Orders to sync in each run.
+        #[arg(long, default_value_t = 200_000)]
+        orders: u64,
+        /// Merchants (fetch accounts) in jst-sim.
+        #[arg(long, default_value_t = 4)]
+        accounts: u32,
+    },
     /// One merchant at the real limits (5 calls/s, 100 calls/min): orders/s against the budget.
     Source {
         /// How long to measure.
@@ -138,8 +148,17 @@ pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
                 rate,
                 writer_concurrency: concurrency,
                 relay: !no_relay,
+                ..crate::e2e::E2eOptions::new(orders, accounts, replicas)
             };
             e2e(&bin_dir, &broker, options, half_rate, args.json).await
+        }
+        Scenario::Ledger { orders, accounts } => {
+            let r = crate::ledger_bench::run(&bin_dir, &broker, orders, accounts).await?;
+            crate::ledger_bench::print(&r);
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(r.ratio >= 0.9 && r.max_stage_peak_rss_mib <= 50.0 && r.trace_seconds < 5.0)
         }
         Scenario::Pace { scenario, records } => {
             crate::pace_bench::run(&bin_dir, &broker, scenario, records, args.json).await

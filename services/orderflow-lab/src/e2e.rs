@@ -36,6 +36,25 @@ pub struct E2eOptions {
     pub rate: u32,
     pub writer_concurrency: u16,
     pub relay: bool,
+    /// The stages' LEDGER setting.
+    pub ledger: bool,
+    /// Leave the namespace (and its ledger) on the broker for the caller to read, then delete.
+    pub keep_namespace: bool,
+}
+
+impl E2eOptions {
+    pub fn new(orders: u64, accounts: u32, replicas: u32) -> Self {
+        E2eOptions {
+            orders,
+            accounts,
+            replicas,
+            rate: 0,
+            writer_concurrency: 64,
+            relay: false,
+            ledger: true,
+            keep_namespace: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +86,9 @@ pub struct E2eResult {
     pub relay: Option<RelayResult>,
     /// Pipeline orders/s ÷ relay records/s.
     pub ratio: Option<f64>,
+    pub ledger: bool,
+    /// The run's namespace (still on the broker with `keep_namespace`).
+    pub namespace: String,
 }
 
 pub(crate) fn proc_stat(pid: u32) -> Option<(f64, f64, f64)> {
@@ -196,11 +218,14 @@ pub async fn pipeline(
         ("WRITER_CONCURRENCY".into(), o.writer_concurrency.to_string()),
         ("FETCH_INTERVAL".into(), "1s".into()),
         ("RUST_LOG".into(), "warn".into()),
+        ("LEDGER".into(), if o.ledger { "on" } else { "off" }.into()),
     ];
     let mut stack = Stack::start(options).await?;
     let outcome = measure(&mut stack, o).await;
     stack.stop().await;
-    stack.delete_namespace().await?;
+    if !o.keep_namespace || outcome.is_err() {
+        stack.delete_namespace().await?;
+    }
     outcome
 }
 
@@ -244,6 +269,8 @@ async fn measure(stack: &mut Stack, o: &E2eOptions) -> anyhow::Result<(E2eResult
         processes,
         relay: None,
         ratio: None,
+        ledger: o.ledger,
+        namespace: stack.options.ns.clone(),
     };
     Ok((result, lines))
 }

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod demo_broker;
 pub mod e2e;
 pub mod faults;
+pub mod ledger_bench;
 pub mod pace_bench;
 pub mod rabbitmqctl;
 pub mod relay;
