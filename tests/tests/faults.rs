@@ -73,7 +73,7 @@ async fn scenario_7_all_at_once() {
 }
 
 /// A memory alarm and a disk alarm (each stage that publishes shows `broker_blocked` and resumes
-/// within 30 s of the alarm clearing), then a 3-minute target outage under a 60 s broker ack
+/// within 30 s of the alarm clearing), then a 2-minute target outage under a 60 s broker ack
 /// timeout: no broker session ends, nothing is dead-lettered, nothing is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn scenario_8_broker_alarms_and_a_short_ack_timeout() {

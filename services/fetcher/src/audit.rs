@@ -217,6 +217,15 @@ pub(crate) async fn walk_confirmed(
         until: Some(to),
     };
     let walked = pass::walk_windows(&mut ctx, from, walk).await?;
+    // A walk cut short (the account let go, a token to refresh) has not listed the window.
+    if token.is_cancelled() {
+        return Err(PassError::Interrupted);
+    }
+    if walked.needs_refresh || !walked.caught_up {
+        return Err(PassError::Credentials(
+            "the listing was cut short (the access token is being refreshed): ask again in a minute".into(),
+        ));
+    }
     Ok(walked.cursor.synced_until())
 }
 
@@ -285,9 +294,17 @@ async fn repair(
         let account = Account { request: rt.account.request.for_ids(chunk), ..rt.account.clone() };
         let mut ctx = context(&account, rt, shared, publisher, token, &mut credentials, &shared.ledger);
         let key = format!("repair:{}:{n}", replier.id);
-        let rows = pass::fetch_by_ids(&mut ctx, &key, json!({"mode": "repair", "request": replier.id}))
-            .await
-            .map_err(pass_error)?;
+        let fetching = pass::fetch_by_ids(&mut ctx, &key, json!({"mode": "repair", "request": replier.id}));
+        tokio::pin!(fetching);
+        // A call can wait long for its budget: the requester hears from us meanwhile.
+        let mut heartbeat = tokio::time::interval(orderflow_shared::audit::HEARTBEAT);
+        heartbeat.tick().await;
+        let rows = loop {
+            tokio::select! {
+                rows = &mut fetching => break rows.map_err(pass_error)?,
+                _ = heartbeat.tick() => replier.send(Reply::Progress { read, orders }).await?,
+            }
+        };
         read += 1;
         orders += rows.len() as u64;
         published += u64::from(!rows.is_empty());
@@ -327,7 +344,12 @@ pub(crate) async fn scheduled(
             _ = tokio::time::sleep_until(next) => {}
         }
         next = tokio::time::Instant::now() + every;
-        if let Err(error) = audit_held(&shared, &connection, &publisher).await {
+        // A day of ledger takes a while to read: the session's end must not wait for it.
+        let outcome = tokio::select! {
+            _ = token.cancelled() => return,
+            outcome = audit_held(&shared, &connection, &publisher) => outcome,
+        };
+        if let Err(error) = outcome {
             tracing::warn!(message = "The scheduled audit failed; the next one runs on schedule.", error = %format!("{error:#}"));
         }
     }
@@ -364,14 +386,22 @@ async fn audit_held(
     let topology = shared.topology.clone().with_ledger(&shared.config.ledger);
     let mut events: HashMap<String, Vec<orderflow_shared::ledger::Event>> = HashMap::new();
     let since = from.as_second() - LEDGER_MARGIN.as_secs() as i64;
+    // Only the events of the orders listed are kept.
+    let listed_ids: std::collections::HashSet<(String, String)> = listed
+        .iter()
+        .flat_map(|(rt, _, orders)| orders.iter().map(|o| (rt.account.name.clone(), o.o_id.clone())))
+        .collect();
     let read = orderflow_shared::amqp::ledger::read_events(connection, &topology, since, &needles, |_, _, event| {
-        if event.o_id.is_some() {
+        if let Some(o_id) = &event.o_id
+            && listed_ids.contains(&(event.account.clone(), o_id.clone()))
+        {
             events.entry(event.account.clone()).or_default().push(event);
         }
     })
     .await?;
     // Queues this user may not look at count as busy: nothing is called missing for lack of sight.
-    let busy = orderflow_shared::amqp::ops::pipeline_busy(connection, &shared.topology).await.unwrap_or(true);
+    let stages = shared.topology.clone().with_retry_tiers(shared.config.retry_tiers.0.clone());
+    let busy = orderflow_shared::amqp::ops::pipeline_busy(connection, &stages).await.unwrap_or(true);
     let settle = orderflow_shared::audit::Settle {
         now: Timestamp::now(),
         grace: shared.config.audit_grace,

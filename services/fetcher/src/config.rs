@@ -126,6 +126,18 @@ pub struct Config {
     /// event is younger than this (or the pipeline's queues hold messages); past it, missing.
     #[arg(long, env = "FETCH_AUDIT_GRACE", default_value = "10m", value_parser = parse_duration)]
     pub audit_grace: Duration,
+    /// The writers' retry tiers (as their RETRY_TIERS): the scheduled audit counts what waits in
+    /// them as in flight.
+    #[arg(long, env = "RETRY_TIERS", default_value = orderflow_shared::amqp::topology::DEFAULT_RETRY_TIERS, value_parser = parse_tiers)]
+    pub retry_tiers: RetryTiers,
+}
+
+/// The writers' retry tiers, as `RETRY_TIERS` gives them.
+#[derive(Debug, Clone)]
+pub struct RetryTiers(pub Vec<Duration>);
+
+fn parse_tiers(text: &str) -> Result<RetryTiers, String> {
+    orderflow_shared::amqp::ops::parse_retry_tiers(text).map(RetryTiers).map_err(|e| e.to_string())
 }
 
 /// A share of a budget: `10%` or `0.1`, above 0 and at most 1.

@@ -501,6 +501,9 @@ impl Lease {
     /// whoever is the active consumer receives them — this replica again, if the loss was only a
     /// slow broker, and it takes the account over from the newest job.
     pub async fn give_back(&mut self) -> Result<(), Error> {
+        for tag in std::mem::take(&mut self.junk) {
+            self.channel.basic_ack(tag, BasicAckOptions::default()).await?;
+        }
         let requests = std::mem::take(&mut self.requests).into_iter().map(|r| r.tag);
         for tag in std::mem::take(&mut self.held).into_iter().map(|h| h.tag).chain(requests) {
             let options = BasicNackOptions { multiple: false, requeue: true };

@@ -204,7 +204,10 @@ impl StageLedger {
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Credit a reader gives the stream (messages in flight to it).
-const READ_PREFETCH: u16 = 1000;
+const READ_PREFETCH: u16 = 200;
+
+/// How long a read waits for its marker to be confirmed (a broker alarm blocks it meanwhile).
+const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Reads the ledger `stream` from `since` (seconds since the epoch; the broker starts at the
 /// first chunk at or before it, so a few earlier batches may come too: callers filter by `at`) up
@@ -223,12 +226,20 @@ pub async fn read(
     let marker = format!("ledger-read:{}:{}", crate::messages::now_ms(), fastrand::u64(..));
     let publisher = Publisher::open(connection).await?;
     let body = br#"{"schema":"orderflow.ledger.read-marker.v1"}"#;
-    let marked =
-        publisher.publish(&topology.ledger_exchange(), "", body, json_properties(&marker, FieldTable::default())).await;
+    let exchange = topology.ledger_exchange();
+    let marking = publisher.publish(&exchange, "", body, json_properties(&marker, FieldTable::default()));
+    let marked = tokio::time::timeout(MARKER_TIMEOUT, marking).await;
     close_channel(publisher.channel(), "marked").await;
-    marked.map_err(|e| {
-        anyhow::anyhow!("the ledger {stream} cannot be read: {e} (is LEDGER on, and the stream declared?)")
-    })?;
+    match marked {
+        Err(_) => anyhow::bail!(
+            "the ledger {stream} cannot be read: the broker did not take the read's marker within {MARKER_TIMEOUT:?} (a resource alarm blocks publishing?)"
+        ),
+        Ok(Err(e)) => anyhow::bail!(
+            "the ledger {stream} cannot be read: {e} (is LEDGER on and the stream declared? a reader needs write on the exchange {} for its end marker)",
+            topology.ledger_exchange()
+        ),
+        Ok(Ok(())) => {}
+    }
 
     let channel: Channel = connection.create_channel().await?;
     // A stream consumer must have a prefetch, and acks move its credit along.
