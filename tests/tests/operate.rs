@@ -124,6 +124,10 @@ fn exported_families() -> HashSet<String> {
     let fetcher = fetcher::metrics::Metrics::new();
     fetcher.track_account("m1");
     fetcher.cursor_lag.with_label_values(&["m1"]).set(0.0);
+    // The scheduled audit's gauges exist once an audit of the account has run (none before: a
+    // zero would claim an audit that never happened).
+    fetcher.audit_missing.with_label_values(&["m1"]).set(0);
+    fetcher.audit_last_complete.with_label_values(&["m1"]).set(0.0);
     let transformer = transformer::Metrics::new();
     let writer = writer::metrics::Metrics::new();
     writer.retries.with_label_values(&["1s"]);
