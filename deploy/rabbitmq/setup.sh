@@ -95,11 +95,12 @@ user() {
   call PUT "permissions/%2F/$1" "$TMP/body"
   ok "permissions of $1"
 }
-# fetcher: its own job/presence/status queues; publishes pages, ledger batches and (via the
-# default exchange) jobs, status and audit answers; reads the ledger (the scheduled audit).
-user fetcher "$FETCHER_AMQP_PASSWORD" "^${N}\\\\.fetch\\\\..*" "^(${N}\\\\.pages|${N}\\\\.ledger|${N}\\\\.fetch\\\\..*|amq\\\\.default)$" "^(${N}\\\\.fetch\\\\..*|${N}\\\\.ledger)$"
-# transformer: reads pages; publishes records, dead letters and ledger batches.
-user transformer "$TRANSFORMER_AMQP_PASSWORD" "^$" "^${N}\\\\.(records|dead|ledger)$" "^${N}\\\\.pages$"
-# writer: reads records; publishes retries, dead letters and ledger batches.
-user writer "$WRITER_AMQP_PASSWORD" "^$" "^${N}\\\\.(retry|dead|ledger)$" "^${N}\\\\.records$"
+# fetcher: its own job/presence/status queues; publishes pages, ledger batches and their index
+# entries and (via the default exchange) jobs, status and audit answers; reads the ledger (the
+# scheduled audit).
+user fetcher "$FETCHER_AMQP_PASSWORD" "^${N}\\\\.fetch\\\\..*" "^(${N}\\\\.pages|${N}\\\\.ledger|${N}\\\\.ledger\\\\.index|${N}\\\\.fetch\\\\..*|amq\\\\.default)$" "^(${N}\\\\.fetch\\\\..*|${N}\\\\.ledger)$"
+# transformer: reads pages; publishes records, dead letters and ledger batches (and index entries).
+user transformer "$TRANSFORMER_AMQP_PASSWORD" "^$" "^${N}\\\\.(records|dead|ledger|ledger\\\\.index)$" "^${N}\\\\.pages$"
+# writer: reads records; publishes retries, dead letters and ledger batches (and index entries).
+user writer "$WRITER_AMQP_PASSWORD" "^$" "^${N}\\\\.(retry|dead|ledger|ledger\\\\.index)$" "^${N}\\\\.records$"
 echo "rabbitmq-setup: done (policy $NS-quorum-leaders; users fetcher, transformer, writer)"

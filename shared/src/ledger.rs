@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::ledger_index::Encoded;
+
 pub const LEDGER_SCHEMA: &str = "orderflow.ledger.v1";
 
 /// What happened to an order at one stage.
@@ -217,15 +219,15 @@ impl ReadBatch {
     }
 }
 
-/// Where batches go: the ledger stream, or anything a test gives.
+/// Where batches go: the ledger stream (and its index), or anything a test gives.
 pub trait Sink {
-    /// Appends one batch (serialized); `Ok` only once it is stored (a broker confirm).
-    fn append(&mut self, body: &[u8]) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Appends one batch; `Ok` only once it is stored (a broker confirm).
+    fn append(&mut self, batch: &Encoded) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
 impl<S: Sink + Send> Sink for &mut S {
-    async fn append(&mut self, body: &[u8]) -> anyhow::Result<()> {
-        (**self).append(body).await
+    async fn append(&mut self, batch: &Encoded) -> anyhow::Result<()> {
+        (**self).append(batch).await
     }
 }
 
@@ -240,12 +242,14 @@ pub async fn append_events(sink: &mut impl Sink, stage: &str, events: Vec<Event>
             replica: crate::replica::name().into(),
             events: events.by_ref().take(500).collect(),
         };
-        sink.append(&serde_json::to_vec(&batch)?).await?;
+        sink.append(&Encoded::of(&batch)?).await?;
     }
     Ok(())
 }
 
-/// What the stage's handles send the ledger task.
+/// What the stage's handles send the ledger task. Events are nearly every entry: boxing them
+/// would cost an allocation each to make the rare flush smaller.
+#[allow(clippy::large_enum_variant)]
 enum Entry {
     Event(Event),
     /// Everything sent before it is appended (or given up on): then answer.
@@ -536,8 +540,8 @@ async fn flush(
             events: events.drain(..take).collect(),
         };
         *in_flight = take as u64;
-        let outcome = match serde_json::to_vec(&batch) {
-            Ok(body) => sink.append(&body).await,
+        let outcome = match Encoded::of(&batch) {
+            Ok(encoded) => sink.append(&encoded).await,
             Err(error) => Err(error.into()),
         };
         *in_flight = 0;
@@ -576,9 +580,9 @@ mod tests {
     }
 
     impl Sink for Memory {
-        async fn append(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        async fn append(&mut self, batch: &Encoded) -> anyhow::Result<()> {
             anyhow::ensure!(!self.refuse.load(std::sync::atomic::Ordering::SeqCst), "stream unavailable");
-            self.batches.lock().expect("lock").push(serde_json::from_slice(body)?);
+            self.batches.lock().expect("lock").push(serde_json::from_slice(&batch.body)?);
             Ok(())
         }
     }
@@ -822,7 +826,7 @@ mod tests {
     struct Stuck;
 
     impl Sink for Stuck {
-        async fn append(&mut self, _body: &[u8]) -> anyhow::Result<()> {
+        async fn append(&mut self, _batch: &Encoded) -> anyhow::Result<()> {
             std::future::pending().await
         }
     }

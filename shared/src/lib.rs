@@ -10,6 +10,7 @@ pub mod body;
 pub mod json;
 pub mod jst;
 pub mod ledger;
+pub mod ledger_index;
 pub mod messages;
 pub mod metrics;
 pub mod otel;

@@ -343,6 +343,10 @@ async fn trace_shows_a_replayed_orders_journey_through_failures_a_dead_letter_an
         assert_eq!(code, 0, "{text}");
         let orders = trace["orders"].as_array().cloned().unwrap_or_default();
         assert_eq!(orders.len(), 1, "{trace}");
+        // Found through the ledger's index: every batch it named, read where it said.
+        let read = &trace["read"];
+        assert_eq!(read["how"], "index", "{read}");
+        assert!(read["sought"].as_u64() >= Some(4) && read["found"] == read["sought"], "{read}");
         let steps: Vec<Value> = orders[0]["versions"]
             .as_array()
             .into_iter()

@@ -131,8 +131,11 @@ fn exported_families() -> HashSet<String> {
     let transformer = transformer::Metrics::new();
     let writer = writer::metrics::Metrics::new();
     writer.retries.with_label_values(&["1s"]);
+    // Every stage registers the ledger's counter when its ledger starts.
+    let ledger = prometheus::Registry::new();
+    orderflow_shared::ledger::dropped_counter(&ledger);
     let mut names = HashSet::new();
-    for registry in [&fetcher.registry, &transformer.registry, &writer.registry] {
+    for registry in [&fetcher.registry, &transformer.registry, &writer.registry, &ledger] {
         for family in registry.gather() {
             names.insert(family.name().to_string());
         }

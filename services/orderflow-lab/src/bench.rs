@@ -99,6 +99,11 @@ pub enum Scenario {
         /// Merchants (fetch accounts) in jst-sim.
         #[arg(long, default_value_t = 4)]
         accounts: u32,
+        /// Before reading it back, top the ledger up to this size with made-up orders appended
+        /// as the stages do (e.g. 4GiB, the default LEDGER_MAX_BYTES: what a day at the bench's
+        /// rate leaves in the ledger); 0: the run's own ledger only.
+        #[arg(long, default_value = "0", value_parser = orderflow_shared::settings::parse_bytes)]
+        fill: u64,
     },
     /// One merchant at the real limits (5 calls/s, 100 calls/min): orders/s against the budget.
     Source {
@@ -152,8 +157,8 @@ pub async fn run(args: BenchArgs, broker: BrokerArgs) -> anyhow::Result<bool> {
             };
             e2e(&bin_dir, &broker, options, half_rate, args.json).await
         }
-        Scenario::Ledger { orders, accounts } => {
-            let r = crate::ledger_bench::run(&bin_dir, &broker, orders, accounts).await?;
+        Scenario::Ledger { orders, accounts, fill } => {
+            let r = crate::ledger_bench::run(&bin_dir, &broker, orders, accounts, fill).await?;
             crate::ledger_bench::print(&r);
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);

@@ -1,7 +1,9 @@
 //! `orderflow bench ledger`: what the ledger costs, measured in one run — the same `bench e2e`
 //! pipeline with `LEDGER=off` and then `LEDGER=on` (throughput ratio, each stage's peak RSS), and
-//! then how fast its ledger reads back: the whole stream (what an audit reads) and one order's
-//! `orderflow trace` (the CLI itself, as an operator runs it).
+//! then how fast its ledger reads back: the whole stream (what an audit reads, and what a trace
+//! read before the index) and one order's `orderflow trace` (the CLI itself, as an operator runs
+//! it, through the index). `--fill` first tops the ledger up to a size (see `ledger_fill`): a day
+//! at the bench's rate leaves the ledger at its cap.
 
 use std::time::{Duration, Instant};
 
@@ -30,8 +32,12 @@ pub struct LedgerBench {
     pub full_read_mb_per_sec: f64,
     /// `orderflow trace <id>` over the same ledger, process start to answer.
     pub trace_seconds: f64,
-    /// The ledger `trace` answers in 5 s at the read rate measured: orders' worth.
-    pub orders_traceable_in_5s: u64,
+    /// How the trace read: `index` or `scan`, and what it read of each stream.
+    pub trace_how: String,
+    pub trace_index_mb: f64,
+    pub trace_ledger_mb: f64,
+    /// What `--fill` appended before the reads (none: the run's own ledger only).
+    pub filled: Option<crate::ledger_fill::Filled>,
     pub on: E2eResult,
 }
 
@@ -40,6 +46,7 @@ pub async fn run(
     broker: &BrokerArgs,
     orders: u64,
     accounts: u32,
+    fill: u64,
 ) -> anyhow::Result<LedgerBench> {
     orderflow_shared::init_process();
     eprintln!("ledger: {orders} orders with LEDGER=off …");
@@ -50,11 +57,24 @@ pub async fn run(
     let with = E2eOptions { ledger: true, keep_namespace: true, ..E2eOptions::new(orders, accounts, 1) };
     let (on, _) = pipeline(bin_dir, broker, &with).await?;
     eprintln!("  {:.0} orders/s", on.orders_per_sec);
+    let filled = if fill > 0 {
+        eprintln!("ledger: filling it up to {:.1} GiB …", fill as f64 / f64::from(1u32 << 30));
+        let filled = crate::ledger_fill::fill(broker, &on.namespace, fill).await?;
+        eprintln!(
+            "  {} orders, {:.0} MB of ledger in {:.0} s",
+            filled.orders,
+            filled.ledger_bytes as f64 / 1e6,
+            filled.seconds
+        );
+        Some(filled)
+    } else {
+        None
+    };
     let read = read_back(bin_dir, broker, &on).await;
     let client = Client::connect(&BrokerArgs { ns: on.namespace.clone(), ..broker.clone() }, "orderflow-bench").await?;
     client.delete_namespace(&Topology::new(on.namespace.clone()), &[]).await?;
     client.close().await;
-    let (events, bytes, full_secs, trace_secs) = read?;
+    let (events, bytes, full_secs, trace) = read?;
     let max_peak = on
         .processes
         .iter()
@@ -74,19 +94,30 @@ pub async fn run(
         bytes_per_order: round(per_order, 0),
         full_read_seconds: round(full_secs, 2),
         full_read_mb_per_sec: round(mb_per_sec, 1),
-        trace_seconds: round(trace_secs, 2),
-        orders_traceable_in_5s: (mb_per_sec * 1e6 * 5.0 / per_order.max(1.0)) as u64,
+        trace_seconds: round(trace.seconds, 2),
+        trace_how: trace.how,
+        trace_index_mb: round(trace.index_bytes as f64 / 1e6, 1),
+        trace_ledger_mb: round(trace.ledger_bytes as f64 / 1e6, 1),
+        filled,
         on,
     })
 }
 
+/// One `orderflow trace` as the bench saw it.
+struct Traced {
+    seconds: f64,
+    how: String,
+    index_bytes: u64,
+    ledger_bytes: u64,
+}
+
 /// Reads the run's ledger in full (events, bytes, seconds), then times `orderflow trace` of an
-/// order from the middle of it.
+/// order from the middle of the run.
 async fn read_back(
     bin_dir: &std::path::Path,
     broker: &BrokerArgs,
     on: &E2eResult,
-) -> anyhow::Result<(u64, u64, f64, f64)> {
+) -> anyhow::Result<(u64, u64, f64, Traced)> {
     let args = BrokerArgs { ns: on.namespace.clone(), ..broker.clone() };
     let client = Client::connect(&args, "orderflow-bench").await?;
     let topology = Topology::new(on.namespace.clone());
@@ -94,8 +125,9 @@ async fn read_back(
     let started = Instant::now();
     let summary = ledger::read_events(client.connection(), &topology, 0, &[], |_, _, event| {
         events += 1;
+        // The run's own orders (jst-sim's), not the fill's.
         if events % 1000 == 0
-            && let Some(id) = event.o_id
+            && let Some(id) = event.o_id.filter(|id| id.len() < 9 || !id.starts_with('9'))
         {
             ids.push(id);
         }
@@ -117,8 +149,15 @@ async fn read_back(
             .output(),
     )
     .await??;
-    let trace = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let read = &answer["read"];
+    let trace = Traced {
+        seconds,
+        how: read["how"].as_str().unwrap_or("?").to_string(),
+        index_bytes: read["index"]["bytes"].as_u64().unwrap_or(0),
+        ledger_bytes: read["ledger"]["bytes"].as_u64().unwrap_or(0),
+    };
     let kinds: Vec<String> = answer["orders"][0]["versions"]
         .as_array()
         .into_iter()
@@ -155,7 +194,7 @@ pub fn print(r: &LedgerBench) {
         r.full_read_mb_per_sec
     );
     eprintln!(
-        "  orderflow trace over it: {:.2} s (target < 5 s); at this read rate 5 s cover a ledger of {} orders",
-        r.trace_seconds, r.orders_traceable_in_5s
+        "  orderflow trace over it: {:.2} s (target < 5 s), through the {}: {:.1} MB of index and {:.1} MB of ledger read",
+        r.trace_seconds, r.trace_how, r.trace_index_mb, r.trace_ledger_mb
     );
 }

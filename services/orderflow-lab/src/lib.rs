@@ -10,6 +10,7 @@ pub mod demo_broker;
 pub mod e2e;
 pub mod faults;
 pub mod ledger_bench;
+pub mod ledger_fill;
 pub mod pace_bench;
 pub mod rabbitmqctl;
 pub mod relay;

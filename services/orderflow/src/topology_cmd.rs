@@ -30,19 +30,20 @@ pub fn render_text(topology: &Topology) -> String {
     for b in topology.bindings() {
         out.push_str(&format!("  {} --{}--> {}\n", b.exchange, b.routing_key, b.queue));
     }
-    match topology.ledger_spec() {
-        Some(spec) => {
-            out.push_str(&format!(
-                "\nledger:\n  {:<40} fanout (every stage publishes here)\n  {:<40} {}\n",
-                topology.ledger_exchange(),
-                spec.name,
-                spec.role
-            ));
-            for (k, v) in &spec.arguments {
-                out.push_str(&format!("      {k} = {}\n", arg_text(v)));
+    match (topology.ledger_spec(), topology.ledger_index_spec()) {
+        (Some(ledger), Some(index)) => {
+            out.push_str("\nledger:\n");
+            for (exchange, spec) in [(topology.ledger_exchange(), ledger), (topology.ledger_index_exchange(), index)] {
+                out.push_str(&format!(
+                    "  {exchange:<40} fanout (every stage publishes here)\n  {:<40} {}\n",
+                    spec.name, spec.role
+                ));
+                for (k, v) in &spec.arguments {
+                    out.push_str(&format!("      {k} = {}\n", arg_text(v)));
+                }
             }
         }
-        None => out.push_str("\nledger: off (LEDGER=off)\n"),
+        _ => out.push_str("\nledger: off (LEDGER=off)\n"),
     }
     out
 }
@@ -62,5 +63,8 @@ pub fn render_json(topology: &Topology) -> serde_json::Value {
         "queues": topology.queues(),
         "bindings": topology.bindings(),
         "ledger": topology.ledger_spec().map(|spec| json!({"exchange": topology.ledger_exchange(), "stream": spec})),
+        "ledger_index": topology
+            .ledger_index_spec()
+            .map(|spec| json!({"exchange": topology.ledger_index_exchange(), "stream": spec})),
     })
 }

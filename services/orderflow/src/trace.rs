@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use orderflow_shared::{
-    amqp::{Topology, ledger, ops::Client},
+    amqp::{Topology, ledger_index, ops::Client},
     ledger::{Event, What},
     time::china,
 };
@@ -48,7 +48,8 @@ pub struct Trace {
     /// RFC 3339, China time.
     pub since: String,
     pub orders: Vec<OrderTrace>,
-    pub read: ledger::ReadSummary,
+    /// How the ledger was read: through its index, or the whole window (and why).
+    pub read: ledger_index::Found,
 }
 
 /// Reads the ledger from `since` ago and gathers every event of the order(s) `id` names.
@@ -60,22 +61,21 @@ pub async fn trace(
     since: Duration,
 ) -> anyhow::Result<Trace> {
     let from = jiff::Timestamp::now() - jiff::SignedDuration::try_from(since)?;
-    let mut steps: Vec<Step> = Vec::new();
-    let needles = [ledger::needle(id)];
-    let read =
-        ledger::read_events(client.connection(), topology, from.as_second(), &needles, |stage, replica, event| {
+    let (events, found) = ledger_index::find(client.connection(), topology, from.as_second(), id).await?;
+    let steps = events
+        .into_iter()
+        .filter(|(_, _, event)| {
             let at_or_after = event.at.parse::<jiff::Timestamp>().is_ok_and(|at| at >= from);
-            if event.is_of(id) && at_or_after && account.is_none_or(|a| a == event.account) {
-                steps.push(Step { stage: stage.to_string(), replica: replica.to_string(), event });
-            }
+            event.is_of(id) && at_or_after && account.is_none_or(|a| a == event.account)
         })
-        .await?;
+        .map(|(stage, replica, event)| Step { stage, replica, event })
+        .collect();
     Ok(Trace {
         id: id.to_string(),
         account: account.map(str::to_string),
         since: orderflow_shared::time::rfc3339_china(from),
         orders: group(steps),
-        read,
+        read: found,
     })
 }
 
@@ -150,19 +150,38 @@ pub fn describe(event: &Event) -> String {
     }
 }
 
+/// How much was read, in a few words.
+fn how_read(read: &ledger_index::Found) -> String {
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    match read.how {
+        "index" => format!(
+            "{:.1} MB of index read, {} of {} batches it named found in {:.1} MB of ledger{}{}",
+            mb(read.index.bytes),
+            read.found,
+            read.sought,
+            mb(read.ledger.bytes),
+            if read.gone > 0 { format!(", {} past the ledger's retention", read.gone) } else { String::new() },
+            if read.superseded > 0 { format!(", {} never stored (appended again)", read.superseded) } else { String::new() },
+        ),
+        _ => format!("the whole window read: {} batches, {:.1} MB", read.ledger.batches, mb(read.ledger.bytes)),
+    }
+}
+
 /// The trace for a person.
 pub fn render(trace: &Trace) -> String {
     let mut out = String::new();
     let scope = trace.account.as_ref().map(|a| format!(" of account {a}")).unwrap_or_default();
     if trace.orders.is_empty() {
         out.push_str(&format!(
-            "No trace of {}{scope} in the ledger since {} ({} batches, {:.1} MB read).\n\
+            "No trace of {}{scope} in the ledger since {} ({}).\n\
              Check the id (o_id, so_id or io_id), --account, and --since; the ledger keeps LEDGER_MAX_AGE \
              (7 days by default) and records nothing where LEDGER=off.\n",
             trace.id,
             trace.since,
-            trace.read.batches,
-            trace.read.bytes as f64 / 1e6
+            match &trace.read.why {
+                Some(why) => format!("{}; {why}", how_read(&trace.read)),
+                None => how_read(&trace.read),
+            }
         ));
     }
     for order in &trace.orders {
@@ -198,7 +217,10 @@ pub fn render(trace: &Trace) -> String {
         }
         out.push_str(&format!("  now: {}\n", order.state));
     }
-    if !trace.read.complete {
+    if let Some(why) = trace.read.why.as_ref().filter(|_| !trace.orders.is_empty()) {
+        out.push_str(&format!("({}: {why})\n", how_read(&trace.read)));
+    }
+    if !trace.read.ledger.complete {
         out.push_str(
             "Warning: the ledger read did not reach its end (the stream went quiet): the trace may be incomplete.\n",
         );
@@ -208,6 +230,8 @@ pub fn render(trace: &Trace) -> String {
 
 #[cfg(test)]
 mod tests {
+    use orderflow_shared::amqp::ledger;
+
     use super::*;
 
     fn step(stage: &str, what: What, version: &str, at: &str) -> Step {
@@ -247,7 +271,11 @@ mod tests {
             account: None,
             since: "x".into(),
             orders: orders.clone(),
-            read: ledger::ReadSummary { complete: true, ..Default::default() },
+            read: ledger_index::Found {
+                how: "index",
+                ledger: ledger::ReadSummary { complete: true, ..Default::default() },
+                ..Default::default()
+            },
         });
         assert!(text.contains("code E42: 库存不足") && text.contains("written, attempt 2: HTTP 200"), "{text}");
     }
@@ -259,7 +287,12 @@ mod tests {
             account: Some("m1".into()),
             since: "2026-12-06T16:00:00.000+08:00".into(),
             orders: Vec::new(),
-            read: ledger::ReadSummary { complete: true, batches: 12, ..Default::default() },
+            read: ledger_index::Found {
+                how: "scan",
+                why: Some("no index".into()),
+                ledger: ledger::ReadSummary { complete: true, batches: 12, ..Default::default() },
+                ..Default::default()
+            },
         });
         assert!(text.starts_with("No trace of 404 of account m1 in the ledger since 2026-12-06T16:00"), "{text}");
     }

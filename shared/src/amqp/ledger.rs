@@ -21,25 +21,32 @@ use super::{
     headers::json_properties,
     publisher::Publisher,
     soft_error,
-    topology::{Topology, declare_queue},
+    topology::{QueueSpec, Topology, declare_queue},
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ledger::{LEDGER_SCHEMA, Ledger, Options, ReadBatch, Sink},
+    ledger::{Encoded, LEDGER_SCHEMA, Ledger, Options, ReadBatch, Sink},
     settings::{BrokerArgs, LedgerArgs},
 };
 
-/// Declares the ledger's exchange, stream and binding when the ledger is on (idempotent), on a
-/// channel of its own. A stream declared earlier with other retention arguments is kept as it is
-/// (the broker refuses to change a queue's arguments): a warning says so and how to change it.
+/// Declares the ledger's and its index's exchanges, streams and bindings when the ledger is on
+/// (idempotent), on a channel of its own. A stream declared earlier with other retention
+/// arguments is kept as it is (the broker refuses to change a queue's arguments): a warning says
+/// so and how to change it.
 pub async fn declare(connection: &Connection, topology: &Topology) -> anyhow::Result<()> {
-    let Some(spec) = topology.ledger_spec() else { return Ok(()) };
+    let (Some(ledger), Some(index)) = (topology.ledger_spec(), topology.ledger_index_spec()) else { return Ok(()) };
+    for (spec, exchange) in [(ledger, topology.ledger_exchange()), (index, topology.ledger_index_exchange())] {
+        declare_stream(connection, &spec, &exchange).await?;
+    }
+    Ok(())
+}
+
+async fn declare_stream(connection: &Connection, spec: &QueueSpec, exchange: &str) -> anyhow::Result<()> {
     let mut channel = connection.create_channel().await?;
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
-    let exchange = topology.ledger_exchange();
-    channel.exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
-    if let Err(error) = declare_queue(&channel, &spec).await {
+    channel.exchange_declare(exchange.into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
+    if let Err(error) = declare_queue(&channel, spec).await {
         if !matches!(soft_error(&error), Some(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)) {
             return Err(error.into());
         }
@@ -50,40 +57,41 @@ pub async fn declare(connection: &Connection, topology: &Topology) -> anyhow::Re
         channel = connection.create_channel().await?;
     }
     channel
-        .queue_bind(
-            spec.name.as_str().into(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+        .queue_bind(spec.name.as_str().into(), exchange.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
         .await?;
     close_channel(&channel, "declared").await;
     Ok(())
 }
 
-/// The properties of one batch: a unique id and the publisher's clock (seconds).
-fn batch_properties() -> lapin::BasicProperties {
+/// Appends `batch` through `publisher`: its index entry first, then the batch (each confirmed),
+/// so the ledger never holds a batch the index does not name.
+async fn append_with_index(publisher: &Publisher, topology: &Topology, batch: &Encoded) -> anyhow::Result<()> {
     let id = format!("ledger:{}:{}:{}", crate::replica::name(), crate::messages::now_ms(), fastrand::u32(..));
-    json_properties(&id, FieldTable::default())
+    let entry = crate::ledger_index::Entry::new(&id, crate::messages::now_ms(), &batch.keys);
+    let entry_properties = json_properties(&format!("index:{id}"), FieldTable::default());
+    publisher
+        .publish(&topology.ledger_index_exchange(), "", &serde_json::to_vec(&entry)?, entry_properties)
+        .await
+        .map_err(|e| anyhow::anyhow!("appending the index entry: {e}"))?;
+    publisher.publish(&topology.ledger_exchange(), "", &batch.body, json_properties(&id, FieldTable::default())).await?;
+    Ok(())
 }
 
 /// Appends batches through a confirmed publisher the caller keeps (the CLI's connection).
 pub struct StreamSink {
     publisher: Publisher,
-    exchange: String,
+    topology: Topology,
 }
 
 impl StreamSink {
     pub fn new(publisher: Publisher, topology: &Topology) -> StreamSink {
-        StreamSink { publisher, exchange: topology.ledger_exchange() }
+        StreamSink { publisher, topology: topology.clone() }
     }
 }
 
 impl Sink for StreamSink {
-    async fn append(&mut self, body: &[u8]) -> anyhow::Result<()> {
-        self.publisher.publish(&self.exchange, "", body, batch_properties()).await?;
-        Ok(())
+    async fn append(&mut self, batch: &Encoded) -> anyhow::Result<()> {
+        append_with_index(&self.publisher, &self.topology, batch).await
     }
 }
 
@@ -126,7 +134,7 @@ impl BrokerSink {
 }
 
 impl Sink for BrokerSink {
-    async fn append(&mut self, body: &[u8]) -> anyhow::Result<()> {
+    async fn append(&mut self, batch: &Encoded) -> anyhow::Result<()> {
         if self.link.as_ref().is_some_and(|(c, _)| !c.status().connected()) {
             self.link = None;
         }
@@ -137,13 +145,12 @@ impl Sink for BrokerSink {
             self.link = Some(opened);
         }
         let Some((_, publisher)) = &self.link else { unreachable!("opened above") };
-        let exchange = self.topology.ledger_exchange();
-        if let Err(error) = publisher.publish(&exchange, "", body, batch_properties()).await {
+        if let Err(error) = append_with_index(publisher, &self.topology, batch).await {
             // A refused or unroutable batch, or a lost channel: start again on a fresh connection.
             if let Some((connection, _)) = self.link.take() {
                 close(&connection).await;
             }
-            return Err(error.into());
+            return Err(error);
         }
         Ok(())
     }
@@ -209,12 +216,107 @@ const READ_PREFETCH: u16 = 200;
 /// How long a read waits for its marker to be confirmed (a broker alarm blocks it meanwhile).
 const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Reads the ledger `stream` from `since` (seconds since the epoch; the broker starts at the
-/// first chunk at or before it, so a few earlier batches may come too: callers filter by `at`) up
-/// to everything appended before the read began, handing each message body to `each` (which
-/// decides whether to parse it). "Before the read began" is exact: the read first appends a
-/// marker of its own (confirmed) and ends when that marker comes back, whatever the stages'
-/// clocks say. Messages that are not ledger batches are skipped and counted.
+/// What a reader does after a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Go,
+    Stop,
+}
+
+/// Publishes a read's end marker (confirmed) through `exchange` into its stream and returns the
+/// marker's message id: a read that began before it ends exactly where the marker comes back,
+/// whatever the stages' clocks say.
+pub async fn mark(connection: &Connection, exchange: &str, stream: &str) -> anyhow::Result<String> {
+    let marker = format!("ledger-read:{}:{}", crate::messages::now_ms(), fastrand::u64(..));
+    let publisher = Publisher::open(connection).await?;
+    let body = br#"{"schema":"orderflow.ledger.read-marker.v1"}"#;
+    let marking = publisher.publish(exchange, "", body, json_properties(&marker, FieldTable::default()));
+    let marked = tokio::time::timeout(MARKER_TIMEOUT, marking).await;
+    close_channel(publisher.channel(), "marked").await;
+    match marked {
+        Err(_) => anyhow::bail!(
+            "{stream} cannot be read: the broker did not take the read's marker within {MARKER_TIMEOUT:?} (a resource alarm blocks publishing?)"
+        ),
+        Ok(Err(e)) => anyhow::bail!(
+            "{stream} cannot be read: {e} (is LEDGER on and the stream declared? a reader needs write on the exchange {exchange} for its end marker)"
+        ),
+        Ok(Ok(())) => Ok(marker),
+    }
+}
+
+/// Reads `stream` from `start` (seconds since the epoch; the broker starts at the first chunk at
+/// or before it, so a few earlier messages may come too) until `marker` comes back
+/// (`complete`), `each` says stop, or nothing comes for [`IDLE_LIMIT`]; `each` gets every other
+/// message's id and body.
+pub async fn consume(
+    connection: &Connection,
+    stream: &str,
+    start: i64,
+    marker: &str,
+    mut each: impl FnMut(&str, &[u8]) -> Flow,
+) -> anyhow::Result<ReadSummary> {
+    let channel: Channel = connection.create_channel().await?;
+    // A stream consumer must have a prefetch, and acks move its credit along.
+    channel.basic_qos(READ_PREFETCH, BasicQosOptions::default()).await?;
+    let mut arguments = FieldTable::default();
+    // Never past now: a read from the future would start after its own marker.
+    let start = start.clamp(0, crate::messages::now_ms() / 1000);
+    arguments.insert(ShortString::from("x-stream-offset"), AMQPValue::Timestamp(start as u64));
+    let consumer = match channel.basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments).await
+    {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            close_channel(&channel, "read").await;
+            return Err(error.into());
+        }
+    };
+    let mut summary = ReadSummary::default();
+    // The channel is cancelled and closed however the read ends.
+    let outcome = read_until(&channel, consumer.clone(), marker, &mut summary, &mut each).await;
+    let _ = super::connect::cancel(&channel, consumer.tag().as_str()).await;
+    close_channel(&channel, "read").await;
+    outcome.map(|()| summary)
+}
+
+async fn read_until(
+    channel: &Channel,
+    mut consumer: lapin::Consumer,
+    marker: &str,
+    summary: &mut ReadSummary,
+    each: &mut impl FnMut(&str, &[u8]) -> Flow,
+) -> anyhow::Result<()> {
+    loop {
+        let delivery = match tokio::time::timeout(IDLE_LIMIT, consumer.next()).await {
+            Err(_) | Ok(None) => break,
+            Ok(Some(delivery)) => delivery?,
+        };
+        summary.bytes += delivery.data.len() as u64;
+        let id = super::headers::message_id(&delivery.properties);
+        let ours = id == marker;
+        let flow = if ours {
+            Flow::Stop
+        } else {
+            summary.messages += 1;
+            each(&id, &delivery.data)
+        };
+        // One ack for everything up to here, every few hundred messages and at the end.
+        if flow == Flow::Stop || delivery.delivery_tag % u64::from(READ_PREFETCH / 2) == 0 {
+            channel.basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true }).await?;
+        }
+        if ours {
+            summary.complete = true;
+        }
+        if flow == Flow::Stop {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the ledger stream from `since` (seconds since the epoch; callers filter by `at`) up to
+/// everything appended before the read began (its own marker), handing each message body to
+/// `each` (which decides whether to parse it) and each ledger batch parsed to `batch`. Messages
+/// that are not ledger batches are skipped and counted.
 pub async fn read(
     connection: &Connection,
     topology: &Topology,
@@ -223,61 +325,21 @@ pub async fn read(
     mut batch: impl FnMut(ReadBatch),
 ) -> anyhow::Result<ReadSummary> {
     let stream = topology.ledger_stream();
-    let marker = format!("ledger-read:{}:{}", crate::messages::now_ms(), fastrand::u64(..));
-    let publisher = Publisher::open(connection).await?;
-    let body = br#"{"schema":"orderflow.ledger.read-marker.v1"}"#;
-    let exchange = topology.ledger_exchange();
-    let marking = publisher.publish(&exchange, "", body, json_properties(&marker, FieldTable::default()));
-    let marked = tokio::time::timeout(MARKER_TIMEOUT, marking).await;
-    close_channel(publisher.channel(), "marked").await;
-    match marked {
-        Err(_) => anyhow::bail!(
-            "the ledger {stream} cannot be read: the broker did not take the read's marker within {MARKER_TIMEOUT:?} (a resource alarm blocks publishing?)"
-        ),
-        Ok(Err(e)) => anyhow::bail!(
-            "the ledger {stream} cannot be read: {e} (is LEDGER on and the stream declared? a reader needs write on the exchange {} for its end marker)",
-            topology.ledger_exchange()
-        ),
-        Ok(Ok(())) => {}
-    }
-
-    let channel: Channel = connection.create_channel().await?;
-    // A stream consumer must have a prefetch, and acks move its credit along.
-    channel.basic_qos(READ_PREFETCH, BasicQosOptions::default()).await?;
-    let mut arguments = FieldTable::default();
-    // Never past now: a read from the future would start after its own marker.
-    let since = since.clamp(0, crate::messages::now_ms() / 1000);
-    arguments.insert(ShortString::from("x-stream-offset"), AMQPValue::Timestamp(since as u64));
-    let mut consumer =
-        channel.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), arguments).await?;
-    let mut summary = ReadSummary::default();
-    loop {
-        let delivery = match tokio::time::timeout(IDLE_LIMIT, consumer.next()).await {
-            Err(_) | Ok(None) => break,
-            Ok(Some(delivery)) => delivery?,
-        };
-        summary.bytes += delivery.data.len() as u64;
-        // One ack for everything up to here, every few hundred messages and at the end.
-        let ours = super::headers::message_id(&delivery.properties) == marker;
-        if ours || delivery.delivery_tag % u64::from(READ_PREFETCH / 2) == 0 {
-            channel.basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true }).await?;
-        }
-        if ours {
-            summary.complete = true;
-            break;
-        }
-        summary.messages += 1;
-        if let Some(read) = each(&delivery.data) {
+    let marker = mark(connection, &topology.ledger_exchange(), &format!("the ledger {stream}")).await?;
+    let (mut batches, mut other) = (0, 0);
+    let mut summary = consume(connection, &stream, since, &marker, |_, body| {
+        if let Some(read) = each(body) {
             if read.schema == LEDGER_SCHEMA {
-                summary.batches += 1;
+                batches += 1;
                 batch(read);
             } else {
-                summary.other += 1;
+                other += 1;
             }
         }
-    }
-    let _ = super::connect::cancel(&channel, consumer.tag().as_str()).await;
-    close_channel(&channel, "read").await;
+        Flow::Go
+    })
+    .await?;
+    (summary.batches, summary.other) = (batches, other);
     Ok(summary)
 }
 

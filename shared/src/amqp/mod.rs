@@ -7,6 +7,7 @@ pub mod deadletter;
 pub mod headers;
 pub mod lease;
 pub mod ledger;
+pub mod ledger_index;
 pub mod ops;
 pub mod publisher;
 pub mod session;

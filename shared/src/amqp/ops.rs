@@ -85,6 +85,7 @@ impl Client {
         queues.push(topology.fetch_replicas_queue());
         // Whether the ledger is on now or not: a namespace's stream stays on disk until deleted.
         queues.push(topology.ledger_stream());
+        queues.push(topology.ledger_index_stream());
         for account in accounts {
             queues.push(topology.fetch_queue(account));
             queues.push(topology.legacy_fetch_queue(account));
@@ -94,7 +95,7 @@ impl Client {
             channel = self.usable(channel).await?;
             let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        let exchanges = topology.exchanges().into_iter().map(|e| e.name).chain([topology.ledger_exchange()]);
+        let exchanges = topology.exchanges().into_iter().map(|e| e.name).chain([topology.ledger_exchange(), topology.ledger_index_exchange()]);
         for exchange in exchanges {
             channel = self.usable(channel).await?;
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;

@@ -219,6 +219,28 @@ impl Topology {
         self.ledger.map(|r| ledger_stream(self.ledger_stream(), r.max_age, r.max_bytes))
     }
 
+    /// The ledger's index: one small entry per ledger batch naming the orders in it (see
+    /// `crate::ledger_index`), what `orderflow trace` reads instead of the whole ledger.
+    pub fn ledger_index_stream(&self) -> String {
+        format!("{}.ledger.index", self.ns)
+    }
+
+    /// Where stages publish index entries (fanout to the index stream).
+    pub fn ledger_index_exchange(&self) -> String {
+        format!("{}.ledger.index", self.ns)
+    }
+
+    /// The index stream's declaration: the ledger's age, and half its size cap (an entry is about
+    /// a twentieth of a full batch, but of a batch of a few events, flushed after 50 ms on a quiet
+    /// day, it can be half: the index still outlives what it indexes).
+    pub fn ledger_index_spec(&self) -> Option<QueueSpec> {
+        self.ledger.map(|r| {
+            let mut spec = ledger_stream(self.ledger_index_stream(), r.max_age, (r.max_bytes / 2).max(1 << 20));
+            spec.role = "ledger index: which ledger batch names which order (stream)";
+            spec
+        })
+    }
+
     pub fn exchanges(&self) -> Vec<ExchangeSpec> {
         [self.pages_exchange(), self.records_exchange(), self.dead_exchange(), self.retry_exchange()]
             .into_iter()
@@ -437,6 +459,9 @@ mod tests {
         let small = ledger_stream("s".into(), Duration::from_millis(10), 1000);
         assert!(small.arguments.contains(&("x-max-age".into(), ArgValue::Text("1s".into()))));
         assert!(small.arguments.contains(&("x-stream-max-segment-size-bytes".into(), ArgValue::Int(1 << 20))));
+        let index = Topology::new("t").ledger_index_spec().expect("on by default");
+        assert_eq!(index.name, "t.ledger.index");
+        assert!(index.arguments.contains(&("x-max-length-bytes".into(), ArgValue::Int(2 << 30))), "{index:?}");
     }
 
     #[test]
