@@ -63,18 +63,23 @@ async fn declare_stream(connection: &Connection, spec: &QueueSpec, exchange: &st
     Ok(())
 }
 
-/// Appends `batch` through `publisher`: its index entry first, then the batch (each confirmed),
-/// so the ledger never holds a batch the index does not name.
+/// Appends `batch` through `publisher` with its index entry, the entry sent first, both on the
+/// wire before either confirm is awaited. Both must be confirmed: a batch stored without its
+/// entry (the entry refused) is appended again with a new entry under a new id, so its events are
+/// always in a batch the index names (the unnamed copy is only a duplicate).
 async fn append_with_index(publisher: &Publisher, topology: &Topology, batch: &Encoded) -> anyhow::Result<()> {
     let id = format!("ledger:{}:{}:{}", crate::replica::name(), crate::messages::now_ms(), fastrand::u32(..));
     let entry = crate::ledger_index::Entry::new(&id, crate::messages::now_ms(), &batch.keys);
     let entry_properties = json_properties(&format!("index:{id}"), FieldTable::default());
-    publisher
-        .publish(&topology.ledger_index_exchange(), "", &serde_json::to_vec(&entry)?, entry_properties)
+    let entry_confirm = publisher
+        .send(&topology.ledger_index_exchange(), "", &serde_json::to_vec(&entry)?, entry_properties)
         .await
         .map_err(|e| anyhow::anyhow!("appending the index entry: {e}"))?;
-    publisher.publish(&topology.ledger_exchange(), "", &batch.body, json_properties(&id, FieldTable::default())).await?;
-    Ok(())
+    let batch_confirm =
+        publisher.send(&topology.ledger_exchange(), "", &batch.body, json_properties(&id, FieldTable::default())).await;
+    let entry_confirmed = entry_confirm.await.map_err(|e| anyhow::anyhow!("appending the index entry: {e}"));
+    batch_confirm?.await?;
+    entry_confirmed
 }
 
 /// Appends batches through a confirmed publisher the caller keeps (the CLI's connection).
@@ -210,8 +215,12 @@ impl StageLedger {
 /// (the read is then reported incomplete).
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 
-/// Credit a reader gives the stream (messages in flight to it).
-const READ_PREFETCH: u16 = 200;
+/// Credit a ledger reader gives the stream (messages in flight to it: batches of up to 250 KB).
+pub const READ_PREFETCH: u16 = 200;
+
+/// Credit an index reader gives its stream: entries are small (a few KB), and a read of a full
+/// index is tens of thousands of them.
+pub const INDEX_PREFETCH: u16 = 2_000;
 
 /// How long a read waits for its marker to be confirmed (a broker alarm blocks it meanwhile).
 const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -244,20 +253,21 @@ pub async fn mark(connection: &Connection, exchange: &str, stream: &str) -> anyh
     }
 }
 
-/// Reads `stream` from `start` (seconds since the epoch; the broker starts at the first chunk at
-/// or before it, so a few earlier messages may come too) until `marker` comes back
-/// (`complete`), `each` says stop, or nothing comes for [`IDLE_LIMIT`]; `each` gets every other
-/// message's id and body.
+/// Reads `stream` from `start` (seconds since the epoch; the broker attaches at a chunk boundary
+/// near it, so a few earlier messages may come too) until `marker` comes back (`complete`),
+/// `each` says stop, or nothing comes for [`IDLE_LIMIT`]; `each` gets every other message's id
+/// and body. `prefetch` is the credit given the stream.
 pub async fn consume(
     connection: &Connection,
     stream: &str,
     start: i64,
     marker: &str,
+    prefetch: u16,
     mut each: impl FnMut(&str, &[u8]) -> Flow,
 ) -> anyhow::Result<ReadSummary> {
     let channel: Channel = connection.create_channel().await?;
     // A stream consumer must have a prefetch, and acks move its credit along.
-    channel.basic_qos(READ_PREFETCH, BasicQosOptions::default()).await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut arguments = FieldTable::default();
     // Never past now: a read from the future would start after its own marker.
     let start = start.clamp(0, crate::messages::now_ms() / 1000);
@@ -272,7 +282,7 @@ pub async fn consume(
     };
     let mut summary = ReadSummary::default();
     // The channel is cancelled and closed however the read ends.
-    let outcome = read_until(&channel, consumer.clone(), marker, &mut summary, &mut each).await;
+    let outcome = read_until(&channel, consumer.clone(), marker, prefetch, &mut summary, &mut each).await;
     let _ = super::connect::cancel(&channel, consumer.tag().as_str()).await;
     close_channel(&channel, "read").await;
     outcome.map(|()| summary)
@@ -282,6 +292,7 @@ async fn read_until(
     channel: &Channel,
     mut consumer: lapin::Consumer,
     marker: &str,
+    prefetch: u16,
     summary: &mut ReadSummary,
     each: &mut impl FnMut(&str, &[u8]) -> Flow,
 ) -> anyhow::Result<()> {
@@ -300,7 +311,7 @@ async fn read_until(
             each(&id, &delivery.data)
         };
         // One ack for everything up to here, every few hundred messages and at the end.
-        if flow == Flow::Stop || delivery.delivery_tag % u64::from(READ_PREFETCH / 2) == 0 {
+        if flow == Flow::Stop || delivery.delivery_tag % u64::from(prefetch / 2).max(1) == 0 {
             channel.basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true }).await?;
         }
         if ours {
@@ -327,7 +338,7 @@ pub async fn read(
     let stream = topology.ledger_stream();
     let marker = mark(connection, &topology.ledger_exchange(), &format!("the ledger {stream}")).await?;
     let (mut batches, mut other) = (0, 0);
-    let mut summary = consume(connection, &stream, since, &marker, |_, body| {
+    let mut summary = consume(connection, &stream, since, &marker, READ_PREFETCH, |_, body| {
         if let Some(read) = each(body) {
             if read.schema == LEDGER_SCHEMA {
                 batches += 1;

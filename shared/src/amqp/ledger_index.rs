@@ -15,17 +15,17 @@ use lapin::Connection;
 use serde::Serialize;
 
 use super::{
-    ledger::{Flow, ReadSummary, consume, mark, needle, parse, read_events},
+    ledger::{Flow, INDEX_PREFETCH, READ_PREFETCH, ReadSummary, consume, mark, needle, parse, read_events},
     topology::Topology,
 };
 use crate::{
     ledger::{Event, LEDGER_SCHEMA},
-    ledger_index::{Entry, Span, id_time_ms, key, key_text, spans},
+    ledger_index::{Entry, Span, id_time_ms, key, spans},
 };
 
 /// A seek starts this much before its first entry's time: the stage's clock against the
 /// broker's, whose timestamps are whole seconds.
-const SEEK_BEFORE_SECS: i64 = 5;
+const SEEK_BEFORE_SECS: i64 = 2;
 
 /// Entries closer than this share one read of the ledger.
 const SPAN_GAP_MS: i64 = 10_000;
@@ -129,20 +129,17 @@ async fn through_index(connection: &Connection, topology: &Topology, since: i64,
         Err(error) => return Ok(Err((format!("no index to read ({error:#})"), ReadSummary::default()))),
     };
     let wanted_key = key(id);
-    let text = key_text(wanted_key);
-    let finder = memchr::memmem::Finder::new(text.as_bytes());
     let (mut entries, mut first_ms, mut named) = (Vec::new(), None::<i64>, HashSet::new());
     // Never from later than a minute ago: a reader's clock ahead of the broker's would attach
     // past its own marker.
     let start = since.min(crate::messages::now_ms() / 1000 - 60);
-    let index = consume(connection, &stream, start, &index_marker, |message_id, body| {
+    let index = consume(connection, &stream, start, &index_marker, INDEX_PREFETCH, |message_id, body| {
         let Some(batch) = message_id.strip_prefix("index:") else { return Flow::Go };
         named.insert(fingerprint(batch));
         if let Some((_, at)) = batch_origin(batch) {
             first_ms = Some(first_ms.map_or(at, |f| f.min(at)));
         }
-        if finder.find(body).is_some()
-            && let Ok(entry) = serde_json::from_slice::<Entry>(body)
+        if let Ok(entry) = serde_json::from_slice::<Entry>(body)
             && entry.holds(wanted_key)
         {
             entries.push((entry.batch, entry.at_ms));
@@ -211,6 +208,7 @@ async fn seek(
         &topology.ledger_stream(),
         span.from_ms / 1000 - SEEK_BEFORE_SECS,
         marker,
+        READ_PREFETCH,
         |message_id, body| {
             if wanted.remove(message_id).is_some() {
                 if let Some(batch) = parse(body).filter(|b| b.schema == LEDGER_SCHEMA) {
@@ -262,7 +260,7 @@ async fn first_in_ledger(
 ) -> anyhow::Result<Option<i64>> {
     let mut first = None;
     let start = since.min(crate::messages::now_ms() / 1000 - 60);
-    consume(connection, &topology.ledger_stream(), start, marker, |message_id, _| {
+    consume(connection, &topology.ledger_stream(), start, marker, READ_PREFETCH, |message_id, _| {
         match batch_origin(message_id) {
             // A batch from before the window (the broker attaches at a chunk boundary): go on.
             Some((_, at)) if at < since * 1000 => Flow::Go,
