@@ -46,11 +46,8 @@ impl Encoded {
 
 /// The keys of every o_id, so_id and io_id in `events`, sorted, without repeats.
 pub fn keys_of(events: &[Event]) -> Vec<u32> {
-    let mut keys: Vec<u32> = events
-        .iter()
-        .flat_map(|e| [&e.o_id, &e.so_id, &e.io_id])
-        .filter_map(|id| id.as_deref().map(key))
-        .collect();
+    let mut keys: Vec<u32> =
+        events.iter().flat_map(|e| [&e.o_id, &e.so_id, &e.io_id]).filter_map(|id| id.as_deref().map(key)).collect();
     keys.sort_unstable();
     keys.dedup();
     keys
@@ -113,12 +110,23 @@ pub fn spans(mut entries: Vec<(String, i64)>, gap_ms: i64) -> Vec<Span> {
     spans
 }
 
+/// `<head>:<ms>:<random>`: the head and the time (ms since the epoch).
+fn split_id(message_id: &str) -> Option<(&str, i64)> {
+    let mut parts = message_id.rsplitn(3, ':');
+    let _random = parts.next()?;
+    let ms = parts.next()?.parse().ok()?;
+    Some((parts.next()?, ms))
+}
+
 /// The time a stage's batch id (`ledger:<replica>:<ms>:<random>`) or a reader's marker
 /// (`ledger-read:<ms>:<random>`) carries, in ms since the epoch.
 pub fn id_time_ms(message_id: &str) -> Option<i64> {
-    let mut parts = message_id.rsplitn(3, ':');
-    let _random = parts.next()?;
-    parts.next()?.parse().ok()
+    split_id(message_id).map(|(_, ms)| ms)
+}
+
+/// A stage's batch id, `ledger:<replica>:<ms>:<random>`: its replica and time.
+pub fn batch_origin(message_id: &str) -> Option<(&str, i64)> {
+    split_id(message_id.strip_prefix("ledger:")?)
 }
 
 #[cfg(test)]
@@ -184,5 +192,7 @@ mod tests {
         assert_eq!(id_time_ms("ledger:a:b:c:1733570000123:42"), Some(1_733_570_000_123), "a replica name with ':'");
         assert_eq!(id_time_ms("ledger-read:1733570000999:7"), Some(1_733_570_000_999));
         assert_eq!(id_time_ms("junk"), None);
+        assert_eq!(batch_origin("ledger:a:b:1733570000123:42"), Some(("a:b", 1_733_570_000_123)));
+        assert_eq!(batch_origin("ledger-read:1733570000999:7"), None, "a marker is no batch");
     }
 }

@@ -51,15 +51,7 @@ async fn batches_are_appended_to_the_stream_and_read_back_in_order_from_a_time()
     let since = orderflow_shared::messages::now_ms() / 1000 - 1;
 
     let shutdown = CancellationToken::new();
-    let mut tasks = Vec::new();
-    let mut ledgers = Vec::new();
-    for stage in ["transformer", "writer"] {
-        let options = Options::new(stage, "r1");
-        let (ledger, drain) = Ledger::new(&options, dropped());
-        let sink = StreamSink::new(Publisher::open(client.connection()).await?, &topology);
-        tasks.push(tokio::spawn(run(drain, sink, options, shutdown.clone())));
-        ledgers.push(ledger);
-    }
+    let (tasks, ledgers) = stage_ledgers(&client, &topology, &["transformer", "writer"], &shutdown).await?;
     for n in 0..1200u32 {
         let event = |what| Event::new(what, "m1", format!("rec-{n}")).order(Some(n.to_string()), None, None);
         ledgers[0].record(event(What::Transformed));
@@ -167,18 +159,30 @@ async fn a_stage_ledger_keeps_what_it_recorded_through_a_lost_connection() -> an
     Ok(())
 }
 
-/// Runs one ledger task per stage on `client`'s connection, records `events` of each order of
-/// `orders` (o_id = the number, so_id = `SO-<n>`) and waits until every batch is appended.
-async fn append_orders(client: &Client, topology: &Topology, orders: std::ops::Range<u32>) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
+/// A ledger (replica `r1`) for each of `stages`, appending through its own publisher on
+/// `client`'s connection until `shutdown`: the tasks and the handles to record on.
+async fn stage_ledgers(
+    client: &Client,
+    topology: &Topology,
+    stages: &[&str],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Vec<tokio::task::JoinHandle<()>>, Vec<Ledger>)> {
     let (mut tasks, mut ledgers) = (Vec::new(), Vec::new());
-    for stage in ["fetcher", "transformer", "writer"] {
-        let options = Options::new(stage, "r1");
+    for stage in stages {
+        let options = Options::new(*stage, "r1");
         let (ledger, drain) = Ledger::new(&options, dropped());
         let sink = StreamSink::new(Publisher::open(client.connection()).await?, topology);
         tasks.push(tokio::spawn(run(drain, sink, options, shutdown.clone())));
         ledgers.push(ledger);
     }
+    Ok((tasks, ledgers))
+}
+
+/// Runs one ledger task per stage on `client`'s connection, records `events` of each order of
+/// `orders` (o_id = the number, so_id = `SO-<n>`) and waits until every batch is appended.
+async fn append_orders(client: &Client, topology: &Topology, orders: std::ops::Range<u32>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let (tasks, ledgers) = stage_ledgers(client, topology, &["fetcher", "transformer", "writer"], &shutdown).await?;
     for n in orders {
         let event = |what| {
             Event::new(what, "m1", format!("m1:{n}:1")).order(Some(n.to_string()), Some(format!("SO-{n}")), None)
@@ -255,11 +259,7 @@ async fn an_order_is_found_through_the_index_reading_a_fraction_of_the_ledger() 
         assert_eq!((found.sought, found.found), (3, 3), "{id}: {found:?}");
         if id != "12345" {
             let read = found.index.bytes + found.ledger.bytes;
-            assert!(
-                read * 10 < whole.bytes,
-                "{id}: {read} bytes read of a {} byte window: {found:?}",
-                whole.bytes
-            );
+            assert!(read * 10 < whole.bytes, "{id}: {read} bytes read of a {} byte window: {found:?}", whole.bytes);
         }
     }
     let (none, found) = find(client.connection(), &topology, since, "no-such-order").await?;
@@ -278,8 +278,14 @@ async fn an_order_is_found_through_the_index_reading_a_fraction_of_the_ledger() 
 
     // A stage older than the index (mid-upgrade) appends near an indexed batch of the same order:
     // the seek meets a batch the index does not name, and the whole window is read.
-    append_raw(&publisher, &topology, &format!("ledger:new:{}:1", now_ms + 2), Some("mixed-1"), Some(&batch_of("mixed-1")))
-        .await?;
+    append_raw(
+        &publisher,
+        &topology,
+        &format!("ledger:new:{}:1", now_ms + 2),
+        Some("mixed-1"),
+        Some(&batch_of("mixed-1")),
+    )
+    .await?;
     let unindexed = format!("ledger:old:{}:3", now_ms + 3);
     publisher
         .publish(&topology.ledger_exchange(), "", &batch_of("mixed-1"), json_properties(&unindexed, Default::default()))

@@ -161,7 +161,11 @@ fn how_read(read: &ledger_index::Found) -> String {
             read.sought,
             mb(read.ledger.bytes),
             if read.gone > 0 { format!(", {} past the ledger's retention", read.gone) } else { String::new() },
-            if read.superseded > 0 { format!(", {} never stored (appended again)", read.superseded) } else { String::new() },
+            if read.superseded > 0 {
+                format!(", {} never stored (appended again)", read.superseded)
+            } else {
+                String::new()
+            },
         ),
         _ => format!("the whole window read: {} batches, {:.1} MB", read.ledger.batches, mb(read.ledger.bytes)),
     }

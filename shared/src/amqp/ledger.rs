@@ -57,7 +57,13 @@ async fn declare_stream(connection: &Connection, spec: &QueueSpec, exchange: &st
         channel = connection.create_channel().await?;
     }
     channel
-        .queue_bind(spec.name.as_str().into(), exchange.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            spec.name.as_str().into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     close_channel(&channel, "declared").await;
     Ok(())
@@ -272,14 +278,14 @@ pub async fn consume(
     // Never past now: a read from the future would start after its own marker.
     let start = start.clamp(0, crate::messages::now_ms() / 1000);
     arguments.insert(ShortString::from("x-stream-offset"), AMQPValue::Timestamp(start as u64));
-    let consumer = match channel.basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments).await
-    {
-        Ok(consumer) => consumer,
-        Err(error) => {
-            close_channel(&channel, "read").await;
-            return Err(error.into());
-        }
-    };
+    let consumer =
+        match channel.basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments).await {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                close_channel(&channel, "read").await;
+                return Err(error.into());
+            }
+        };
     let mut summary = ReadSummary::default();
     // The channel is cancelled and closed however the read ends.
     let outcome = read_until(&channel, consumer.clone(), marker, prefetch, &mut summary, &mut each).await;

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     ledger::{Event, LEDGER_SCHEMA},
-    ledger_index::{Entry, Span, id_time_ms, key, spans},
+    ledger_index::{Entry, Span, batch_origin, id_time_ms, key, spans},
 };
 
 /// A seek starts this much before its first entry's time: the stage's clock against the
@@ -102,15 +102,6 @@ async fn scan(
 
 /// Ok(Ok): answered through the index; Ok(Err(why)): the index cannot answer; Err: a read failed.
 type Attempt = Result<(Vec<Located>, Found), (String, ReadSummary)>;
-
-/// A stage's ledger batch id, `ledger:<replica>:<ms>:<random>`: its replica and time.
-fn batch_origin(message_id: &str) -> Option<(&str, i64)> {
-    let rest = message_id.strip_prefix("ledger:")?;
-    let mut parts = rest.rsplitn(3, ':');
-    let _random = parts.next()?;
-    let ms = parts.next()?.parse().ok()?;
-    Some((parts.next()?, ms))
-}
 
 /// A batch id as the set of everything the index names keeps it.
 fn fingerprint(batch: &str) -> u64 {
@@ -239,7 +230,9 @@ async fn seek(
     )
     .await?;
     let why = match unindexed {
-        Some(batch) => Some(format!("the ledger holds a batch the index does not name ({batch}: a stage older than the index?)")),
+        Some(batch) => {
+            Some(format!("the ledger holds a batch the index does not name ({batch}: a stage older than the index?)"))
+        }
         // Read up to the marker without them: not in the ledger (never stored), nothing to scan for.
         None if read.complete => None,
         None if !wanted.is_empty() => {

@@ -95,7 +95,11 @@ impl Client {
             channel = self.usable(channel).await?;
             let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        let exchanges = topology.exchanges().into_iter().map(|e| e.name).chain([topology.ledger_exchange(), topology.ledger_index_exchange()]);
+        let exchanges = topology
+            .exchanges()
+            .into_iter()
+            .map(|e| e.name)
+            .chain([topology.ledger_exchange(), topology.ledger_index_exchange()]);
         for exchange in exchanges {
             channel = self.usable(channel).await?;
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
